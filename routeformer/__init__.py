@@ -1,0 +1,1 @@
+"""routeformer: long-sequence transformers with content-routed sparse attention."""

@@ -1,0 +1,101 @@
+"""RoutePlan: which queries and keys share a group, and how to gather and scatter by it.
+
+Axes: b batch, h heads, n sequence, d head dim, g groups, i queries per group, j keys per group.
+Index tensors may have size 1 on the batch and head axes when the plan is the same for every
+sample or head (local and full attention); they broadcast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+Merge = Literal['overwrite', 'logsumexp']
+
+
+@dataclass
+class RoutePlan:
+    q_index: Tensor | None          # (b|1, h|1, g, i) positions gathered as queries; None = the whole sequence in order
+    kv_index: Tensor | None         # (b|1, h|1, g, j) positions gathered as keys/values; -1 = empty slot; None = whole sequence
+    mask: Tensor | None = None      # (b|1, h|1, g, i, j) bool, router-specific admissibility (True = may attend)
+    merge: Merge = 'overwrite'      # how a position that is the query of several groups is combined
+    q_offset: int = 0               # absolute position of query 0 (one new token against a cache)
+    aux_loss: Tensor | None = None  # router's auxiliary loss (k-means commitment), 0-dim
+    info: dict = field(default_factory=dict)  # router metadata kept for the Recorder (bucket ids, clusters)
+
+    @property
+    def contiguous_queries(self) -> bool:
+        return self.q_index is None or self.info.get('contiguous_queries', False)
+
+    def validate(self, q_len: int, kv_len: int) -> None:
+        for name, index, length in (('q_index', self.q_index, q_len), ('kv_index', self.kv_index, kv_len)):
+            if index is None:
+                continue
+            assert index.ndim == 4 and index.dtype == torch.long, f'{name} must be a (b, h, g, i) long tensor'
+            assert int(index.max()) < length and int(index.min()) >= -1, f'{name} out of range for length {length}'
+
+    def to(self, device) -> 'RoutePlan':
+        move = lambda t: t.to(device) if isinstance(t, Tensor) else t
+        return RoutePlan(move(self.q_index), move(self.kv_index), move(self.mask), self.merge, self.q_offset,
+                         move(self.aux_loss), {k: move(v) for k, v in self.info.items()})
+
+
+def gather(t: Tensor, index: Tensor) -> Tensor:
+    """(b, h, n, d) gathered by (b|1, h|1, g, j) positions -> (b, h, g, j, d); -1 reads position 0 (masked later)."""
+    index = index.clamp(min=0)
+    b, h, _, d = t.shape
+    if index.shape[0] == 1 and index.shape[1] == 1:
+        # one plan for every sample and head: plain indexing, no expanded index tensor
+        return t[:, :, index[0, 0]]
+    g, j = index.shape[-2:]
+    flat = rearrange(index.expand(b, h, g, j), 'b h g j -> b h (g j) 1').expand(-1, -1, -1, d)
+    return rearrange(t.gather(2, flat), 'b h (g j) d -> b h g j d', g=g)
+
+
+def positions_of(index: Tensor | None, length: int, device) -> Tensor:
+    """Original positions of the gathered slots; an index of None is the whole sequence as one group."""
+    if index is None:
+        return torch.arange(length, device=device).view(1, 1, 1, length)
+    return index
+
+
+def scatter(out: Tensor, plan: RoutePlan, seq_len: int, lse: Tensor | None = None) -> Tensor:
+    """Group outputs (b, h, g, i, d) back to (b, h, n, d).
+
+    'overwrite': every position is the query of at most one group. 'logsumexp': a position that
+    is the query of several groups (LSH rounds, overlapping clusters) gets the average of its
+    group outputs weighted by each group's softmax normaliser, which is exactly attention over
+    the union of the keys it saw. Positions no group chose get zeros.
+    """
+    b, h, g, i, d = out.shape
+    if plan.q_index is None:
+        return rearrange(out, 'b h 1 n d -> b h n d')
+    if plan.info.get('contiguous_queries', False):
+        out = rearrange(out, 'b h g i d -> b h (g i) d')
+        return out[:, :, :seq_len]
+
+    index = rearrange(plan.q_index.expand(b, h, g, i), 'b h g i -> b h (g i)')
+    valid = index >= 0
+    index = index.clamp(min=0)
+    out = rearrange(out, 'b h g i d -> b h (g i) d')
+
+    if plan.merge == 'overwrite':
+        out = out * rearrange(valid, '... -> ... 1')
+        result = out.new_zeros(b, h, seq_len, d)
+        return result.scatter_add(2, rearrange(index, '... -> ... 1').expand(-1, -1, -1, d), out)
+
+    assert lse is not None, 'a logsumexp merge needs the per-query log-sum-exp'
+    lse = rearrange(lse, 'b h g i -> b h (g i)').float().masked_fill(~valid, float('-inf'))
+    # softmax of the group normalisers over all groups a position belongs to
+    lse_max = lse.new_full((b, h, seq_len), float('-inf')).scatter_reduce(2, index, lse, 'amax')
+    lse_max = lse_max.masked_fill(torch.isinf(lse_max), 0.)
+    weights = (lse - lse_max.gather(2, index)).exp()
+    total = weights.new_zeros(b, h, seq_len).scatter_add(2, index, weights)
+    weights = weights / total.gather(2, index).clamp(min=1e-30)
+    weighted = out * rearrange(weights, '... -> ... 1').to(out.dtype)
+    result = out.new_zeros(b, h, seq_len, d)
+    return result.scatter_add(2, rearrange(index, '... -> ... 1').expand(-1, -1, -1, d), weighted)

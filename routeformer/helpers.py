@@ -1,0 +1,55 @@
+"""The one copy of each small helper the package uses."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def exists(val) -> bool:
+    return val is not None
+
+
+def default(val, d):
+    return val if exists(val) else d
+
+
+def cast_tuple(val, length: int = 1) -> tuple:
+    return tuple(val) if isinstance(val, (tuple, list)) else (val,) * length
+
+
+def divisible_by(num: int, den: int) -> bool:
+    return den != 0 and num % den == 0
+
+
+def next_multiple(n: int, multiple: int) -> int:
+    return math.ceil(n / multiple) * multiple
+
+
+def l2norm(t: Tensor, dim: int = -1) -> Tensor:
+    return F.normalize(t, dim=dim)
+
+
+def pad_to_multiple(t: Tensor, multiple: int, *, dim: int = -2, value=0, left: bool = False) -> tuple[Tensor, int]:
+    """Pads `t` along `dim` to a multiple of `multiple`; returns the padded tensor and the pad length."""
+    length = t.shape[dim]
+    pad = next_multiple(length, multiple) - length
+    if pad == 0:
+        return t, 0
+    dims_after = (-dim - 1) if dim < 0 else (t.ndim - dim - 1)
+    spec = (0, 0) * dims_after + ((pad, 0) if left else (0, pad))
+    return F.pad(t, spec, value=value), pad
+
+
+def max_neg_value(t: Tensor) -> float:
+    return -torch.finfo(t.dtype).max
+
+
+def pop_unknown_kwargs(kwargs: dict, owner: str) -> None:
+    """Unknown keyword arguments are an error, never silently dropped."""
+    if kwargs:
+        names = ', '.join(sorted(kwargs))
+        raise TypeError(f'{owner} got unexpected keyword argument(s): {names}')

@@ -1,0 +1,41 @@
+"""The router interface: look at queries/keys, return a RoutePlan.
+
+Axes: b batch, h heads, n sequence, d head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..attention.plan import RoutePlan
+
+
+class Router(nn.Module):
+    """A router decides which queries and keys share a group. It owns only its own state
+    (centroids, sort-net weights); projections, norms and the attention itself live elsewhere.
+
+    `multiple_of`: the sequence lengths it accepts must be multiples of this.
+    """
+
+    multiple_of: int = 1
+
+    def forward(self, q: Tensor, k: Tensor, *, causal: bool, mask: Tensor | None = None,
+                cached: RoutePlan | None = None) -> RoutePlan:
+        """q (b, h, n, d), k (b, h, n_kv, d), mask (b, n_kv). `cached` is the plan this router
+        returned for the same call in the forward pass; a reversible recompute hands it back so the
+        discrete decision is replayed and only differentiable parts are recomputed."""
+        raise NotImplementedError
+
+    def decode_index(self, pos: int, device) -> Tensor:
+        """Cached decoding: the positions (1, 1, 1, j) of the key/value cache that the query at
+        absolute position `pos` attends to."""
+        raise NotImplementedError(f'{type(self).__name__} does not support cached decoding')
+
+    def check_length(self, n: int) -> None:
+        if n % self.multiple_of != 0:
+            raise ValueError(f'sequence length {n} is not a multiple of {self.multiple_of}, which '
+                             f'{type(self).__name__} needs: pad it, or wrap the model in Autopadder')
+
+    def extra_repr(self) -> str:
+        return f'multiple_of={self.multiple_of}'
