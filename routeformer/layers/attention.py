@@ -1,0 +1,175 @@
+"""Multi-head attention whose heads are split between routers.
+
+Axes: b batch, n sequence (queries), m key/value sequence, h heads, d head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from ..attention.executor import RoutedAttention
+from ..attention.plan import RoutePlan, positions_of
+from ..context import LayerContext
+from ..helpers import default, exists, l2norm
+from ..routers import FullRouter, Router
+from .embeddings import RotaryEmbedding, apply_rotary
+
+
+class Attention(nn.Module):
+    """Projections, shared-QK, learned memory key/values and rotary positions around a router.
+
+    The first `n_local_heads` heads use `local_router`, the rest `router` (full attention when
+    None). With `cross_attend=True` keys and values come from `ctx.context`, masked by
+    `ctx.context_mask`. `forward(x, ctx)` returns `(out, aux_loss)`.
+    """
+
+    def __init__(self, dim: int, *, heads: int = 8, dim_head: int = 64, causal: bool = False,
+                 router: Router | None = None, local_router: Router | None = None, n_local_heads: int = 0,
+                 shared_qk: bool = False, num_mem_kv: int = 0, dropout: float = 0., post_attn_dropout: float = 0.,
+                 cross_attend: bool = False, dim_context: int | None = None,
+                 rotary: RotaryEmbedding | None = None, backend: str = 'auto'):
+        super().__init__()
+        if not 0 <= n_local_heads <= heads:
+            raise ValueError(f'n_local_attn_heads ({n_local_heads}) must be between 0 and heads ({heads})')
+        if n_local_heads > 0 and local_router is None:
+            raise ValueError('n_local_attn_heads > 0 needs a local router')
+        self.heads, self.causal, self.cross_attend, self.shared_qk = heads, causal and not cross_attend, cross_attend, shared_qk
+        inner, dim_kv = heads * dim_head, default(dim_context, dim)
+
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_k = None if shared_qk else nn.Linear(dim_kv, inner, bias=False)
+        self.to_v = nn.Linear(dim_kv, inner, bias=False)
+        self.to_out = nn.Linear(inner, dim)
+        self.post_attn_dropout = nn.Dropout(post_attn_dropout)
+
+        # learned key/values every query can see (All-Attention); also guarantees no empty row
+        self.mem_kv = nn.Parameter(torch.randn(2, heads, num_mem_kv, dim_head) * dim_head ** -0.5) if num_mem_kv > 0 else None
+        self.rotary = rotary if not cross_attend else None
+
+        # (router, first head, last head + 1) for every group of heads
+        routers, self.head_slices = [], []
+        if n_local_heads > 0:
+            routers.append(local_router)
+            self.head_slices.append((0, n_local_heads))
+        if n_local_heads < heads:
+            routers.append(default(router, FullRouter()))
+            self.head_slices.append((n_local_heads, heads))
+        self.routers = nn.ModuleList(routers)
+        self.executor = RoutedAttention(dropout=dropout, backend=backend)
+
+    @property
+    def multiple_of(self) -> int:
+        from math import lcm
+        return lcm(*(r.multiple_of for r in self.routers)) if not self.cross_attend else 1
+
+    def project(self, x, kv_input):
+        q = self.to_q(x)
+        k = (self.to_k or self.to_q)(kv_input) if (self.to_k is not None or self.cross_attend) else q
+        v = self.to_v(kv_input)
+        q, k, v = (rearrange(t, 'b n (h d) -> b h n d', h=self.heads) for t in (q, k, v))
+        if self.shared_qk:
+            # shared-QK: keys are the normalised queries (Reformer)
+            k = l2norm(k)
+        return q, k, v
+
+    def mem_slice(self, start, end):
+        return None if self.mem_kv is None else (self.mem_kv[0, start:end], self.mem_kv[1, start:end])
+
+    def forward(self, x: Tensor, ctx: LayerContext) -> tuple[Tensor, Tensor]:
+        kv_input = ctx.context if self.cross_attend else x
+        if self.cross_attend and kv_input is None:
+            raise ValueError('this model has cross-attention layers: pass context=<encoder output> (b, m, dim)')
+        key_mask = ctx.context_mask if self.cross_attend else ctx.mask
+        cache_key = ctx.key(self)
+        entry = ctx.cache.get(cache_key) if exists(ctx.cache) else None
+
+        if exists(entry) and not self.cross_attend:
+            out = self.decode(x, ctx, entry)
+            return self.post_attn_dropout(self.to_out(rearrange(out, 'b h n d -> b n (h d)'))), x.new_zeros(())
+
+        if exists(entry):  # cross-attention while decoding: the context's keys/values never change
+            q = rearrange(self.to_q(x), 'b n (h d) -> b h n d', h=self.heads)
+            k, v = entry['k'], entry['v']
+        else:
+            q, k, v = self.project(x, kv_input)
+
+        aux = x.new_zeros(())
+        plans = []
+        for gi, (router, (start, end)) in enumerate(zip(self.routers, self.head_slices)):
+            if exists(entry):
+                plans.append(RoutePlan(q_index=None, kv_index=None))
+                continue
+            key = (*cache_key, gi)
+            cached = ctx.plans.get(key) if (ctx.recompute and exists(ctx.plans)) else None
+            plan = router(q[:, start:end], k[:, start:end], causal=self.causal, mask=key_mask, cached=cached)
+            if exists(ctx.plans) and not ctx.recompute:
+                ctx.plans[key] = plan
+            if exists(plan.aux_loss):
+                aux = aux + plan.aux_loss
+            plans.append(plan)
+
+        if exists(self.rotary):
+            freqs = self.rotary(ctx.offset + torch.arange(x.shape[1], device=x.device))
+            q, k = apply_rotary(q, freqs), apply_rotary(k, freqs)
+
+        if exists(ctx.cache) and not exists(entry):
+            mask = default(key_mask, torch.ones(k.shape[0], k.shape[-2], dtype=torch.bool, device=x.device))
+            ctx.cache[cache_key] = dict(k=k, v=v, mask=mask)
+
+        record = exists(ctx.recordings) and not ctx.recompute
+        outs = []
+        for plan, (start, end) in zip(plans, self.head_slices):
+            out, weights = self.executor(q[:, start:end], k[:, start:end], v[:, start:end], plan, causal=self.causal,
+                                         key_mask=key_mask, mem_kv=self.mem_slice(start, end),
+                                         exclude_self=self.shared_qk and not self.cross_attend, need_weights=record)
+            outs.append(out)
+            if record:
+                ctx.recordings.append(dict(layer=ctx.layer, heads=(start, end), cross=self.cross_attend,
+                                           attn=densify(weights, plan, q.shape[-2], k.shape[-2]),
+                                           plan=plan.to('cpu')))
+
+        out = rearrange(torch.cat(outs, dim=1), 'b h n d -> b n (h d)')
+        return self.post_attn_dropout(self.to_out(out)), aux
+
+    def decode(self, x, ctx, entry) -> Tensor:
+        """One new token against the cache: the work is the router's window, not the prefix."""
+        if x.shape[1] != 1:
+            raise ValueError(f'cached decoding takes one new token per call, got {x.shape[1]}')
+        pos = entry['k'].shape[-2]
+        q, k, v = self.project(x, x)
+        if exists(self.rotary):
+            freqs = self.rotary(torch.tensor([pos], device=x.device))
+            q, k = apply_rotary(q, freqs), apply_rotary(k, freqs)
+        entry['k'] = k = torch.cat((entry['k'], k), dim=-2)
+        entry['v'] = v = torch.cat((entry['v'], v), dim=-2)
+        new_mask = ctx.mask[:, -1:] if exists(ctx.mask) else torch.ones(x.shape[0], 1, dtype=torch.bool, device=x.device)
+        entry['mask'] = key_mask = torch.cat((entry['mask'], new_mask), dim=-1)
+
+        outs = []
+        for router, (start, end) in zip(self.routers, self.head_slices):
+            plan = RoutePlan(q_index=None, kv_index=router.decode_index(pos, x.device), q_offset=pos)
+            out, _ = self.executor(q[:, start:end], k[:, start:end], v[:, start:end], plan, causal=self.causal,
+                                   key_mask=key_mask, mem_kv=self.mem_slice(start, end),
+                                   exclude_self=self.shared_qk)
+            outs.append(out)
+        return torch.cat(outs, dim=1)
+
+
+def densify(weights: Tensor, plan: RoutePlan, q_len: int, kv_len: int) -> Tensor:
+    """Group attention weights (b, h, g, i, [mem +] j) as a dense (b, h, n, m) float32 CPU tensor
+    (memory columns dropped), for inspection with the Recorder."""
+    b, h, g, i, j_all = weights.shape
+    q_pos = positions_of(plan.q_index, q_len, weights.device).expand(b, h, g, i)
+    kv_pos = positions_of(plan.kv_index, kv_len, weights.device)
+    j = kv_pos.shape[-1]
+    kv_pos = kv_pos.expand(b, h, g, j)
+    weights = weights[..., j_all - j:].float()
+    valid = (rearrange(q_pos, '... i -> ... i 1') >= 0) & (rearrange(kv_pos, '... j -> ... 1 j') >= 0) \
+        & (rearrange(q_pos, '... i -> ... i 1') < q_len)
+    flat = rearrange(q_pos, '... i -> ... i 1').clamp(min=0) * kv_len + rearrange(kv_pos, '... j -> ... 1 j').clamp(min=0)
+    dense = weights.new_zeros(b, h, q_len * kv_len)
+    dense.scatter_add_(2, rearrange(flat, 'b h g i j -> b h (g i j)'),
+                       rearrange(weights * valid, 'b h g i j -> b h (g i j)'))
+    return rearrange(dense, 'b h (n m) -> b h n m', n=q_len).cpu()

@@ -1,0 +1,103 @@
+"""Token model: embeddings -> Transformer -> norm -> logits (x-transformers' TransformerWrapper).
+
+Axes: b batch, n sequence, m context length, d model dim, e embedding dim, v vocabulary.
+"""
+
+from __future__ import annotations
+
+from math import lcm
+
+import torch
+from torch import Tensor, nn
+
+from .attention.plan import RoutePlan
+from .context import LayerContext
+from .helpers import default, exists
+from .transformer import Transformer
+
+
+def check_mask(mask: Tensor | None, shape: tuple, name: str, like: str) -> Tensor | None:
+    if mask is None:
+        return None
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f'{name} has shape {tuple(mask.shape)} but must be {tuple(shape)}, the shape of {like} '
+                         f'(True = real token)')
+    return mask.bool()
+
+
+class LM(nn.Module):
+    """Composes token embedding (factorised when `emb_dim` differs from `dim`), an optional absolute
+    positional embedding, a Transformer, a final norm and the logits (tied to the embedding when
+    `tie_embedding`). `forward` returns `(logits, aux_loss)`, or the final hidden states when
+    `return_embeddings`."""
+
+    def __init__(self, *, num_tokens: int, dim: int, max_seq_len: int, transformer: Transformer,
+                 emb_dim: int | None = None, pos_emb: nn.Module | None = None, emb_dropout: float = 0.,
+                 tie_embedding: bool = False, return_embeddings: bool = False, final_norm: nn.Module | None = None,
+                 causal: bool = False):
+        super().__init__()
+        emb_dim = default(emb_dim, dim)
+        self.num_tokens, self.dim, self.max_seq_len, self.causal = num_tokens, dim, max_seq_len, causal
+        self.token_emb = nn.Embedding(num_tokens, emb_dim)
+        nn.init.normal_(self.token_emb.weight, std=0.02)
+        self.pos_emb = pos_emb
+        self.emb_dropout = nn.Dropout(emb_dropout)
+        # ALBERT factorisation: a small embedding projected up to the model width and back
+        self.project_in = nn.Linear(emb_dim, dim) if emb_dim != dim else nn.Identity()
+        self.transformer = transformer
+        self.norm = default(final_norm, nn.LayerNorm(dim))
+        self.project_out = nn.Linear(dim, emb_dim) if emb_dim != dim else nn.Identity()
+        self.to_logits = None if tie_embedding else nn.Linear(emb_dim, num_tokens)
+        self.return_embeddings = return_embeddings
+
+    @property
+    def multiple_of(self) -> int:
+        """Sequence lengths must be multiples of this (what Autopadder pads to)."""
+        routers = [r for m in self.modules() if hasattr(m, 'routers') and not m.cross_attend for r in m.routers]
+        return lcm(1, *(r.multiple_of for r in routers))
+
+    def check_input(self, x: Tensor, offset: int):
+        if x.ndim != 2 or x.dtype not in (torch.long, torch.int, torch.int16, torch.uint8):
+            raise ValueError(f'expected token ids of shape (batch, seq_len) and an integer dtype, got shape '
+                             f'{tuple(x.shape)} and dtype {x.dtype}')
+        if x.numel() and (int(x.min()) < 0 or int(x.max()) >= self.num_tokens):
+            bad = int(x.max()) if int(x.max()) >= self.num_tokens else int(x.min())
+            raise ValueError(f'token id {bad} is out of range: ids must be in [0, {self.num_tokens}) '
+                             f'(num_tokens={self.num_tokens})')
+        if offset + x.shape[1] > self.max_seq_len:
+            raise ValueError(f'sequence length {offset + x.shape[1]} is longer than max_seq_len {self.max_seq_len}: '
+                             f'truncate the input or build the model with a larger max_seq_len')
+
+    def forward(self, x: Tensor, input_mask: Tensor | None = None, context: Tensor | None = None,
+                context_mask: Tensor | None = None, *, cache: dict | None = None,
+                recordings: list | None = None, return_embeddings: bool | None = None):
+        offset = cache.get('offset', 0) if exists(cache) else 0
+        self.check_input(x, offset)
+        b, n = x.shape
+        mask_shape = (b, offset + n) if exists(cache) and exists(input_mask) and input_mask.shape[1] != n else (b, n)
+        input_mask = check_mask(input_mask, mask_shape, 'input_mask', 'the input')
+        if exists(context):
+            if context.ndim != 3 or context.shape[0] != b:
+                raise ValueError(f'context must have shape (batch={b}, context_len, dim), got {tuple(context.shape)}')
+            context_mask = check_mask(context_mask, context.shape[:2], 'context_mask', 'the context (batch, context_len)')
+        elif exists(context_mask):
+            raise ValueError('context_mask was given without a context')
+
+        h = self.token_emb(x)
+        h = self.project_in(h)
+        if exists(self.pos_emb):
+            h = h + self.pos_emb(torch.arange(offset, offset + n, device=x.device)).to(h.dtype)
+        h = self.emb_dropout(h)
+
+        ctx = LayerContext(mask=input_mask, context=context, context_mask=context_mask, offset=offset,
+                           cache=cache, recordings=recordings)
+        h, aux = self.transformer(h, ctx)
+        if exists(cache):
+            cache['offset'] = offset + n
+
+        h = self.norm(h)
+        if default(return_embeddings, self.return_embeddings):
+            return h, aux
+        h = self.project_out(h)
+        logits = h @ self.token_emb.weight.t() if self.to_logits is None else self.to_logits(h)
+        return logits, aux

@@ -1,0 +1,100 @@
+"""Flat keyword arguments -> a Transformer. The one place the seed packages' shared options
+(local heads, memory key/values, GLU, chunking, PKM, MoE, norms, token shift, weight tying,
+reversibility) turn into modules; every family's model class calls it with its own router.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+from torch import nn
+
+from ..helpers import cast_tuple, default, exists
+from ..layers.attention import Attention
+from ..layers.embeddings import (AbsolutePositionalEmbedding, AxialPositionalEmbedding, FixedPositionalEmbedding,
+                                 RotaryEmbedding)
+from ..layers.feedforward import FeedForward
+from ..layers.moe import MoE
+from ..layers.pkm import PKM
+from ..routers import LocalRouter, Router
+from ..transformer import Block, Sublayer, Transformer
+
+
+def build_transformer(*, dim: int, depth: int, heads: int = 8, dim_head: int | None = None, causal: bool = False,
+                      make_router: Callable[[int], Router | None] | None = None,
+                      n_local_attn_heads: int | tuple = 0, local_attn_window_size: int = 128,
+                      local_attn_radius_blocks: int = 1, attn_dropout: float = 0., attn_layer_dropout: float = 0.,
+                      ff_dropout: float = 0., layer_dropout: float = 0., ff_mult: float = 4,
+                      ff_activation: type[nn.Module] | None = None, ff_glu: bool = False, ff_chunks: int = 1,
+                      shared_qk: bool = False, num_mem_kv: int = 0, reversible: bool = False,
+                      weight_tie: bool = False, use_scale_norm: bool = False, use_rms_norm: bool = False,
+                      use_rezero: bool = False, shift_tokens: bool = False, pkm_layers: tuple = (),
+                      pkm_num_keys: int = 128, moe_layers: tuple = (), moe_num_experts: int = 4,
+                      moe_loss_coef: float = 1e-2, receives_context: bool = False, dim_context: int | None = None,
+                      rotary: bool = False, backend: str = 'auto') -> Transformer:
+    """Builds the blocks. Layer indices in `pkm_layers`/`moe_layers` count from 1 (seed convention);
+    `n_local_attn_heads` may be one number or one per layer; `make_router(layer)` gives the main
+    router of each layer (full attention when it returns None)."""
+    dim_head = default(dim_head, dim // heads)
+    local_heads = cast_tuple(n_local_attn_heads, depth)
+    if len(local_heads) != depth:
+        raise ValueError(f'n_local_attn_heads has {len(local_heads)} entries but depth is {depth}')
+    for name, layers in (('pkm_layers', pkm_layers), ('moe_layers', moe_layers)):
+        if any(not 1 <= layer <= depth for layer in layers):
+            raise ValueError(f'{name} {tuple(layers)} must be layer numbers between 1 and depth ({depth})')
+    if weight_tie and (len(set(local_heads)) > 1 or pkm_layers or moe_layers):
+        raise ValueError('weight_tie shares one layer across the depth: it cannot be combined with per-layer '
+                         'n_local_attn_heads, pkm_layers or moe_layers')
+    norm = 'scale' if use_scale_norm else 'rms' if use_rms_norm else 'layer'
+    # token shift: causal models see only the previous position (Peng, RWKV)
+    shifts = ((0, 1) if causal else (-1, 0, 1)) if shift_tokens else None
+    rotary_emb = RotaryEmbedding(dim_head) if rotary else None
+
+    def sublayer(fn):
+        return Sublayer(fn, dim=dim, norm=norm, rezero=use_rezero, shifts=shifts)
+
+    def attention(layer, cross=False):
+        n_local = 0 if cross else local_heads[layer]
+        return Attention(dim, heads=heads, dim_head=dim_head, causal=causal,
+                         router=None if cross or make_router is None else make_router(layer),
+                         local_router=LocalRouter(local_attn_window_size, look_backward=local_attn_radius_blocks) if n_local else None,
+                         n_local_heads=n_local, shared_qk=shared_qk and not cross, num_mem_kv=num_mem_kv,
+                         dropout=attn_dropout, post_attn_dropout=attn_layer_dropout, cross_attend=cross,
+                         dim_context=dim_context, rotary=rotary_emb, backend=backend)
+
+    def feedforward(layer):
+        number = layer + 1
+        if number in moe_layers:  # MoE wins over PKM when a layer is in both (seed behaviour)
+            return MoE(dim, num_experts=moe_num_experts, loss_coef=moe_loss_coef)
+        if number in pkm_layers:
+            return PKM(dim, num_keys=pkm_num_keys)
+        return FeedForward(dim, mult=ff_mult, dropout=ff_dropout, activation=ff_activation, glu=ff_glu, chunks=ff_chunks)
+
+    def block(layer):
+        mixers = [sublayer(attention(layer))]
+        if receives_context:
+            mixers.append(sublayer(attention(layer, cross=True)))
+        return Block(mixers, sublayer(feedforward(layer)))
+
+    blocks = [block(0)] * depth if weight_tie else [block(layer) for layer in range(depth)]
+    return Transformer(blocks, reversible=reversible, layer_dropout=layer_dropout)
+
+
+TRANSFORMER_KWARGS = set(inspect.signature(build_transformer).parameters) - {'make_router'}
+
+
+def build_pos_emb(kind: str | None, *, dim: int, max_seq_len: int, axial_position_shape: tuple | None = None,
+                  axial_position_dims: tuple | None = None) -> nn.Module | None:
+    """Absolute positional embeddings added to the token embeddings ('rotary' lives in attention)."""
+    if kind in (None, 'rotary'):
+        return None
+    if kind == 'absolute':
+        return AbsolutePositionalEmbedding(dim, max_seq_len=max_seq_len)
+    if kind == 'fixed':
+        return FixedPositionalEmbedding(dim, max_seq_len=max_seq_len)
+    if kind == 'axial':
+        if not exists(axial_position_shape):
+            raise ValueError('pos_emb="axial" needs axial_position_shape, e.g. (64, 128) for max_seq_len 8192')
+        return AxialPositionalEmbedding(dim, axial_shape=axial_position_shape, axial_dims=axial_position_dims)
+    raise ValueError(f'unknown pos_emb {kind!r}; choose one of absolute, fixed, axial, rotary, None')
