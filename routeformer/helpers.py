@@ -53,3 +53,10 @@ def pop_unknown_kwargs(kwargs: dict, owner: str) -> None:
     if kwargs:
         names = ', '.join(sorted(kwargs))
         raise TypeError(f'{owner} got unexpected keyword argument(s): {names}')
+
+
+def as_loss(aux: Tensor) -> Tensor:
+    """An aux loss that `.backward()` accepts even when no layer produced one (then a zero leaf)."""
+    if torch.is_grad_enabled() and not aux.requires_grad:
+        return aux.detach().requires_grad_()
+    return aux

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .attention.plan import RoutePlan
 from .context import LayerContext
-from .helpers import default, exists
+from .helpers import as_loss, default, exists
 from .transformer import Transformer
 
 
@@ -74,8 +74,9 @@ class LM(nn.Module):
         offset = cache.get('offset', 0) if exists(cache) else 0
         self.check_input(x, offset)
         b, n = x.shape
-        mask_shape = (b, offset + n) if exists(cache) and exists(input_mask) and input_mask.shape[1] != n else (b, n)
-        input_mask = check_mask(input_mask, mask_shape, 'input_mask', 'the input')
+        if exists(cache) and exists(input_mask) and input_mask.shape[1] == offset + n:
+            input_mask = input_mask[:, offset:]  # the mask of the whole sequence so far: cached positions keep theirs
+        input_mask = check_mask(input_mask, (b, n), 'input_mask', 'the input')
         if exists(context):
             if context.ndim != 3 or context.shape[0] != b:
                 raise ValueError(f'context must have shape (batch={b}, context_len, dim), got {tuple(context.shape)}')
@@ -95,7 +96,7 @@ class LM(nn.Module):
         if exists(cache):
             cache['offset'] = offset + n
 
-        h = self.norm(h)
+        h, aux = self.norm(h), as_loss(aux)
         if default(return_embeddings, self.return_embeddings):
             return h, aux
         h = self.project_out(h)

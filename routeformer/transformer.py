@@ -59,13 +59,14 @@ class Sublayer(nn.Module):
     def shift(self, x, ctx):
         if not exists(ctx.cache):
             return shift_tokens(x, self.shifts, ctx.mask)
-        # cached decoding: the shift needs the inputs of earlier positions
+        # cached decoding: the shift needs the (masked) inputs of the last few positions
+        if exists(ctx.mask):
+            x = x.masked_fill(~ctx.mask[..., None], 0.)
         key = ctx.key(self)
         past = ctx.cache.get(key)
         full = x if past is None else torch.cat((past['x'], x), dim=1)
-        mask = ctx.mask[:, -full.shape[1]:] if exists(ctx.mask) and ctx.mask.shape[1] >= full.shape[1] else None
         ctx.cache[key] = dict(x=full[:, -max(map(abs, self.shifts)):])
-        return shift_tokens(full, self.shifts, mask)[:, -x.shape[1]:]
+        return shift_tokens(full, self.shifts)[:, -x.shape[1]:]
 
 
 class Block(nn.Module):

@@ -165,7 +165,7 @@ def densify(weights: Tensor, plan: RoutePlan, q_len: int, kv_len: int) -> Tensor
     kv_pos = positions_of(plan.kv_index, kv_len, weights.device)
     j = kv_pos.shape[-1]
     kv_pos = kv_pos.expand(b, h, g, j)
-    weights = weights[..., j_all - j:].float()
+    weights = weights[..., j_all - j:].detach().float()
     valid = (rearrange(q_pos, '... i -> ... i 1') >= 0) & (rearrange(kv_pos, '... j -> ... 1 j') >= 0) \
         & (rearrange(q_pos, '... i -> ... i 1') < q_len)
     flat = rearrange(q_pos, '... i -> ... i 1').clamp(min=0) * kv_len + rearrange(kv_pos, '... j -> ... 1 j').clamp(min=0)

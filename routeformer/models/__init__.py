@@ -1,4 +1,4 @@
 from .builder import build_pos_emb, build_transformer
-from .transformer_lm import TransformerLM
+from .transformer_lm import TransformerEncDec, TransformerLM
 
-__all__ = ['TransformerLM', 'build_transformer', 'build_pos_emb']
+__all__ = ['TransformerEncDec', 'TransformerLM', 'build_transformer', 'build_pos_emb']

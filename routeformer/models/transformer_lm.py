@@ -31,3 +31,9 @@ class TransformerLM(LM):
                          return_embeddings=return_embeddings, causal=causal,
                          pos_emb=build_pos_emb(pos_emb, dim=dim, max_seq_len=max_seq_len,
                                                axial_position_shape=axial_position_shape))
+
+
+def TransformerEncDec(dim: int, **kwargs):
+    """Encoder-decoder of two TransformerLMs; every other keyword is prefixed `enc_` or `dec_`."""
+    from ..wrappers import EncoderDecoder
+    return EncoderDecoder.from_kwargs(TransformerLM, dim=dim, **kwargs)
