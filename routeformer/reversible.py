@@ -99,13 +99,13 @@ class _ReversibleFunction(torch.autograd.Function):
         for step in reversed(run.steps):
             ctx = replace(step['ctx'], recompute=True, context=run.context_leaf)
             block = step['block']
-            with torch.enable_grad():
+            with torch.enable_grad(), run.autocast():
                 y1_leaf = y1.detach().requires_grad_()
                 g_out, g_aux = _run(block.g, y1_leaf, ctx, step['g_state'])
                 dy1 = dy1 + backprop((g_out, g_aux), y1_leaf, (dy2, daux))
             with torch.no_grad():
                 x2 = y2 - g_out
-            with torch.enable_grad():
+            with torch.enable_grad(), run.autocast():
                 x2_leaf = x2.detach().requires_grad_()
                 f_out, f_aux = _run(block.f, x2_leaf, ctx, step['f_state'])
                 dx2 = dy2 + backprop((f_out, f_aux), x2_leaf, (dy1, daux))
@@ -119,11 +119,18 @@ class _ReversibleFunction(torch.autograd.Function):
 class _Run:
     """What the autograd Function needs from the forward pass besides tensors."""
 
-    def __init__(self, layers, ctx: LayerContext, params, context):
+    def __init__(self, layers, ctx: LayerContext, params, context, device_type: str):
         self.steps = [dict(block=block, ctx=ctx.at_layer(i)) for i, block in layers]
         self.params = params
         self.context = context
         self.context_leaf = context.detach().requires_grad_() if exists(context) and context.requires_grad else context
+        # the recompute must run in the precision the forward ran in
+        self.device_type = device_type
+        self.autocast_enabled = torch.is_autocast_enabled(device_type)
+        self.autocast_dtype = torch.get_autocast_dtype(device_type)
+
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=self.autocast_dtype, enabled=self.autocast_enabled)
 
 
 def reversible_stack(x1: Tensor, x2: Tensor, layers: list, ctx: LayerContext, *,
@@ -143,6 +150,6 @@ def reversible_stack(x1: Tensor, x2: Tensor, layers: list, ctx: LayerContext, *,
     # unique parameters of the blocks that run (a tied block appears once)
     params = list({id(p): p for _, block in layers for p in block.parameters()}.values())
     ctx = replace(ctx, plans={} if ctx.plans is None else ctx.plans)
-    run = _Run(layers, ctx, params, ctx.context)
+    run = _Run(layers, ctx, params, ctx.context, x1.device.type)
     context = ctx.context if exists(ctx.context) else x1.new_zeros(())
     return _ReversibleFunction.apply(x1, x2, context, run, *params)

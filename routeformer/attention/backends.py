@@ -24,9 +24,10 @@ def reference(q, k, v, mask, *, scale, dropout_p=0., causal=False, need_lse=Fals
         mask = causal_mask if mask is None else mask & causal_mask
     if exists(mask):
         sim = sim.masked_fill(~mask, max_neg_value(sim))
-    lse = sim.float().logsumexp(dim=-1) if need_lse else None
-    # softmax in at least float32 (half-precision logits under autocast)
-    attn = sim.softmax(dim=-1, dtype=torch.promote_types(sim.dtype, torch.float32)).to(v.dtype)
+    # normalisers and softmax in at least float32 (half-precision logits under autocast)
+    precise = torch.promote_types(sim.dtype, torch.float32)
+    lse = sim.to(precise).logsumexp(dim=-1) if need_lse else None
+    attn = sim.softmax(dim=-1, dtype=precise).to(v.dtype)
     weights = attn if need_weights else None
     if dropout_p > 0.:
         attn = F.dropout(attn, p=dropout_p)

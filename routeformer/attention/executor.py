@@ -98,13 +98,18 @@ class RoutedAttention(nn.Module):
             if exists(mask):
                 mask = F.pad(mask, (mk.shape[-2], 0), value=True)
 
+        empty = None
         if exists(mask):
-            # a row with no admissible key (a padded query) would be undefined: let it see all
-            mask = mask | ~mask.any(dim=-1, keepdim=True)
+            # a row with no admissible key (a padded query) would be undefined: let it see all,
+            # and when groups are merged, let that group contribute nothing
+            empty = ~mask.any(dim=-1, keepdim=True)
+            mask = mask | empty
 
         need_lse = plan.merge == 'logsumexp'
         attend = backends.select(self.backend, need_lse=need_lse, need_weights=need_weights)
         out, lse, weights = attend(qg, kg, vg, mask, scale=q.shape[-1] ** -0.5,
                                    dropout_p=self.dropout if self.training else 0.,
                                    causal=kernel_causal, need_lse=need_lse, need_weights=need_weights)
+        if need_lse and exists(empty):
+            lse = lse.masked_fill(empty.squeeze(-1), float('-inf'))
         return scatter(out, plan, q_len, lse=lse), weights

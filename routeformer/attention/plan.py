@@ -89,7 +89,7 @@ def scatter(out: Tensor, plan: RoutePlan, seq_len: int, lse: Tensor | None = Non
         return result.scatter_add(2, rearrange(index, '... -> ... 1').expand(-1, -1, -1, d), out)
 
     assert lse is not None, 'a logsumexp merge needs the per-query log-sum-exp'
-    lse = rearrange(lse, 'b h g i -> b h (g i)').float().masked_fill(~valid, float('-inf'))
+    lse = rearrange(lse, 'b h g i -> b h (g i)').masked_fill(~valid, float('-inf'))
     # softmax of the group normalisers over all groups a position belongs to
     lse_max = lse.new_full((b, h, seq_len), float('-inf')).scatter_reduce(2, index, lse, 'amax')
     lse_max = lse_max.masked_fill(torch.isinf(lse_max), 0.)

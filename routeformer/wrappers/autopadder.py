@@ -27,6 +27,8 @@ class Autopadder(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
+            if name == 'net':  # not built yet (copying, unpickling)
+                raise
             return getattr(self.net, name)
 
     def pad(self, x: Tensor, mask: Tensor | None, multiple: int):
