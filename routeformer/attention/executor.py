@@ -34,7 +34,7 @@ def gather_keys(t: Tensor, plan: RoutePlan) -> Tensor:
 
 
 def build_mask(plan: RoutePlan, *, q_len: int, kv_len: int, causal: bool, key_mask: Tensor | None,
-               exclude_self: bool, device) -> Tensor | None:
+               exclude_self: bool, has_memory: bool, device) -> Tensor | None:
     """The admissibility mask of every gathered (query, key) pair, None when everything is allowed.
     Written once, as predicates over the original positions of the gathered slots."""
     q_pos = positions_of(plan.q_index, q_len, device) + plan.q_offset
@@ -58,10 +58,10 @@ def build_mask(plan: RoutePlan, *, q_len: int, kv_len: int, causal: bool, key_ma
         mask = both(gathered)
     if exclude_self:
         # shared-QK: a token's key is its own query, so self-attention dominates; allow it only
-        # when nothing else is visible (reformer)
+        # when nothing else is visible, memory key/values included (reformer)
         is_self = q_pos == kv_pos
         others = both(~is_self)
-        mask = others | (is_self & ~others.any(dim=-1, keepdim=True))
+        mask = others if has_memory else others | (is_self & ~others.any(dim=-1, keepdim=True))
     return mask
 
 
@@ -83,7 +83,7 @@ class RoutedAttention(nn.Module):
         qg, kg, vg = gather_queries(q, plan), gather_keys(k, plan), gather_keys(v, plan)
 
         mask = build_mask(plan, q_len=q_len, kv_len=kv_len, causal=causal, key_mask=key_mask,
-                          exclude_self=exclude_self, device=q.device)
+                          exclude_self=exclude_self, has_memory=exists(mem_kv), device=q.device)
         # one dense causal group: let the kernel apply the causal mask itself
         kernel_causal = causal and mask is None and plan.q_index is None and plan.kv_index is None and plan.q_offset == 0
 
