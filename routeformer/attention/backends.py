@@ -1,8 +1,9 @@
 """Attention kernels over gathered groups.
 
 Axes: b batch, h heads, g groups, i queries per group, j keys per group, d head dim.
-Every backend takes q (b, h, g, i, d), k and v (b, h, g, j, d) and an optional bool mask
-broadcastable to (b, h, g, i, j) (True = may attend), and returns (out, lse, weights).
+Every backend takes q (b, h, g, i, d), k and v (b, h, g, j, d), an optional bool mask
+broadcastable to (b, h, g, i, j) (True = may attend) and an optional additive bias of the same
+shape, and returns (out, lse, weights).
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from torch import Tensor, einsum
 from ..helpers import exists, max_neg_value
 
 
-def reference(q, k, v, mask, *, scale, dropout_p=0., causal=False, need_lse=False, need_weights=False):
+def reference(q, k, v, mask, *, scale, bias=None, dropout_p=0., causal=False, need_lse=False, need_weights=False):
     """einsum + softmax: any mask, returns the log-sum-exp and the weights. The test oracle."""
     sim = einsum('b h g i d, b h g j d -> b h g i j', q, k) * scale
+    if exists(bias):
+        sim = sim + bias
     if causal:
         i, j = sim.shape[-2:]
         causal_mask = torch.ones(i, j, dtype=torch.bool, device=q.device).tril(j - i)
@@ -35,10 +38,14 @@ def reference(q, k, v, mask, *, scale, dropout_p=0., causal=False, need_lse=Fals
     return out, lse, weights
 
 
-def sdpa(q, k, v, mask, *, scale, dropout_p=0., causal=False, need_lse=False, need_weights=False):
+def sdpa(q, k, v, mask, *, scale, bias=None, dropout_p=0., causal=False, need_lse=False, need_weights=False):
     """torch's fused scaled_dot_product_attention with heads and groups folded into one axis."""
     assert not (need_lse or need_weights), 'sdpa returns neither the log-sum-exp nor the weights'
     b, h, g = q.shape[:3]
+    if exists(bias):
+        # a float mask is added to the logits; the executor guarantees every row keeps a finite entry
+        bias = bias.to(q.dtype)
+        mask = bias if mask is None else bias.masked_fill(~mask, float('-inf'))
     if exists(mask):
         mask = mask.expand(mask.shape[0], h, g, *mask.shape[-2:])
         mask = rearrange(mask, 'b h g i j -> b (h g) i j')

@@ -81,6 +81,11 @@ class RoutedAttention(nn.Module):
         visible to every query. Returns (out (b, h, n, d), weights (b, h, g, i, [m +] j) or None)."""
         q_len, kv_len = q.shape[-2], k.shape[-2]
         qg, kg, vg = gather_queries(q, plan), gather_keys(k, plan), gather_keys(v, plan)
+        if exists(plan.k_gate):
+            kg = kg * rearrange(plan.k_gate, '... j -> ... j 1').to(kg.dtype)
+        if exists(plan.kv_gate):
+            vg = vg * rearrange(plan.kv_gate, '... j -> ... j 1').to(vg.dtype)
+        bias = plan.bias
 
         mask = build_mask(plan, q_len=q_len, kv_len=kv_len, causal=causal, key_mask=key_mask,
                           exclude_self=exclude_self, has_memory=exists(mem_kv), device=q.device)
@@ -97,6 +102,8 @@ class RoutedAttention(nn.Module):
                 kernel_causal = False
             if exists(mask):
                 mask = F.pad(mask, (mk.shape[-2], 0), value=True)
+            if exists(bias):
+                bias = F.pad(bias, (mk.shape[-2], 0), value=0.)
 
         empty = None
         if exists(mask):
@@ -107,9 +114,11 @@ class RoutedAttention(nn.Module):
 
         need_lse = plan.merge == 'logsumexp'
         attend = backends.select(self.backend, need_lse=need_lse, need_weights=need_weights)
-        out, lse, weights = attend(qg, kg, vg, mask, scale=q.shape[-1] ** -0.5,
+        out, lse, weights = attend(qg, kg, vg, mask, scale=q.shape[-1] ** -0.5, bias=bias,
                                    dropout_p=self.dropout if self.training else 0.,
                                    causal=kernel_causal, need_lse=need_lse, need_weights=need_weights)
         if need_lse and exists(empty):
             lse = lse.masked_fill(empty.squeeze(-1), float('-inf'))
+        if exists(plan.q_gate):
+            out = out * rearrange(plan.q_gate, '... i -> ... i 1').to(out.dtype)
         return scatter(out, plan, q_len, lse=lse), weights

@@ -22,6 +22,10 @@ class RoutePlan:
     q_index: Tensor | None          # (b|1, h|1, g, i) positions gathered as queries; None = the whole sequence in order
     kv_index: Tensor | None         # (b|1, h|1, g, j) positions gathered as keys/values; -1 = empty slot; None = whole sequence
     mask: Tensor | None = None      # (b|1, h|1, g, i, j) bool, router-specific admissibility (True = may attend)
+    bias: Tensor | None = None      # (b|1, h|1, g, i, j) added to the logits (LSH duplicate counts)
+    k_gate: Tensor | None = None    # (b|1, h|1, g, j) scales gathered keys (CoLT5 multiply_keys_by_score)
+    kv_gate: Tensor | None = None   # (b|1, h|1, g, j) scales gathered values: how routers with scores get gradients
+    q_gate: Tensor | None = None    # (b|1, h|1, g, i) scales each group's output before it is scattered back
     merge: Merge = 'overwrite'      # how a position that is the query of several groups is combined
     q_offset: int = 0               # absolute position of query 0 (one new token against a cache)
     aux_loss: Tensor | None = None  # router's auxiliary loss (k-means commitment), 0-dim
@@ -39,9 +43,10 @@ class RoutePlan:
             assert int(index.max()) < length and int(index.min()) >= -1, f'{name} out of range for length {length}'
 
     def to(self, device) -> 'RoutePlan':
-        move = lambda t: t.to(device) if isinstance(t, Tensor) else t
-        return RoutePlan(move(self.q_index), move(self.kv_index), move(self.mask), self.merge, self.q_offset,
-                         move(self.aux_loss), {k: move(v) for k, v in self.info.items()})
+        def move(t):
+            return t.detach().to(device) if isinstance(t, Tensor) else t
+        fields = {name: move(getattr(self, name)) for name in self.__dataclass_fields__ if name != 'info'}
+        return RoutePlan(**fields, info={k: move(v) for k, v in self.info.items()})
 
 
 def gather(t: Tensor, index: Tensor) -> Tensor:

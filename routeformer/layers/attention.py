@@ -60,6 +60,10 @@ class Attention(nn.Module):
         self.executor = RoutedAttention(dropout=dropout, backend=backend)
 
     @property
+    def needs_routing_keys(self) -> bool:
+        return any(r.needs_routing_keys for r in self.routers)
+
+    @property
     def multiple_of(self) -> int:
         from math import lcm
         return lcm(*(r.multiple_of for r in self.routers)) if not self.cross_attend else 1
@@ -110,13 +114,14 @@ class Attention(nn.Module):
                 aux = aux + plan.aux_loss
             plans.append(plan)
 
+        k_route = k  # routers see content, not positions: rotary comes after routing
         if exists(self.rotary):
             freqs = self.rotary(ctx.offset + torch.arange(x.shape[1], device=x.device))
             q, k = apply_rotary(q, freqs), apply_rotary(k, freqs)
 
         if exists(ctx.cache) and not exists(entry):
             mask = default(key_mask, torch.ones(k.shape[0], k.shape[-2], dtype=torch.bool, device=x.device))
-            ctx.cache[cache_key] = dict(k=k, v=v, mask=mask)
+            ctx.cache[cache_key] = dict(k=k, v=v, mask=mask, k_route=k_route if self.needs_routing_keys else None)
 
         record = exists(ctx.recordings) and not ctx.recompute
         outs = []
@@ -139,6 +144,9 @@ class Attention(nn.Module):
             raise ValueError(f'cached decoding takes one new token per call, got {x.shape[1]}')
         pos = entry['k'].shape[-2]
         q, k, v = self.project(x, x)
+        q_route = q
+        if self.needs_routing_keys:
+            entry['k_route'] = torch.cat((entry['k_route'], k), dim=-2)
         if exists(self.rotary):
             freqs = self.rotary(torch.tensor([pos], device=x.device))
             q, k = apply_rotary(q, freqs), apply_rotary(k, freqs)
@@ -148,8 +156,9 @@ class Attention(nn.Module):
         entry['mask'] = key_mask = torch.cat((entry['mask'], new_mask), dim=-1)
 
         outs = []
-        for router, (start, end) in zip(self.routers, self.head_slices):
-            plan = RoutePlan(q_index=None, kv_index=router.decode_index(pos, x.device), q_offset=pos)
+        for gi, (router, (start, end)) in enumerate(zip(self.routers, self.head_slices)):
+            k_route = entry['k_route'][:, start:end] if router.needs_routing_keys else None
+            plan = router.decode(pos, q=q_route[:, start:end], k=k_route, state=entry.setdefault(('router', gi), {}))
             out, _ = self.executor(q[:, start:end], k[:, start:end], v[:, start:end], plan, causal=self.causal,
                                    key_mask=key_mask, mem_kv=self.mem_slice(start, end),
                                    exclude_self=self.shared_qk)

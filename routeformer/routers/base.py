@@ -27,9 +27,15 @@ class Router(nn.Module):
         discrete decision is replayed and only differentiable parts are recomputed."""
         raise NotImplementedError
 
-    def decode_index(self, pos: int, device) -> Tensor:
-        """Cached decoding: the positions (1, 1, 1, j) of the key/value cache that the query at
-        absolute position `pos` attends to."""
+    # cached decoding hands `decode` the pre-rotary keys of every position so far when this is True
+    needs_routing_keys: bool = False
+
+    def decode(self, pos: int, *, q: Tensor, k: Tensor | None, state: dict) -> RoutePlan:
+        """Cached decoding of the token at absolute position `pos`: a plan whose kv_index
+        (b|1, h|1, 1, j) selects the cached keys it attends to (q_index None, q_offset=pos).
+        q (b, h, 1, d) is the new query; k (b, h, pos + 1, d) the routing keys of every position
+        (only when `needs_routing_keys`); `state` persists across the steps of one generation,
+        for routers that cache bucket or cluster ids."""
         raise NotImplementedError(f'{type(self).__name__} does not support cached decoding')
 
     def check_length(self, n: int) -> None:

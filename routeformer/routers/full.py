@@ -12,5 +12,5 @@ class FullRouter(Router):
     def forward(self, q, k, *, causal, mask=None, cached=None):
         return RoutePlan(q_index=None, kv_index=None)
 
-    def decode_index(self, pos, device):
-        return torch.arange(pos + 1, device=device).view(1, 1, 1, -1)
+    def decode(self, pos, *, q, k, state):
+        return RoutePlan(q_index=None, kv_index=torch.arange(pos + 1, device=q.device).view(1, 1, 1, -1), q_offset=pos)

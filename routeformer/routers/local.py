@@ -48,9 +48,10 @@ class LocalRouter(Router):
         return RoutePlan(q_index=q_index, kv_index=kv_index.view(1, 1, g, -1),
                          info=dict(contiguous_queries=True))
 
-    def decode_index(self, pos, device):
+    def decode(self, pos, *, q, k, state):
         start = max(0, (pos // self.window_size) * self.window_size - self.back)
-        return torch.arange(start, pos + 1, device=device).view(1, 1, 1, -1)
+        kv_index = torch.arange(start, pos + 1, device=q.device).view(1, 1, 1, -1)
+        return RoutePlan(q_index=None, kv_index=kv_index, q_offset=pos)
 
     def extra_repr(self):
         return f'window_size={self.window_size}, back={self.back}, forward={self.forward_span}'
