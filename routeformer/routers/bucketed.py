@@ -1,0 +1,84 @@
+"""Sort-and-chunk: the shared plan of routers that give every token a bucket (LSH, k-means).
+
+Tokens are sorted by (bucket, position), the sorted sequence is cut into chunks of `window`, and
+each chunk attends to itself and the chunk before it (Reformer's look-one-back).
+
+Causal mode is strictly causal by construction. A query may attend a key only if they share a
+bucket, the key is not later than the query, and fewer than `window` tokens of that bucket lie
+between them (counted by rank inside the bucket, which depends only on earlier tokens). Every key
+this admits lies in the query's chunk or the one before it, so nothing is dropped, and the
+admitted set depends on nothing after the query: a later token can change which chunk an earlier
+one lands in, but not what it sees.
+
+Axes: b batch, h heads, r hash rounds, n sequence, c chunks per round, g groups (r * c),
+i queries per chunk, j keys per group (2 * window).
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+from ..attention.plan import RoutePlan
+
+
+def rank_in_bucket(sorted_buckets: Tensor) -> Tensor:
+    """For a sequence sorted by bucket: each token's index among the tokens of its bucket."""
+    n = sorted_buckets.shape[-1]
+    index = torch.arange(n, device=sorted_buckets.device).expand_as(sorted_buckets)
+    starts = torch.ones_like(sorted_buckets, dtype=torch.bool)
+    starts[..., 1:] = sorted_buckets[..., 1:] != sorted_buckets[..., :-1]
+    first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=-1).values
+    return index - first
+
+
+def look_one_back(t: Tensor, *, cyclic: bool, fill) -> Tensor:
+    """(..., c, w) chunks -> (..., c, 2w): each chunk preceded by the one before it. Chunk 0 sees
+    the last chunk when `cyclic` (non-causal Reformer), otherwise `fill`."""
+    previous = t.roll(1, dims=-2)
+    if not cyclic:
+        previous = previous.clone()
+        previous[..., 0, :] = fill
+    return torch.cat((previous, t), dim=-1)
+
+
+def sort_and_chunk(buckets: Tensor, window: int, *, causal: bool, same_bucket: bool | None = None) -> RoutePlan:
+    """buckets (b, h, r, n) long: the bucket of every token in each of r rounds (ids may repeat
+    across rounds). Returns a plan over r * n/window groups, merged by log-sum-exp when r > 1.
+    `same_bucket` (default: causal) masks pairs from different buckets; causal mode requires it."""
+    same_bucket = causal if same_bucket is None else same_bucket
+    if causal and not same_bucket:
+        raise ValueError('causal sort-and-chunk attention must mask pairs from different buckets')
+    b, h, r, n = buckets.shape
+    if n % window != 0:
+        raise ValueError(f'sequence length {n} is not a multiple of the bucket/window size {window}: '
+                         f'pad it, or wrap the model in Autopadder')
+    positions = torch.arange(n, device=buckets.device)
+    # stable order by (bucket, position); the key fits in int64 for any realistic n and bucket count
+    order = (buckets * n + positions).argsort(dim=-1)
+    sorted_buckets = buckets.gather(-1, order)
+
+    def chunked(t):
+        return rearrange(t, 'b h r (c i) -> b h r c i', i=window)
+
+    q_index, q_bucket = chunked(order), chunked(sorted_buckets)
+    kv_index = look_one_back(q_index, cyclic=not causal, fill=-1)
+    kv_bucket = look_one_back(q_bucket, cyclic=not causal, fill=-1)
+
+    mask = None
+    if same_bucket:
+        mask = rearrange(q_bucket, '... i -> ... i 1') == rearrange(kv_bucket, '... j -> ... 1 j')
+    if causal:
+        q_rank = chunked(rank_in_bucket(sorted_buckets))
+        kv_rank = look_one_back(q_rank, cyclic=False, fill=0)
+        recent = (rearrange(q_rank, '... i -> ... i 1') - rearrange(kv_rank, '... j -> ... 1 j')) < window
+        mask = mask & recent
+
+    def groups(t):
+        return rearrange(t, 'b h r c ... -> b h (r c) ...')
+
+    return RoutePlan(q_index=groups(q_index), kv_index=groups(kv_index),
+                     mask=groups(mask) if mask is not None else None,
+                     merge='logsumexp' if r > 1 else 'overwrite',
+                     info=dict(buckets=buckets))

@@ -1,0 +1,91 @@
+"""Sort-and-chunk plans (LSH, k-means): causal mode equals a dense reference with the
+'last `window` tokens of my bucket' mask, and is strictly causal."""
+
+import pytest
+import torch
+
+from routeformer.attention import RoutedAttention
+from routeformer.routers.bucketed import rank_in_bucket, sort_and_chunk
+
+
+def dense(q, k, v, allowed):
+    sim = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    sim = sim.masked_fill(~allowed, float('-inf'))
+    return sim.softmax(-1) @ v
+
+
+def recent_same_bucket(buckets, window):
+    """(b, h, n) buckets -> (b, h, n, n): key in the query's bucket, not later, fewer than `window`
+    bucket-mates between them; written as a loop, independently of the sort."""
+    b, h, n = buckets.shape
+    allowed = torch.zeros(b, h, n, n, dtype=torch.bool)
+    for bi in range(b):
+        for hi in range(h):
+            for i in range(n):
+                mates = [j for j in range(i + 1) if buckets[bi, hi, j] == buckets[bi, hi, i]]
+                for j in mates[-window:]:
+                    allowed[bi, hi, i, j] = True
+    return allowed
+
+
+def test_rank_in_bucket():
+    sorted_buckets = torch.tensor([[0, 0, 0, 2, 2, 5, 7, 7]])
+    assert rank_in_bucket(sorted_buckets).tolist() == [[0, 1, 2, 0, 1, 0, 0, 1]]
+
+
+@pytest.mark.parametrize('window,num_buckets', [(4, 3), (4, 1), (2, 5), (8, 2)])
+def test_causal_single_round_equals_dense(window, num_buckets):
+    torch.manual_seed(0)
+    b, h, n, d = 2, 2, 16, 8
+    q, k, v = (torch.randn(b, h, n, d, dtype=torch.float64) for _ in range(3))
+    buckets = torch.randint(0, num_buckets, (b, h, n))
+    plan = sort_and_chunk(buckets[:, :, None], window, causal=True)
+    out, _ = RoutedAttention(backend='reference')(q, k, v, plan, causal=True)
+    expected = dense(q, k, v, recent_same_bucket(buckets, window))
+    assert torch.allclose(out, expected, atol=1e-12)
+
+
+def test_causal_multi_round_equals_dense_over_the_multiset_union():
+    torch.manual_seed(1)
+    b, h, n, d, window, rounds = 1, 2, 16, 8, 4, 3
+    q, k, v = (torch.randn(b, h, n, d, dtype=torch.float64) for _ in range(3))
+    buckets = torch.randint(0, 3, (b, h, rounds, n))
+    plan = sort_and_chunk(buckets, window, causal=True)
+    out, _ = RoutedAttention(backend='reference')(q, k, v, plan, causal=True)
+    # each round is a softmax over its admitted keys; rounds combine by their normalisers, i.e.
+    # one softmax over the keys counted once per round that admits them
+    counts = sum(recent_same_bucket(buckets[:, :, r], window).double() for r in range(rounds))
+    sim = (q @ k.transpose(-1, -2)) * d ** -0.5 + counts.log()
+    expected = sim.softmax(-1) @ v
+    assert torch.allclose(out, expected, atol=1e-12)
+
+
+def test_causal_plan_is_strictly_causal():
+    torch.manual_seed(2)
+    b, h, n, d, window = 1, 2, 32, 8, 4
+    q, k, v = (torch.randn(b, h, n, d, dtype=torch.float64) for _ in range(3))
+    buckets = torch.randint(0, 4, (b, h, 2, n))
+    attend = RoutedAttention(backend='reference')
+    base, _ = attend(q, k, v, sort_and_chunk(buckets, window, causal=True), causal=True)
+    for p in (3, 17, 31):
+        # a later token changes its content and its bucket in every round
+        q2, k2, v2 = q.clone(), k.clone(), v.clone()
+        for t in (q2, k2, v2):
+            t[..., p, :] = torch.randn(d, dtype=torch.float64)
+        buckets2 = buckets.clone()
+        buckets2[..., p] = (buckets2[..., p] + 1) % 4
+        out, _ = attend(q2, k2, v2, sort_and_chunk(buckets2, window, causal=True), causal=True)
+        assert (out[..., :p, :] - base[..., :p, :]).abs().max() < 1e-12, p
+
+
+def test_non_causal_chunks_see_own_and_previous_chunk_cyclically():
+    buckets = torch.zeros(1, 1, 1, 8, dtype=torch.long)  # one bucket: sorted order is the identity
+    plan = sort_and_chunk(buckets, 2, causal=False)
+    assert plan.q_index[0, 0].tolist() == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert plan.kv_index[0, 0, 0].tolist() == [6, 7, 0, 1]
+    assert plan.mask is None
+
+
+def test_length_must_be_a_multiple_of_the_window():
+    with pytest.raises(ValueError, match='Autopadder'):
+        sort_and_chunk(torch.zeros(1, 1, 1, 10, dtype=torch.long), 4, causal=True)
