@@ -419,3 +419,24 @@ def test_local_router_rejects_length_not_multiple():
 def test_local_router_rejects_bad_window():
     with pytest.raises(ValueError, match='window_size'):
         LocalRouter(0)
+
+
+# ---------------------------------------------------------------- gates and additive bias
+
+def test_gates_and_bias_match_an_explicit_computation():
+    torch.manual_seed(5)
+    b, h, n, d = 2, 2, 8, 4
+    q, k, v = (torch.randn(b, h, n, d, dtype=torch.float64) for _ in range(3))
+    kv_index = torch.arange(n).view(1, 1, 2, 4).repeat(b, h, 1, 1)
+    q_index = kv_index.clone()
+    k_gate, kv_gate = torch.rand(b, h, 2, 4, dtype=torch.float64), torch.rand(b, h, 2, 4, dtype=torch.float64)
+    q_gate, bias = torch.rand(b, h, 2, 4, dtype=torch.float64), torch.randn(b, h, 2, 4, 4, dtype=torch.float64)
+    plan = RoutePlan(q_index=q_index, kv_index=kv_index, k_gate=k_gate, kv_gate=kv_gate, q_gate=q_gate, bias=bias)
+    outs = {name: RoutedAttention(backend=name)(q, k, v, plan)[0] for name in ('reference', 'sdpa')}
+
+    # by hand: two blocks of four, keys and values scaled, logits biased, outputs scaled
+    qb, kb, vb = (t.view(b, h, 2, 4, d) for t in (q, k, v))
+    sim = (qb @ (kb * k_gate[..., None]).transpose(-1, -2)) * d ** -0.5 + bias
+    expected = (sim.softmax(-1) @ (vb * kv_gate[..., None])) * q_gate[..., None]
+    for out in outs.values():
+        assert torch.allclose(out, expected.reshape(b, h, n, d), atol=1e-10)

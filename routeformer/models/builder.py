@@ -68,7 +68,7 @@ def build_transformer(*, dim: int, depth: int, heads: int = 8, dim_head: int | N
         if number in moe_layers:  # MoE wins over PKM when a layer is in both (seed behaviour)
             return MoE(dim, num_experts=moe_num_experts, loss_coef=moe_loss_coef)
         if number in pkm_layers:
-            return PKM(dim, num_keys=pkm_num_keys)
+            return PKM(dim, num_keys=pkm_num_keys, topk=min(32, pkm_num_keys))
         return FeedForward(dim, mult=ff_mult, dropout=ff_dropout, activation=ff_activation, glu=ff_glu, chunks=ff_chunks)
 
     def block(layer):
