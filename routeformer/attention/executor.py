@@ -30,6 +30,12 @@ def gather_queries(q: Tensor, plan: RoutePlan) -> Tensor:
 def gather_keys(t: Tensor, plan: RoutePlan) -> Tensor:
     if plan.kv_index is None:
         return rearrange(t, 'b h n d -> b h 1 n d')
+    if 'sliding_windows' in plan.info:
+        # contiguous windows (local attention): a strided view instead of an index gather, whose
+        # backward would be a slow scatter-add; slots outside the sequence read zero padding
+        window, back, forward = plan.info['sliding_windows']
+        padded = F.pad(t, (0, 0, back, forward))
+        return rearrange(padded.unfold(-2, back + window + forward, window), 'b h g d j -> b h g j d')
     return gather(t, plan.kv_index)
 
 
@@ -87,10 +93,12 @@ class RoutedAttention(nn.Module):
             vg = vg * rearrange(plan.kv_gate, '... j -> ... j 1').to(vg.dtype)
         bias = plan.bias
 
-        mask = build_mask(plan, q_len=q_len, kv_len=kv_len, causal=causal, key_mask=key_mask,
+        # one dense causal group and nothing else to mask: let the kernel apply the causal mask
+        # itself, without materialising an (n, n) mask (the fused kernels skip the masked half)
+        kernel_causal = (causal and plan.q_index is None and plan.kv_index is None and plan.q_offset == 0
+                         and plan.mask is None and key_mask is None and not exclude_self)
+        mask = build_mask(plan, q_len=q_len, kv_len=kv_len, causal=causal and not kernel_causal, key_mask=key_mask,
                           exclude_self=exclude_self, has_memory=exists(mem_kv), device=q.device)
-        # one dense causal group: let the kernel apply the causal mask itself
-        kernel_causal = causal and mask is None and plan.q_index is None and plan.kv_index is None and plan.q_offset == 0
 
         if exists(mem_kv):
             b, h, g = kg.shape[:3]
@@ -98,7 +106,7 @@ class RoutedAttention(nn.Module):
             kg, vg = torch.cat((mk, kg), dim=-2), torch.cat((mv, vg), dim=-2)
             if kernel_causal:
                 i, j = qg.shape[-2], kg.shape[-2] - mk.shape[-2]
-                mask = torch.ones(i, j, dtype=torch.bool, device=q.device).tril()
+                mask = torch.ones(1, 1, 1, i, j, dtype=torch.bool, device=q.device).tril()
                 kernel_causal = False
             if exists(mask):
                 mask = F.pad(mask, (mk.shape[-2], 0), value=True)
