@@ -45,6 +45,12 @@ def test_cached_generation_equals_uncached(kwargs):
     assert torch.equal(cached, uncached)
 
 
+def test_cached_generation_from_a_prompt_shorter_than_the_window():
+    wrapper = AutoregressiveWrapper(lm(n_local_attn_heads=4, local_attn_window_size=8, shift_tokens=True))
+    x = prompt(n=3)
+    assert torch.equal(wrapper.generate(x, 20, temperature=0), wrapper.generate(x, 20, temperature=0, use_cache=False))
+
+
 def test_cached_step_logits_equal_the_full_forward():
     model = lm(n_local_attn_heads=2, local_attn_window_size=8).eval()
     x = prompt(n=24)

@@ -5,6 +5,8 @@ Axes: b batch, n sequence (queries), m key/value sequence, h heads, d head dim.
 
 from __future__ import annotations
 
+from math import lcm
+
 import torch
 from einops import rearrange
 from torch import Tensor, nn
@@ -65,12 +67,14 @@ class Attention(nn.Module):
 
     @property
     def multiple_of(self) -> int:
-        from math import lcm
         return lcm(*(r.multiple_of for r in self.routers)) if not self.cross_attend else 1
 
     def project(self, x, kv_input):
         q = self.to_q(x)
-        k = (self.to_k or self.to_q)(kv_input) if (self.to_k is not None or self.cross_attend) else q
+        if exists(self.to_k):
+            k = self.to_k(kv_input)
+        else:  # shared-QK: keys come from the query projection
+            k = q if kv_input is x else self.to_q(kv_input)
         v = self.to_v(kv_input)
         q, k, v = (rearrange(t, 'b n (h d) -> b h n d', h=self.heads) for t in (q, k, v))
         if self.shared_qk:
@@ -88,6 +92,9 @@ class Attention(nn.Module):
         key_mask = ctx.context_mask if self.cross_attend else ctx.mask
         cache_key = ctx.key(self)
         entry = ctx.cache.get(cache_key) if exists(ctx.cache) else None
+        if exists(ctx.cache) and entry is None and not self.cross_attend and x.shape[1] == 1:
+            # decoding from an empty cache (a prompt shorter than the router's multiple)
+            entry = ctx.cache[cache_key] = self.empty_cache_entry(x)
 
         if exists(entry) and not self.cross_attend:
             out = self.decode(x, ctx, entry)
@@ -137,6 +144,12 @@ class Attention(nn.Module):
 
         out = rearrange(torch.cat(outs, dim=1), 'b h n d -> b n (h d)')
         return self.post_attn_dropout(self.to_out(out)), aux
+
+    def empty_cache_entry(self, x) -> dict:
+        b, d = x.shape[0], self.to_v.out_features // self.heads
+        empty = x.new_zeros(b, self.heads, 0, d)
+        return dict(k=empty, v=empty, mask=torch.ones(b, 0, dtype=torch.bool, device=x.device),
+                    k_route=empty if self.needs_routing_keys else None)
 
     def decode(self, x, ctx, entry) -> Tensor:
         """One new token against the cache: the work is the router's window, not the prefix."""
