@@ -39,7 +39,9 @@ def reference(q, k, v, mask, *, scale, bias=None, dropout_p=0., causal=False, ne
 
 
 def sdpa(q, k, v, mask, *, scale, bias=None, dropout_p=0., causal=False, need_lse=False, need_weights=False):
-    """torch's fused scaled_dot_product_attention with heads and groups folded into one axis."""
+    """torch's fused scaled_dot_product_attention, with batch and heads folded into its batch axis
+    and groups as its head axis: a mask shared by every sample and head (local attention) then
+    broadcasts instead of being copied per head."""
     assert not (need_lse or need_weights), 'sdpa returns neither the log-sum-exp nor the weights'
     b, h, g = q.shape[:3]
     if exists(bias):
@@ -47,12 +49,14 @@ def sdpa(q, k, v, mask, *, scale, bias=None, dropout_p=0., causal=False, need_ls
         bias = bias.to(q.dtype)
         mask = bias if mask is None else bias.masked_fill(~mask, float('-inf'))
     if exists(mask):
-        mask = mask.expand(mask.shape[0], h, g, *mask.shape[-2:])
-        mask = rearrange(mask, 'b h g i j -> b (h g) i j')
-    q, k, v = (rearrange(t, 'b h g n d -> b (h g) n d') for t in (q, k, v))
+        if mask.shape[0] == 1 and mask.shape[1] == 1:
+            mask = mask[0]
+        else:
+            mask = rearrange(mask.expand(b, h, *mask.shape[2:]), 'b h g i j -> (b h) g i j')
+    q, k, v = (rearrange(t, 'b h g n d -> (b h) g n d') for t in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                          is_causal=causal and mask is None, scale=scale)
-    return rearrange(out, 'b (h g) n d -> b h g n d', g=g), None, None
+    return rearrange(out, '(b h) g n d -> b h g n d', b=b), None, None
 
 
 BACKENDS = dict(reference=reference, sdpa=sdpa)

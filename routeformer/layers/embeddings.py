@@ -137,5 +137,5 @@ def apply_rotary(t: Tensor, freqs: Tensor) -> Tensor:
     # float32 because bf16 angles at large positions lose most of their precision
     freqs = freqs.to(torch.float32)
     rotated = rotated.to(torch.float32)
-    rotated = rotated * freqs.cos() + _rotate_half(rotated) * freqs.sin()
-    return torch.cat((rotated.to(t.dtype), passed), dim=-1)
+    rotated = (rotated * freqs.cos() + _rotate_half(rotated) * freqs.sin()).to(t.dtype)
+    return rotated if passed.shape[-1] == 0 else torch.cat((rotated, passed), dim=-1)
