@@ -75,3 +75,87 @@ def x_transformers_decoder(cfg: ModelConfig) -> nn.Module:
         num_tokens=cfg.vocab, max_seq_len=cfg.seq_len,
         attn_layers=Decoder(dim=cfg.dim, depth=cfg.depth, heads=cfg.heads, attn_flash=True),
     )
+
+
+@register('routeformer-sinkhorn')
+def routeformer_sinkhorn(cfg: ModelConfig) -> nn.Module:
+    # causal sinkhorn attention, blocks of `window` tokens, attention sort net, 2 selected blocks
+    from routeformer import SinkhornTransformerLM
+    return SinkhornTransformerLM(num_tokens=cfg.vocab, dim=cfg.dim, depth=cfg.depth, heads=cfg.heads,
+                                 max_seq_len=cfg.seq_len, bucket_size=cfg.window, causal=True)
+
+
+@register('sinkhorn-transformer')
+def sinkhorn_transformer_seed(cfg: ModelConfig) -> nn.Module:
+    # the seed package (sinkhorn-transformer 0.11.4) with the same settings
+    from sinkhorn_transformer import SinkhornTransformerLM
+    return SinkhornTransformerLM(num_tokens=cfg.vocab, dim=cfg.dim, depth=cfg.depth, heads=cfg.heads,
+                                 max_seq_len=cfg.seq_len, bucket_size=cfg.window, causal=True)
+
+
+# Routing Transformer, issue settings: 2 of the heads local (window `window`), the rest k-means
+# routed with clusters of `window` tokens; shared-QK, as both packages default to for causal models
+def _routing_kwargs(cfg: ModelConfig) -> dict:
+    return dict(num_tokens=cfg.vocab, dim=cfg.dim, depth=cfg.depth, max_seq_len=cfg.seq_len, heads=cfg.heads,
+                dim_head=cfg.dim // cfg.heads, window_size=cfg.window, n_local_attn_heads=min(2, cfg.heads),
+                local_attn_window_size=cfg.window, causal=True)
+
+
+@register('routeformer-routing')
+def routeformer_routing(cfg: ModelConfig) -> nn.Module:
+    from routeformer import RoutingTransformerLM
+    return RoutingTransformerLM(**_routing_kwargs(cfg))
+
+
+@register('routeformer-routing-reversible')
+def routeformer_routing_reversible(cfg: ModelConfig) -> nn.Module:
+    # the seed README's long-sequence recipe: reversible layers and chunked feed-forward
+    from routeformer import RoutingTransformerLM
+    return RoutingTransformerLM(**_routing_kwargs(cfg), reversible=True, ff_chunks=16)
+
+
+@register('routing-transformer')
+def routing_transformer_seed(cfg: ModelConfig) -> nn.Module:
+    # the seed package (routing-transformer 1.6.1) with the same settings
+    from routing_transformer import RoutingTransformerLM
+    return RoutingTransformerLM(**_routing_kwargs(cfg))
+
+
+# CoLT5: the autoregressive attention block of the seed README (light local attention + heavy routed
+# attention, 64-dim heads, heavy_window = window, window/4 routed queries per window, 1024 routed
+# key/values in 2 routes, flash path). A block, not an LM: both packages' blocks are wrapped the same
+# way, token embedding -> `depth` x (block(x) + x) -> linear head.
+class _BlockLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, make_block: Callable[[], nn.Module]):
+        super().__init__()
+        self.emb = nn.Embedding(cfg.vocab, cfg.dim)
+        self.blocks = nn.ModuleList([make_block() for _ in range(cfg.depth)])
+        self.head = nn.Linear(cfg.dim, cfg.vocab)
+
+    def forward(self, x):
+        h = self.emb(x)
+        for block in self.blocks:
+            h = block(h) + h
+        return self.head(h)
+
+
+def _colt5_block_kwargs(cfg: ModelConfig) -> dict:
+    return dict(dim=cfg.dim, light_dim_head=64, light_heads=cfg.heads, light_window_size=cfg.window,
+                heavy_window_size=cfg.window, heavy_dim_head=64, heavy_heads=cfg.heads,
+                num_heavy_tokens_q=max(1, cfg.window // 4), num_heavy_tokens_kv=1024, num_routed_kv=2,
+                use_flash_attn=True)
+
+
+@register('routeformer-colt5')
+def routeformer_colt5(cfg: ModelConfig) -> nn.Module:
+    from routeformer import ConditionalRoutedAutoregressiveAttention
+    return _BlockLM(cfg, lambda: ConditionalRoutedAutoregressiveAttention(**_colt5_block_kwargs(cfg)))
+
+
+@register('colt5-attention')
+def colt5_attention_seed(cfg: ModelConfig) -> nn.Module:
+    # the seed package (colt5-attention 0.11.2); its Triton kernel only on CUDA (it falls back on CPU anyway)
+    import torch
+    from colt5_attention import ConditionalRoutedAutoregressiveAttention
+    return _BlockLM(cfg, lambda: ConditionalRoutedAutoregressiveAttention(**_colt5_block_kwargs(cfg),
+                                                                          use_triton=torch.cuda.is_available()))

@@ -64,6 +64,104 @@ CAUSAL_CONFIGS = [
 ]
 
 
+def routing_lm(context=False, **kwargs):
+    """A RoutingTransformerLM whose centroids were initialised from data and updated once, so
+    that clusters are content-dependent in the eval-mode check."""
+    def factory():
+        from routeformer import RoutingTransformerLM
+        torch.manual_seed(0)
+        cfg = dict(num_tokens=NUM_TOKENS, dim=DIM, depth=2, max_seq_len=SEQ, heads=2, dim_head=8, causal=True,
+                   window_size=4)
+        cfg.update(kwargs)
+        model = RoutingTransformerLM(**cfg, receives_context=context)
+        ctx = torch.randn(2, 5, DIM) if context else None
+        logits, aux = model(tokens(seed=7), context=ctx)
+        (logits.mean() + aux).backward()  # k-means init + automatic EMA update
+        return model, ctx
+    return factory
+
+
+CAUSAL_CONFIGS += [
+    ('routing', routing_lm()),
+    ('routing_separate_qk', routing_lm(shared_qk=False)),
+    ('routing_local_heads', routing_lm(n_local_attn_heads=1, local_attn_window_size=4)),
+    ('routing_mem_kv_separate_qk', routing_lm(num_mem_kv=2, shared_qk=False)),
+    ('routing_reversible_local_memkv', routing_lm(reversible=True, n_local_attn_heads=1, local_attn_window_size=4,
+                                                  num_mem_kv=1, shift_tokens=True)),
+    ('routing_context', routing_lm(context=True, context_window_size=2)),
+    ('routing_context_reversible_shared', routing_lm(context=True, reversible=True, context_shared_qk=True)),
+    ('routing_relative_positions', routing_lm(max_relative_position=5, rel_pos_emb=False,
+                                              n_local_attn_heads=(2, 1), local_attn_window_size=4)),
+    ('routing_window_not_dividing_length', routing_lm(window_size=3, num_clusters=3)),
+    ('full_relative_positions', transformer_lm(max_relative_position=5)),
+]
+
+
+def colt5_lm(**kwargs):
+    """A decoder-only CoLT5 LM: windows of 4 over 32 tokens, so that routing (a few heavy queries per
+    window, keys routed from earlier windows, a routed feed-forward) really selects."""
+    def factory():
+        from routeformer import ConditionalRoutedTransformerLM
+        torch.manual_seed(0)
+        cfg = dict(num_tokens=NUM_TOKENS, dim=DIM, depth=2, max_seq_len=32, num_heavy_attn_tokens_q=2,
+                   num_heavy_attn_tokens_kv=6, num_heavy_ff_tokens=2, light_dim_head=8, light_heads=2,
+                   light_window_size=4, heavy_dim_head=8, heavy_heads=2)
+        cfg.update(kwargs)
+        return ConditionalRoutedTransformerLM(**cfg), None
+    return factory
+
+
+CAUSAL_CONFIGS += [
+    ('colt5', colt5_lm()),
+    ('colt5_routes2_keys_queries_scaled', colt5_lm(num_routed_kv=2, multiply_keys_by_score=True,
+                                                   multiply_queries_by_score=True)),
+    ('colt5_heavy_window8_soft_gates', colt5_lm(heavy_window_size=8, router_straight_through=False,
+                                                pos_emb='absolute')),
+    ('colt5_sdpa_no_null_tokens', colt5_lm(use_flash_attn=True, use_null_q_tokens=False, pos_emb=None)),
+]
+
+
+
+class WithInputMask(torch.nn.Module):
+    """Runs a token model with a fixed padding mask: left padding in sample 0, holes in sample 1."""
+
+    def __init__(self, model, n):
+        super().__init__()
+        self.model, self.num_tokens, self.max_seq_len = model, model.num_tokens, model.max_seq_len
+        self.mask = torch.ones(2, n, dtype=torch.bool)
+        self.mask[0, :5] = False
+        self.mask[1, 9:15] = False
+
+    def forward(self, x, **kwargs):
+        return self.model(x, input_mask=self.mask, **kwargs)
+
+
+def sinkhorn_lm(context=False, padded=False, **kwargs):
+    """A causal SinkhornTransformerLM over 32 tokens in blocks of 4."""
+    def factory():
+        from routeformer import SinkhornTransformerLM
+        torch.manual_seed(0)
+        cfg = dict(num_tokens=NUM_TOKENS, dim=DIM, depth=2, max_seq_len=32, heads=2, dim_head=8, causal=True,
+                   bucket_size=4)
+        cfg.update(kwargs)
+        model = SinkhornTransformerLM(**cfg, receives_context=context)
+        return (WithInputMask(model, 32) if padded else model), (torch.randn(2, 9, DIM) if context else None)
+    return factory
+
+
+CAUSAL_CONFIGS += [
+    ('sinkhorn_top1', sinkhorn_lm(n_top_buckets=1)),
+    ('sinkhorn_top2', sinkhorn_lm(n_top_buckets=2)),
+    ('sinkhorn_top3', sinkhorn_lm(n_top_buckets=3)),
+    ('sinkhorn_simple_sort_net', sinkhorn_lm(use_simple_sort_net=True, n_top_buckets=2)),
+    ('sinkhorn_padded_top1', sinkhorn_lm(padded=True, n_top_buckets=1)),
+    ('sinkhorn_padded_top3_simple', sinkhorn_lm(padded=True, n_top_buckets=3, use_simple_sort_net=True)),
+    ('sinkhorn_local_heads', sinkhorn_lm(n_local_attn_heads=1)),
+    ('sinkhorn_reversible_rotary', sinkhorn_lm(reversible=True, pos_emb='rotary', non_permutative=False)),
+    ('sinkhorn_context', sinkhorn_lm(context=True, context_bucket_size=2)),
+    ('sinkhorn_context_sortcut_padded', sinkhorn_lm(context=True, padded=True, context_n_sortcut=2)),
+]
+
 def logits_of(out):
     return out[0] if isinstance(out, tuple) else out
 

@@ -207,7 +207,7 @@ def test_context_mask_wrong_shape():
     (dict(n_local_attn_heads=3), 'between 0 and heads'),
     (dict(n_local_attn_heads=(1, 1, 1)), 'depth is 2'),
     (dict(pkm_layers=(3,)), 'between 1 and depth'),
-    (dict(weight_tie=True, moe_layers=(1,)), 'weight_tie'),
+    (dict(weight_tie=True, n_local_attn_heads=(1, 0)), 'weight_tie'),
     (dict(pos_emb='axial'), 'axial_position_shape'),
     (dict(pos_emb='learned'), 'unknown pos_emb'),
     (dict(backend='flash'), 'unknown attention backend'),

@@ -59,7 +59,78 @@ def sdpa(q, k, v, mask, *, scale, bias=None, dropout_p=0., causal=False, need_ls
     return rearrange(out, '(b h) g n d -> b h g n d', b=b), None, None
 
 
-BACKENDS = dict(reference=reference, sdpa=sdpa)
+# torch's CPU flash-attention kernel, which also returns the log-sum-exp (absent from old torch)
+_flash_cpu = getattr(torch.ops.aten, '_scaled_dot_product_flash_attention_for_cpu', None)
+_flash_cpu_backward = getattr(torch.ops.aten, '_scaled_dot_product_flash_attention_for_cpu_backward', None)
+
+
+def _with_column(t: Tensor, value: float) -> Tensor:
+    return torch.cat((t, t.new_full((*t.shape[:-1], 1), value)), dim=-1)
+
+
+class _FlashLSE(torch.autograd.Function):
+    """Fused attention returning (out, lse), differentiable in both. The kernel's backward takes
+    no gradient for the log-sum-exp, and uses `out` only through delta = rowsum(d out * out); as
+    d lse / d logits are the attention weights, a gradient g on the log-sum-exp is exactly a
+    delta lowered by g. So the backward hands the kernel out - g * d out / |d out|^2 in place of
+    out (bounded where g comes through a log-sum-exp merge, since g is then proportional to d out),
+    and where a row has a gradient on its log-sum-exp but none on its output, a value column of
+    ones whose output gradient is g (and an output column of zeros) does the same. Exact."""
+
+    @staticmethod
+    def forward(fctx, q, k, v, attn_mask, scale):
+        out, lse = _flash_cpu(q, k, v, 0.0, False, attn_mask=attn_mask, scale=scale)
+        fctx.save_for_backward(q, k, v, attn_mask, out, lse)
+        fctx.scale = scale
+        return out, lse
+
+    @staticmethod
+    def backward(fctx, dout, dlse):
+        q, k, v, attn_mask, out, lse = fctx.saved_tensors
+        dout = torch.zeros_like(out) if dout is None else dout.contiguous()
+        if dlse is None:
+            return (*_flash_cpu_backward(dout, q, k, v, out, lse, 0.0, False, attn_mask=attn_mask,
+                                         scale=fctx.scale), None, None)
+        precise = torch.promote_types(dout.dtype, torch.float32)
+        norm = dout.to(precise).square().sum(dim=-1)
+        if not bool(((norm == 0) & (dlse != 0)).any()):
+            shift = (dlse.to(precise) / norm.clamp(min=torch.finfo(precise).tiny))[..., None] * dout.to(precise)
+            return (*_flash_cpu_backward(dout, q, k, v, (out.to(precise) - shift).to(out.dtype), lse, 0.0, False,
+                                         attn_mask=attn_mask, scale=fctx.scale), None, None)
+        # the kernel needs one head size for q, k and v: q and k get a zero column (same logits)
+        dq, dk, dv = _flash_cpu_backward(
+            torch.cat((dout, dlse[..., None].to(dout.dtype)), dim=-1), _with_column(q, 0.), _with_column(k, 0.),
+            _with_column(v, 1.), _with_column(out, 0.), lse, 0.0, False, attn_mask=attn_mask, scale=fctx.scale)
+        return dq[..., :-1], dk[..., :-1], dv[..., :-1], None, None
+
+
+def flash_lse(q, k, v, mask, *, scale, bias=None, dropout_p=0., causal=False, need_lse=False, need_weights=False):
+    """The CPU flash kernel with a differentiable log-sum-exp (multi-group merges): no (i, j)
+    weights are kept for the backward pass. Falls back to the reference path where the kernel does
+    not apply (other devices, dropout, weights asked for, a bias that needs a gradient)."""
+    usable = (exists(_flash_cpu_backward) and q.device.type == 'cpu' and dropout_p == 0. and not need_weights
+              and not causal and not (exists(bias) and bias.requires_grad))
+    if not usable:
+        return reference(q, k, v, mask, scale=scale, bias=bias, dropout_p=dropout_p, causal=causal,
+                         need_lse=need_lse, need_weights=need_weights)
+    if not need_lse:
+        return sdpa(q, k, v, mask, scale=scale, bias=bias, causal=causal)
+    b, h, g, i, _ = q.shape
+    j = k.shape[-2]
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    attn_mask = None
+    if exists(mask) or exists(bias):
+        attn_mask = torch.zeros((), dtype=q.dtype, device=q.device) if bias is None else bias.to(q.dtype)
+        if exists(mask):
+            attn_mask = attn_mask.masked_fill(~mask, float('-inf'))
+        attn_mask = rearrange(attn_mask.expand(b, h, g, i, j), 'b h g i j -> b (h g) i j')
+    q, k, v = (rearrange(t, 'b h g n d -> b (h g) n d') for t in (q, k, v))
+    out, lse = _FlashLSE.apply(q, k, v, attn_mask, scale)
+    out = rearrange(out, 'b (h g) n d -> b h g n d', h=h)
+    return out, rearrange(lse, 'b (h g) n -> b h g n', h=h) if need_lse else None, None
+
+
+BACKENDS = dict(reference=reference, sdpa=sdpa, flash_lse=flash_lse)
 
 
 def select(name: str, *, need_lse: bool, need_weights: bool):

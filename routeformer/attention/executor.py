@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..helpers import exists
 from . import backends
-from .plan import RoutePlan, gather, positions_of, scatter
+from .plan import RoutePlan, gather, merge_shares, positions_of, scatter
 
 
 def gather_queries(q: Tensor, plan: RoutePlan) -> Tensor:
@@ -82,9 +82,12 @@ class RoutedAttention(nn.Module):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, plan: RoutePlan, *, causal: bool = False,
                 key_mask: Tensor | None = None, mem_kv: tuple[Tensor, Tensor] | None = None,
-                exclude_self: bool = False, need_weights: bool = False):
+                exclude_self: bool = False, need_weights: bool = False, rel_pos=None):
         """q (b, h, n, d), k/v (b, h, n_kv, d), key_mask (b, n_kv), mem_kv two (h, m, d) tensors
-        visible to every query. Returns (out (b, h, n, d), weights (b, h, g, i, [m +] j) or None)."""
+        visible to every query. `rel_pos(qg, q_pos, kv_pos)`, when given, returns logits added to
+        every gathered pair from the gathered queries (b, h, g, i, d) and the original positions of
+        the slots, q_pos (b|1, h|1, g, i) and kv_pos (b|1, h|1, g, j) (relative position attention).
+        Returns (out (b, h, n, d), weights (b, h, g, i, [m +] j) or None)."""
         q_len, kv_len = q.shape[-2], k.shape[-2]
         qg, kg, vg = gather_queries(q, plan), gather_keys(k, plan), gather_keys(v, plan)
         if exists(plan.k_gate):
@@ -92,11 +95,16 @@ class RoutedAttention(nn.Module):
         if exists(plan.kv_gate):
             vg = vg * rearrange(plan.kv_gate, '... j -> ... j 1').to(vg.dtype)
         bias = plan.bias
+        if exists(rel_pos):
+            q_pos = positions_of(plan.q_index, q_len, q.device) + plan.q_offset
+            rel = rel_pos(qg, q_pos, positions_of(plan.kv_index, kv_len, q.device))
+            bias = rel if bias is None else bias + rel
 
         # one dense causal group and nothing else to mask: let the kernel apply the causal mask
-        # itself, without materialising an (n, n) mask (the fused kernels skip the masked half)
+        # itself, without materialising an (n, n) mask (the fused kernels skip the masked half;
+        # SDPA takes an additive bias only as a mask, without is_causal)
         kernel_causal = (causal and plan.q_index is None and plan.kv_index is None and plan.q_offset == 0
-                         and plan.mask is None and key_mask is None and not exclude_self)
+                         and plan.mask is None and key_mask is None and not exclude_self and bias is None)
         mask = build_mask(plan, q_len=q_len, kv_len=kv_len, causal=causal and not kernel_causal, key_mask=key_mask,
                           exclude_self=exclude_self, has_memory=exists(mem_kv), device=q.device)
 
@@ -129,4 +137,8 @@ class RoutedAttention(nn.Module):
             lse = lse.masked_fill(empty.squeeze(-1), float('-inf'))
         if exists(plan.q_gate):
             out = out * rearrange(plan.q_gate, '... i -> ... i 1').to(out.dtype)
+        if need_weights and need_lse:
+            # a query's weights in each group, scaled by the group's share of the merge: summed over
+            # groups they are the attention the query really paid
+            weights = weights * rearrange(merge_shares(plan, lse, q_len), '... -> ... 1').to(weights.dtype)
         return scatter(out, plan, q_len, lse=lse), weights

@@ -68,6 +68,23 @@ def positions_of(index: Tensor | None, length: int, device) -> Tensor:
     return index
 
 
+def merge_shares(plan: RoutePlan, lse: Tensor, seq_len: int) -> Tensor:
+    """(b, h, g, i): the share of each group in its query's 'logsumexp' merge, the softmax of the
+    group normalisers `lse` (b, h, g, i) over all groups a position belongs to."""
+    assert lse is not None, 'a logsumexp merge needs the per-query log-sum-exp'
+    b, h, g, i = lse.shape
+    index = rearrange(plan.q_index.expand(b, h, g, i), 'b h g i -> b h (g i)')
+    valid = index >= 0
+    index = index.clamp(min=0)
+    lse = rearrange(lse, 'b h g i -> b h (g i)').masked_fill(~valid, float('-inf'))
+    lse_max = lse.new_full((b, h, seq_len), float('-inf')).scatter_reduce(2, index, lse, 'amax')
+    lse_max = lse_max.masked_fill(torch.isinf(lse_max), 0.)
+    weights = (lse - lse_max.gather(2, index)).exp()
+    total = weights.new_zeros(b, h, seq_len).scatter_add(2, index, weights)
+    weights = weights / total.gather(2, index).clamp(min=1e-30)
+    return rearrange(weights, 'b h (g i) -> b h g i', g=g)
+
+
 def scatter(out: Tensor, plan: RoutePlan, seq_len: int, lse: Tensor | None = None) -> Tensor:
     """Group outputs (b, h, g, i, d) back to (b, h, n, d).
 
@@ -93,14 +110,7 @@ def scatter(out: Tensor, plan: RoutePlan, seq_len: int, lse: Tensor | None = Non
         result = out.new_zeros(b, h, seq_len, d)
         return result.scatter_add(2, rearrange(index, '... -> ... 1').expand(-1, -1, -1, d), out)
 
-    assert lse is not None, 'a logsumexp merge needs the per-query log-sum-exp'
-    lse = rearrange(lse, 'b h g i -> b h (g i)').masked_fill(~valid, float('-inf'))
-    # softmax of the group normalisers over all groups a position belongs to
-    lse_max = lse.new_full((b, h, seq_len), float('-inf')).scatter_reduce(2, index, lse, 'amax')
-    lse_max = lse_max.masked_fill(torch.isinf(lse_max), 0.)
-    weights = (lse - lse_max.gather(2, index)).exp()
-    total = weights.new_zeros(b, h, seq_len).scatter_add(2, index, weights)
-    weights = weights / total.gather(2, index).clamp(min=1e-30)
+    weights = rearrange(merge_shares(plan, lse, seq_len), 'b h g i -> b h (g i)')
     weighted = out * rearrange(weights, '... -> ... 1').to(out.dtype)
     result = out.new_zeros(b, h, seq_len, d)
     return result.scatter_add(2, rearrange(index, '... -> ... 1').expand(-1, -1, -1, d), weighted)

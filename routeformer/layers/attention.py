@@ -31,7 +31,7 @@ class Attention(nn.Module):
                  router: Router | None = None, local_router: Router | None = None, n_local_heads: int = 0,
                  shared_qk: bool = False, num_mem_kv: int = 0, dropout: float = 0., post_attn_dropout: float = 0.,
                  cross_attend: bool = False, dim_context: int | None = None,
-                 rotary: RotaryEmbedding | None = None, backend: str = 'auto'):
+                 rotary: RotaryEmbedding | None = None, backend: str = 'auto', rel_pos: nn.Module | None = None):
         super().__init__()
         if not 0 <= n_local_heads <= heads:
             raise ValueError(f'n_local_attn_heads ({n_local_heads}) must be between 0 and heads ({heads})')
@@ -49,6 +49,8 @@ class Attention(nn.Module):
         # learned key/values every query can see (All-Attention); also guarantees no empty row
         self.mem_kv = nn.Parameter(torch.randn(2, heads, num_mem_kv, dim_head) * dim_head ** -0.5) if num_mem_kv > 0 else None
         self.rotary = rotary if not cross_attend else None
+        # logits from (query, original positions): relative position attention, self-attention only
+        self.rel_pos = rel_pos if not cross_attend else None
 
         # (router, first head, last head + 1) for every group of heads
         routers, self.head_slices = [], []
@@ -109,12 +111,16 @@ class Attention(nn.Module):
         aux = x.new_zeros(())
         plans = []
         for gi, (router, (start, end)) in enumerate(zip(self.routers, self.head_slices)):
-            if exists(entry):
-                plans.append(RoutePlan(q_index=None, kv_index=None))
-                continue
+            # cross-attention while decoding routes the new query like the full forward pass does
             key = (*cache_key, gi)
             cached = ctx.plans.get(key) if (ctx.recompute and exists(ctx.plans)) else None
-            plan = router(q[:, start:end], k[:, start:end], causal=self.causal, mask=key_mask, cached=cached)
+            if exists(entry):
+                plan = router.decode_context(ctx.offset, q=q[:, start:end], k=k[:, start:end], mask=key_mask,
+                                             state=entry.setdefault(('router', gi), {}), q_mask=ctx.mask)
+            else:
+                extra = dict(q_mask=ctx.mask) if self.cross_attend and router.needs_query_mask else {}
+                plan = router(q[:, start:end], k[:, start:end], causal=self.causal, mask=key_mask, cached=cached,
+                              **extra)
             if exists(ctx.plans) and not ctx.recompute:
                 ctx.plans[key] = plan
             if exists(plan.aux_loss):
@@ -129,13 +135,16 @@ class Attention(nn.Module):
         if exists(ctx.cache) and not exists(entry):
             mask = default(key_mask, torch.ones(k.shape[0], k.shape[-2], dtype=torch.bool, device=x.device))
             ctx.cache[cache_key] = dict(k=k, v=v, mask=mask, k_route=k_route if self.needs_routing_keys else None)
+            # routers that keep bucket/cluster ids continue decoding from the prefill's plan
+            ctx.cache[cache_key].update({('router', gi): dict(prefill=plan) for gi, plan in enumerate(plans)})
 
         record = exists(ctx.recordings) and not ctx.recompute
         outs = []
         for plan, (start, end) in zip(plans, self.head_slices):
             out, weights = self.executor(q[:, start:end], k[:, start:end], v[:, start:end], plan, causal=self.causal,
                                          key_mask=key_mask, mem_kv=self.mem_slice(start, end),
-                                         exclude_self=self.shared_qk and not self.cross_attend, need_weights=record)
+                                         exclude_self=self.shared_qk and not self.cross_attend, need_weights=record,
+                                         rel_pos=self.rel_pos)
             outs.append(out)
             if record:
                 ctx.recordings.append(dict(layer=ctx.layer, heads=(start, end), cross=self.cross_attend,
@@ -171,10 +180,12 @@ class Attention(nn.Module):
         outs = []
         for gi, (router, (start, end)) in enumerate(zip(self.routers, self.head_slices)):
             k_route = entry['k_route'][:, start:end] if router.needs_routing_keys else None
-            plan = router.decode(pos, q=q_route[:, start:end], k=k_route, state=entry.setdefault(('router', gi), {}))
+            extra = dict(mask=key_mask) if router.needs_decode_mask else {}
+            plan = router.decode(pos, q=q_route[:, start:end], k=k_route, state=entry.setdefault(('router', gi), {}),
+                                 **extra)
             out, _ = self.executor(q[:, start:end], k[:, start:end], v[:, start:end], plan, causal=self.causal,
                                    key_mask=key_mask, mem_kv=self.mem_slice(start, end),
-                                   exclude_self=self.shared_qk)
+                                   exclude_self=self.shared_qk, rel_pos=self.rel_pos)
             outs.append(out)
         return torch.cat(outs, dim=1)
 

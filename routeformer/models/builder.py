@@ -17,6 +17,7 @@ from ..layers.embeddings import (AbsolutePositionalEmbedding, AxialPositionalEmb
 from ..layers.feedforward import FeedForward
 from ..layers.moe import MoE
 from ..layers.pkm import PKM
+from ..layers.relative_position import RelativePositionLogits
 from ..routers import LocalRouter, Router
 from ..transformer import Block, Sublayer, Transformer
 
@@ -32,20 +33,33 @@ def build_transformer(*, dim: int, depth: int, heads: int = 8, dim_head: int | N
                       use_rezero: bool = False, shift_tokens: bool = False, pkm_layers: tuple = (),
                       pkm_num_keys: int = 128, moe_layers: tuple = (), moe_num_experts: int = 4,
                       moe_loss_coef: float = 1e-2, receives_context: bool = False, dim_context: int | None = None,
-                      rotary: bool = False, backend: str = 'auto') -> Transformer:
+                      rotary: bool = False, backend: str = 'auto',
+                      make_context_router: Callable[[int], Router | None] | None = None,
+                      context_shared_qk: bool = False, max_relative_position: int | None = None,
+                      twin_attention: bool = False) -> Transformer:
     """Builds the blocks. Layer indices in `pkm_layers`/`moe_layers` count from 1 (seed convention);
     `n_local_attn_heads` may be one number or one per layer; `make_router(layer)` gives the main
-    router of each layer (full attention when it returns None)."""
+    router of each layer (full attention when it returns None), `make_context_router(layer)` the
+    router of its cross-attention. `context_shared_qk` projects the context's keys with the query
+    projection; `max_relative_position` adds relative position logits (Shaw et al.) to every
+    self-attention head. `twin_attention` makes both branches of every block self-attention (the
+    feed-forward becomes a second attention; Reformer)."""
     dim_head = default(dim_head, dim // heads)
+    if twin_attention and (pkm_layers or moe_layers):
+        raise ValueError('twin_attention replaces every feed-forward by attention: it cannot be combined with '
+                         'pkm_layers or moe_layers')
+    if context_shared_qk and dim_context not in (None, dim):
+        raise ValueError(f'context_shared_qk projects the context with the query projection: it needs '
+                         f'dim_context ({dim_context}) equal to dim ({dim})')
     local_heads = cast_tuple(n_local_attn_heads, depth)
     if len(local_heads) != depth:
         raise ValueError(f'n_local_attn_heads has {len(local_heads)} entries but depth is {depth}')
     for name, layers in (('pkm_layers', pkm_layers), ('moe_layers', moe_layers)):
         if any(not 1 <= layer <= depth for layer in layers):
             raise ValueError(f'{name} {tuple(layers)} must be layer numbers between 1 and depth ({depth})')
-    if weight_tie and (len(set(local_heads)) > 1 or pkm_layers or moe_layers):
+    if weight_tie and len(set(local_heads)) > 1:
         raise ValueError('weight_tie shares one layer across the depth: it cannot be combined with per-layer '
-                         'n_local_attn_heads, pkm_layers or moe_layers')
+                         'n_local_attn_heads')
     norm = 'scale' if use_scale_norm else 'rms' if use_rms_norm else 'layer'
     # token shift: causal models see only the previous position (Peng, RWKV)
     shifts = ((0, 1) if causal else (-1, 0, 1)) if shift_tokens else None
@@ -57,11 +71,17 @@ def build_transformer(*, dim: int, depth: int, heads: int = 8, dim_head: int | N
     def attention(layer, cross=False):
         n_local = 0 if cross else local_heads[layer]
         return Attention(dim, heads=heads, dim_head=dim_head, causal=causal,
-                         router=None if cross or make_router is None else make_router(layer),
+                         router=make_layer_router(layer, cross),
                          local_router=LocalRouter(local_attn_window_size, look_backward=local_attn_radius_blocks) if n_local else None,
-                         n_local_heads=n_local, shared_qk=shared_qk and not cross, num_mem_kv=num_mem_kv,
+                         n_local_heads=n_local, shared_qk=context_shared_qk if cross else shared_qk, num_mem_kv=num_mem_kv,
                          dropout=attn_dropout, post_attn_dropout=attn_layer_dropout, cross_attend=cross,
-                         dim_context=dim_context, rotary=rotary_emb, backend=backend)
+                         dim_context=dim_context, rotary=rotary_emb, backend=backend,
+                         rel_pos=None if cross or max_relative_position is None else
+                         RelativePositionLogits(dim_head, max_relative_position=max_relative_position))
+
+    def make_layer_router(layer, cross):
+        make = make_context_router if cross else make_router
+        return None if make is None else make(layer)
 
     def feedforward(layer):
         number = layer + 1
@@ -75,13 +95,21 @@ def build_transformer(*, dim: int, depth: int, heads: int = 8, dim_head: int | N
         mixers = [sublayer(attention(layer))]
         if receives_context:
             mixers.append(sublayer(attention(layer, cross=True)))
-        return Block(mixers, sublayer(feedforward(layer)))
+        return Block(mixers, sublayer(attention(layer) if twin_attention else feedforward(layer)))
 
-    blocks = [block(0)] * depth if weight_tie else [block(layer) for layer in range(depth)]
+    own_ff = {number - 1 for number in (*pkm_layers, *moe_layers)}
+    if weight_tie and own_ff:
+        # ALBERT sharing as in the seed: PKM and MoE layers keep their own memory/experts in place
+        # of the shared feed-forward, and share the attention
+        tied = block(next((layer for layer in range(depth) if layer not in own_ff), 0))
+        blocks = [Block(list(tied.mixers), sublayer(feedforward(layer))) if layer in own_ff else tied
+                  for layer in range(depth)]
+    else:
+        blocks = [block(0)] * depth if weight_tie else [block(layer) for layer in range(depth)]
     return Transformer(blocks, reversible=reversible, layer_dropout=layer_dropout)
 
 
-TRANSFORMER_KWARGS = set(inspect.signature(build_transformer).parameters) - {'make_router'}
+TRANSFORMER_KWARGS = set(inspect.signature(build_transformer).parameters) - {'make_router', 'make_context_router'}
 
 
 def build_pos_emb(kind: str | None, *, dim: int, max_seq_len: int, axial_position_shape: tuple | None = None,

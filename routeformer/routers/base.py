@@ -29,6 +29,10 @@ class Router(nn.Module):
 
     # cached decoding hands `decode` the pre-rotary keys of every position so far when this is True
     needs_routing_keys: bool = False
+    # ... and the key mask of every position so far, as `mask=` (b, pos + 1), when this is True
+    needs_decode_mask: bool = False
+    # cross-attention hands `forward` and `decode_context` the queries' mask as `q_mask=` when True
+    needs_query_mask: bool = False
 
     def decode(self, pos: int, *, q: Tensor, k: Tensor | None, state: dict) -> RoutePlan:
         """Cached decoding of the token at absolute position `pos`: a plan whose kv_index
@@ -37,6 +41,16 @@ class Router(nn.Module):
         (only when `needs_routing_keys`); `state` persists across the steps of one generation,
         for routers that cache bucket or cluster ids."""
         raise NotImplementedError(f'{type(self).__name__} does not support cached decoding')
+
+    def decode_context(self, pos: int, *, q: Tensor, k: Tensor, mask: Tensor | None, state: dict,
+                       q_mask: Tensor | None = None) -> RoutePlan:
+        """Cross-attention during cached decoding: the plan of the new query at absolute position
+        `pos`, q (b, h, 1, d), over the context keys k (b, h, m, d) with mask (b, m); q_mask (b, 1)
+        when `needs_query_mask`. `state` persists across the steps of one generation and starts
+        with the prefill's plan. By default the query is routed as the forward pass routes one
+        query; routers whose choice for a query depends on earlier queries override it."""
+        extra = dict(q_mask=q_mask) if self.needs_query_mask else {}
+        return self(q, k, causal=False, mask=mask, **extra)
 
     def check_length(self, n: int) -> None:
         if n % self.multiple_of != 0:

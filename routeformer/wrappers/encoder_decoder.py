@@ -49,7 +49,9 @@ class EncoderDecoder(nn.Module):
         return cls(make_lm(dim=dim, **enc), make_lm(dim=dim, **dec), ignore_index=ignore_index, pad_value=pad_value)
 
     def encode(self, src: Tensor, **enc_kwargs) -> tuple[Tensor, Tensor]:
-        return logits_and_aux(self.encoder(src, **enc_kwargs))
+        out, aux = logits_and_aux(self.encoder(src, **enc_kwargs))
+        # an encoder that returns only its hidden states has no auxiliary loss
+        return out, aux if exists(aux) else out.new_zeros(())
 
     def forward(self, seq_in: Tensor, seq_out: Tensor, return_loss: bool = False,
                 randomly_truncate_sequence: bool = False, **kwargs):

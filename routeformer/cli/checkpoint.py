@@ -1,0 +1,233 @@
+"""Checkpoints: weights in safetensors, everything else in JSON, written so a crash at any moment
+leaves the previous checkpoint intact.
+
+    RUN/checkpoints/step-00000500/model.safetensors        weights (and buffers: k-means centroids)
+    RUN/checkpoints/step-00000500/train_state.safetensors  optimizer moments, RNG states
+    RUN/checkpoints/step-00000500/state.json               format, versions, config, step, optimizer
+                                                           hyper-parameters, data fingerprint, clocks
+    RUN/checkpoints/latest                                 the name of the newest complete checkpoint
+
+A checkpoint is written into a temporary folder, flushed to disk, renamed into place (one atomic
+rename), and only then does `latest` point to it (written to a temporary file and renamed too).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import CLIError
+
+FORMAT = 1
+MODEL_FILE, TRAIN_STATE_FILE, STATE_FILE, LATEST = 'model.safetensors', 'train_state.safetensors', 'state.json', 'latest'
+
+
+def package_version() -> str:
+    try:
+        return importlib.metadata.version('routeformer')
+    except importlib.metadata.PackageNotFoundError:
+        return 'unknown'
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
+    tmp.write_text(text)
+    fsync_path(tmp)
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+# ---------------------------------------------------------------- weights
+
+def save_weights(model: nn.Module, path: Path) -> None:
+    """The state dict in safetensors. Tied weights are stored once (the others listed as aliases)
+    and modules' extra state (an LSH router's rotation seed) goes into the file's metadata as JSON,
+    so the file alone restores the model."""
+    tensors, aliases, extra, seen, storages = {}, {}, {}, {}, set()
+    for name, value in model.state_dict().items():
+        if not torch.is_tensor(value):
+            extra[name] = value
+            continue
+        view = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), tuple(value.stride()),
+                value.dtype)
+        if view in seen:
+            aliases[name] = seen[view]
+            continue
+        seen[view] = name
+        ptr = value.untyped_storage().data_ptr()
+        # safetensors refuses tensors that share memory: a view of stored memory is copied
+        tensors[name] = value.detach().cpu().clone() if ptr in storages else value.detach().cpu().contiguous()
+        storages.add(ptr)
+    try:
+        meta = json.dumps(dict(aliases=aliases, extra_state=extra))
+    except TypeError as e:
+        raise CLIError(f'the model\'s extra state cannot be written as JSON ({e})') from None
+    save_file(tensors, str(path), metadata={'routeformer': meta})
+
+
+def read_weights(path: Path) -> dict:
+    with safe_open(str(path), framework='pt') as f:
+        meta = json.loads((f.metadata() or {}).get('routeformer', '{}'))
+    tensors = load_file(str(path))
+    state = dict(tensors)
+    state.update({name: tensors[target] for name, target in meta.get('aliases', {}).items()})
+    state.update(meta.get('extra_state', {}))
+    return state
+
+
+# ---------------------------------------------------------------- save
+
+def split_optimizer_state(sd: dict) -> tuple[dict, dict]:
+    """Optimizer state_dict -> (tensors for safetensors, the JSON-able rest)."""
+    tensors, scalars = {}, {}
+    for idx, entry in sd['state'].items():
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f'optimizer.{idx}.{key}'] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    return tensors, dict(param_groups=sd['param_groups'], scalars=scalars)
+
+
+def rng_tensors() -> dict:
+    out = {'rng.torch': torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out.update({f'rng.cuda.{i}': s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return out
+
+
+def save(run_dir: Path, *, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict,
+         keep: int) -> Path:
+    root = Path(run_dir) / 'checkpoints'
+    root.mkdir(parents=True, exist_ok=True)
+    name = f'step-{step:08d}'
+    for stale in [*root.glob('.tmp-*'), *root.glob('.old-*')]:  # left by a crash mid-save
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = root / f'.tmp-{name}-{os.getpid()}'
+    tmp.mkdir()
+
+    save_weights(model, tmp / MODEL_FILE)
+    opt_tensors, opt_rest = split_optimizer_state(optimizer.state_dict())
+    save_file({**opt_tensors, **rng_tensors()}, str(tmp / TRAIN_STATE_FILE))
+    full_state = dict(format=FORMAT, routeformer=package_version(), torch=torch.__version__, step=step,
+                      optimizer=opt_rest, **state)
+    (tmp / STATE_FILE).write_text(json.dumps(full_state, indent=1))
+    for f in (MODEL_FILE, TRAIN_STATE_FILE, STATE_FILE):
+        fsync_path(tmp / f)
+    fsync_path(tmp)
+
+    final = root / name
+    old = root / f'.old-{name}-{os.getpid()}'
+    if final.exists():  # left by an earlier run that went further before it was resumed from an older step
+        os.replace(final, old)
+    os.replace(tmp, final)
+    fsync_path(root)
+    write_atomic(root / LATEST, name)
+    shutil.rmtree(old, ignore_errors=True)
+    prune(root, keep)
+    return final
+
+
+def prune(root: Path, keep: int) -> None:
+    done = sorted(p for p in root.glob('step-*') if p.is_dir())
+    current = (root / LATEST).read_text().strip()
+    for p in done[:-keep]:
+        if p.name != current:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- load
+
+def find_checkpoint(path: str | Path) -> Path | None:
+    """A checkpoint folder, or the newest checkpoint of a run folder; None when there is none."""
+    p = Path(path)
+    if (p / STATE_FILE).is_file():
+        return p
+    latest = p / 'checkpoints' / LATEST
+    if latest.is_file():
+        target = latest.parent / latest.read_text().strip()
+        if (target / STATE_FILE).is_file():
+            return target
+    return None
+
+
+def require_checkpoint(path: str | Path) -> Path:
+    ckpt = find_checkpoint(path)
+    if ckpt is None:
+        what = 'does not exist' if not Path(path).exists() else 'holds no checkpoint'
+        raise CLIError(f'{path} {what}: give a run folder written by `routeformer train --out` '
+                       f'(or one of its checkpoints/step-* folders)')
+    return ckpt
+
+
+def read_state(ckpt: Path) -> dict:
+    try:
+        state = json.loads((ckpt / STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CLIError(f'{ckpt / STATE_FILE} cannot be read ({e}): the checkpoint is damaged; use an older '
+                       f'step-* folder of the same run') from None
+    if not isinstance(state, dict) or state.get('format') != FORMAT:
+        found = state.get('format') if isinstance(state, dict) else None
+        version = state.get('routeformer', 'an unknown version') if isinstance(state, dict) else 'an unknown version'
+        raise CLIError(f'{ckpt} is in checkpoint format {found!r} (written by routeformer {version}); this '
+                       f'routeformer {package_version()} reads format {FORMAT}: use the routeformer version that '
+                       f'wrote it')
+    return state
+
+
+def load_weights(model: nn.Module, ckpt: Path, state: dict) -> None:
+    """Loads the weights, or says how the checkpoint's model differs from `model`."""
+    path = ckpt / MODEL_FILE
+    origin = f'it was saved from a {state["config"]["model"]["family"]} model by routeformer {state["routeformer"]}'
+    try:
+        saved = read_weights(path)
+    except Exception as e:  # safetensors raises its own error types for a damaged file
+        raise CLIError(f'{path} cannot be read ({e}): the checkpoint is damaged; use an older step-* folder') from None
+    own = model.state_dict()
+    shape = lambda v: tuple(v.shape) if torch.is_tensor(v) else None  # noqa: E731
+    wrong = [f'{k} {shape(saved[k])} vs {shape(own[k])}' for k in saved if k in own and shape(saved[k]) != shape(own[k])]
+    missing, unexpected = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
+    if wrong or missing or unexpected:
+        details = '; '.join(filter(None, [
+            f'shapes differ: {", ".join(wrong[:3])}' if wrong else '',
+            f'missing: {", ".join(missing[:3])}' if missing else '',
+            f'unexpected: {", ".join(unexpected[:3])}' if unexpected else '']))
+        raise CLIError(f'the checkpoint {ckpt} does not fit this model ({details}); {origin}: load it with the '
+                       f'model settings of its state.json')
+    model.load_state_dict(saved)
+
+
+def load_train_state(optimizer: torch.optim.Optimizer, ckpt: Path, state: dict) -> None:
+    """Restores the optimizer and the RNG states saved with the checkpoint."""
+    tensors = {}
+    with safe_open(str(ckpt / TRAIN_STATE_FILE), framework='pt') as f:
+        for k in f.keys():
+            tensors[k] = f.get_tensor(k)
+    opt_state: dict = {}
+    for key, value in tensors.items():
+        if key.startswith('optimizer.'):
+            _, idx, name = key.split('.', 2)
+            opt_state.setdefault(int(idx), {})[name] = value
+    for idx, entry in state['optimizer']['scalars'].items():
+        opt_state.setdefault(int(idx), {}).update(entry)
+    optimizer.load_state_dict(dict(state=opt_state, param_groups=state['optimizer']['param_groups']))
+    torch.set_rng_state(tensors['rng.torch'])
+    cuda = [tensors[f'rng.cuda.{i}'] for i in range(len(tensors)) if f'rng.cuda.{i}' in tensors]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[:torch.cuda.device_count()])

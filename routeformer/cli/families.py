@@ -1,0 +1,106 @@
+"""Model registry of the command line: family name -> how the flat size flags become that
+family's model class. A family plugs in with one `register` call; its class is looked up in
+`routeformer` when a model is built, so a family that is not in this installation fails only
+when it is asked for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import nn
+
+from .config import ModelConfig
+from .errors import CLIError
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    class_name: str                           # an attribute of `routeformer`
+    description: str
+    kwargs: Callable[[ModelConfig], dict]     # the class's keyword arguments from the size flags
+    # DistributedDataParallel must look for parameters a step leaves unused (costs a graph walk)
+    ddp_find_unused: bool = False
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register(name: str, class_name: str, description: str, kwargs: Callable[[ModelConfig], dict], *,
+             ddp_find_unused: bool = False) -> None:
+    FAMILIES[name] = Family(name, class_name, description, kwargs, ddp_find_unused)
+
+
+def head_dim(cfg: ModelConfig) -> int:
+    return cfg.dim_head if cfg.dim_head is not None else cfg.dim // cfg.heads
+
+
+def common(cfg: ModelConfig, **extra) -> dict:
+    """The keywords every skeleton-built causal LM takes."""
+    return dict(num_tokens=cfg.num_tokens, dim=cfg.dim, depth=cfg.depth, heads=cfg.heads, dim_head=head_dim(cfg),
+                max_seq_len=cfg.seq_len, causal=True, **extra)
+
+
+def local_heads(cfg: ModelConfig) -> dict:
+    """Local heads beside the family's own (all heads on the main router unless --local-heads)."""
+    n = cfg.local_heads or 0
+    return dict(n_local_attn_heads=n, local_attn_window_size=cfg.window) if n else {}
+
+
+register('full', 'TransformerLM', 'full causal attention in every head (the quality reference)',
+         lambda c: common(c, **local_heads(c)))
+register('local', 'TransformerLM', 'local attention in every head: window --window, one window of look-back',
+         lambda c: common(c, n_local_attn_heads=c.heads, local_attn_window_size=c.window))
+register('routing', 'RoutingTransformerLM', 'Routing Transformer: online k-means clusters of --window tokens',
+         lambda c: common(c, window_size=c.window, **local_heads(c)))
+register('reformer', 'ReformerLM', 'Reformer: LSH buckets of --window tokens',
+         lambda c: common(c, bucket_size=c.window, **({'n_local_attn_heads': c.local_heads} if c.local_heads else {})))
+register('sinkhorn', 'SinkhornTransformerLM', 'Sinkhorn Transformer: learned sorting of --window-token buckets',
+         lambda c: common(c, bucket_size=c.window, **local_heads(c)))
+# CoLT5: every head in both branches; per window of --window tokens, half the queries and half the
+# feed-forward tokens are heavy, and heavy queries see a quarter of the sequence's tokens
+register('colt5', 'ConditionalRoutedTransformerLM',
+         'CoLT5: light local attention (window --window) plus routed heavy queries and key/values',
+         lambda c: dict(num_tokens=c.num_tokens, dim=c.dim, depth=c.depth, max_seq_len=c.seq_len,
+                        light_window_size=c.window, light_heads=c.heads, light_dim_head=head_dim(c),
+                        heavy_heads=c.heads, heavy_dim_head=head_dim(c), num_heavy_attn_tokens_q=max(1, c.window // 2),
+                        num_heavy_attn_tokens_kv=max(1, c.seq_len // 4), num_heavy_ff_tokens=max(1, c.window // 2)))
+
+
+def family_class(name: str) -> type[nn.Module]:
+    import routeformer
+    if name not in FAMILIES:
+        raise CLIError(f'unknown family {name!r}; choose one of {", ".join(FAMILIES)}')
+    cls = getattr(routeformer, FAMILIES[name].class_name, None)
+    if cls is None:
+        raise CLIError(f'family {name!r} is not available in this routeformer ({FAMILIES[name].class_name} is '
+                       f'missing); available: {", ".join(available_families())}')
+    return cls
+
+
+def available_families() -> list[str]:
+    import routeformer
+    return [n for n, f in FAMILIES.items() if hasattr(routeformer, f.class_name)]
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """A causal token model `(b, n) -> (logits, aux_loss)` with max_seq_len = cfg.seq_len. The
+    model's own ValueError/TypeError (a bad size, an unknown --model-arg) becomes a CLIError."""
+    cls = family_class(cfg.family)
+    kwargs = {**FAMILIES[cfg.family].kwargs(cfg), **cfg.kwargs}
+    try:
+        model = cls(**kwargs)
+    except (ValueError, TypeError, AssertionError) as e:
+        raise CLIError(f'cannot build the {cfg.family} model ({cls.__name__}) from these settings: {e}') from None
+    multiple = getattr(model, 'multiple_of', 1)
+    if cfg.seq_len % multiple:
+        fits = (cfg.seq_len // multiple + 1) * multiple
+        raise CLIError(f'--seq-len {cfg.seq_len} is not a multiple of {multiple}, which the {cfg.family} model needs '
+                       f'(its window or bucket size): use --seq-len {fits}, or change --window')
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())  # tied weights count once

@@ -1,0 +1,385 @@
+"""`routeformer train`: the training loop, with validation, metrics, plots, checkpoints and
+exact resumption.
+
+What makes `--resume` exact: batches are a function of (seed, step) (see data.py), and a
+checkpoint holds the weights and buffers, the optimizer moments, the RNG state and the step; the
+learning rate is a function of the step. Metrics written after the checkpoint's step are dropped
+on resume, since those steps run again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from . import checkpoint
+from .config import Config, TrainConfig, config_from_args, validate
+from .data import make_source
+from .distributed import Dist, all_sum, barrier, check_agreement, setup, teardown
+from .errors import CLIError
+from .evaluate import batch_loss, evaluate, metric_line
+from .families import FAMILIES, build_model, count_parameters
+from .plot import plot_run, read_metrics
+from .sample import decode_text, generate
+
+MIB = 2 ** 20
+PLOT_EVERY_S = 60  # redraw curves.png at a checkpoint at most this often (and always at the end)
+
+
+def default_out(cfg: Config) -> Path:
+    data = cfg.data.task if cfg.data.task != 'text' else (Path(cfg.data.data).stem if cfg.data.data else 'stdlib')
+    return Path('runs') / f'{cfg.model.family}-{data}'
+
+
+def lr_at(step: int, t: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to lr * min_lr_ratio at the last step."""
+    if step <= t.warmup:
+        return t.lr * step / max(t.warmup, 1)
+    progress = (step - t.warmup) / max(t.steps - t.warmup, 1)
+    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.))))
+
+
+def make_optimizer(model: nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
+    # no weight decay on biases, norms and gates (the usual GPT recipe)
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    rest = [p for p in params if p.ndim < 2]
+    return torch.optim.AdamW([dict(params=decay, weight_decay=t.weight_decay), dict(params=rest, weight_decay=0.)],
+                             lr=t.lr, betas=(0.9, 0.95))
+
+
+def config_diff(a, b, section: str) -> list[str]:
+    return [f'{section}.{k}: {getattr(a, k)!r} -> {getattr(b, k)!r}' for k in vars(a) if getattr(a, k) != getattr(b, k)]
+
+
+@dataclass
+class Run:
+    cfg: Config
+    out: Path
+    ckpt: Path | None = None          # resume from here
+    state: dict = field(default_factory=dict)
+    stop_at: int | None = None
+    quiet: bool = False
+    overwrite: bool = False
+
+
+def prepare(args) -> Run:
+    """Resolves the configuration against the run folder: a fresh run, or the continuation of the
+    checkpoint there (whose model and data settings must not change)."""
+    cfg, explicit = config_from_args(args)
+    out = Path(args.out) if args.out else default_out(cfg)
+    ckpt = checkpoint.find_checkpoint(out) if out.is_dir() else None
+    run = Run(cfg, out, stop_at=args.stop_at, quiet=args.quiet, overwrite=args.overwrite)
+    if args.resume:
+        if ckpt is None:
+            raise CLIError(f'nothing to resume in {out}: it holds no checkpoint; train without --resume to start a run there')
+        state = checkpoint.read_state(ckpt)
+        saved = Config.from_dict(state['config'], source=str(ckpt / checkpoint.STATE_FILE))
+        cfg, _ = config_from_args(args, base=saved)
+        cfg.model.num_tokens = saved.model.num_tokens
+        changed = config_diff(saved.model, cfg.model, 'model') + config_diff(saved.data, cfg.data, 'data')
+        if changed:
+            raise CLIError(f'the checkpoint in {out} was trained with other model or data settings ({"; ".join(changed)}): '
+                           f'drop those flags to continue it, or start a new run with another --out')
+        run.cfg, run.ckpt, run.state = cfg, ckpt, state
+    elif ckpt is not None and not args.overwrite:
+        step = checkpoint.read_state(ckpt).get('step', '?') if (ckpt / checkpoint.STATE_FILE).is_file() else '?'
+        raise CLIError(f'{out} already holds a checkpoint (step {step}): add --resume to continue it, --overwrite '
+                       f'to start over, or choose another --out')
+    validate(run.cfg)
+    if run.stop_at is not None and run.stop_at < 1:
+        raise CLIError(f'--stop-at must be a positive step, got {run.stop_at}')
+    return run
+
+
+def main(args) -> int:
+    run = prepare(args)
+    d = setup(run.cfg.train.device)
+    try:
+        return Trainer(run, d).fit()
+    finally:
+        teardown(d)
+
+
+# ---------------------------------------------------------------- memory
+
+def memory_baseline(device: torch.device) -> int:
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+        return 0
+    with open('/proc/self/statm') as f:  # Linux; elsewhere the CPU figure is left out
+        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+
+
+def peak_memory_mib(device: torch.device, baseline: int) -> float | None:
+    """CUDA: peak allocated; CPU: growth of the peak resident set over the baseline taken before
+    training (the training step's working memory, not the weights or the data)."""
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device) / MIB
+    if baseline == 0:
+        return None
+    return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline) / MIB
+
+
+# ---------------------------------------------------------------- the loop
+
+class MetricsLog:
+    """metrics.jsonl, one JSON object per line; rows past `keep_through` (steps to be rerun on
+    resume) are dropped first."""
+
+    def __init__(self, path: Path, keep_through: int):
+        self.path = path
+        rows = [r for r in read_metrics(path) if r['step'] <= keep_through]
+        checkpoint.write_atomic(path, ''.join(json.dumps(r) + '\n' for r in rows))
+        self.file = open(path, 'a')
+
+    def write(self, row: dict) -> None:
+        self.file.write(json.dumps(row) + '\n')
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
+
+
+class Interrupt:
+    """The first Ctrl-C ends training after the current step with a checkpoint; the second one
+    stops at once (single process only: under torchrun every process must stop at the same step)."""
+
+    def __init__(self, enabled: bool):
+        self.requested = False
+        self.enabled = enabled and hasattr(signal, 'SIGINT')
+        self.previous = None
+
+    def __enter__(self):
+        if self.enabled:
+            try:
+                self.previous = signal.signal(signal.SIGINT, self.handle)
+            except ValueError:  # not the main thread
+                self.enabled = False
+        return self
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+class Trainer:
+    def __init__(self, run: Run, d: Dist):
+        self.run, self.d = run, d
+        self.cfg, self.t = run.cfg, run.cfg.train
+        self.device = d.device
+        self.main = d.is_main
+        self.plotted = time.monotonic()
+
+    def say(self, msg: str) -> None:
+        if self.main:
+            print(msg, flush=True)
+
+    def fit(self) -> int:
+        cfg, t, d, run = self.cfg, self.t, self.d, self.run
+        if t.batch_size % d.world:
+            raise CLIError(f'--batch-size {t.batch_size} is not divisible by the {d.world} processes: use a multiple '
+                           f'of {d.world} (the batch size counts the sequences of all processes together)')
+        source = make_source(cfg.data, seq_len=cfg.model.seq_len, seed=t.seed)
+        cfg.model.num_tokens = source.num_tokens
+        if run.state and run.state.get('data') != source.fingerprint:
+            raise CLIError(f'the data changed since the checkpoint in {run.out} was written (fingerprint '
+                           f'{run.state.get("data")} -> {source.fingerprint}): resume with the same data, or start a new '
+                           f'run with another --out')
+        check_agreement(d, dict(config=cfg.to_dict(), data=source.fingerprint, routeformer=checkpoint.package_version(),
+                                torch=torch.__version__, resume_step=run.state.get('step', 0)))
+
+        torch.manual_seed(t.seed)
+        model = build_model(cfg.model).to(self.device)
+        check_accepts(model, cfg.model.seq_len, self.device)
+        optimizer = make_optimizer(model, t)
+        start, clock = 0, dict(train_time=0., tokens=0)
+        if run.ckpt is not None:
+            checkpoint.load_weights(model, run.ckpt, run.state)
+            checkpoint.load_train_state(optimizer, run.ckpt, run.state)
+            start, clock = run.state['step'], run.state['clock']
+            if start >= t.steps:
+                raise CLIError(f'the run in {run.out} is complete ({start} of --steps {t.steps}): raise --steps to train '
+                               f'further (the learning-rate schedule then spans the new total)')
+            if run.stop_at is not None and run.stop_at <= start:
+                raise CLIError(f'--stop-at {run.stop_at} is not after the checkpoint\'s step {start}: give a later step')
+        if self.main:
+            if run.ckpt is None and run.overwrite:
+                shutil.rmtree(run.out / 'checkpoints', ignore_errors=True)
+            run.out.mkdir(parents=True, exist_ok=True)
+            checkpoint.write_atomic(run.out / 'config.json', json.dumps(cfg.to_dict(), indent=1))
+        barrier(d)
+
+        self.model, self.optimizer, self.source = model, optimizer, source
+        self.net = self.wrap(model)
+        self.clock = clock
+        self.metrics = MetricsLog(run.out / 'metrics.jsonl', keep_through=start) if self.main else None
+        params = count_parameters(model)
+        self.say(f'{cfg.model.family} model, {params:,} parameters ({cfg.model.dim} dim, {cfg.model.depth} layers, '
+                 f'{cfg.model.heads} heads, seq_len {cfg.model.seq_len}) on {self.device}'
+                 f'{f" x {d.world} processes" if d.enabled else ""}')
+        self.say(f'data: {source.description}')
+        if start:
+            self.say(f'resuming from {run.ckpt} at step {start}')
+        try:
+            return self.loop(start, params)
+        finally:
+            if self.metrics:
+                self.metrics.close()
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        net = model
+        if self.d.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+            net = DistributedDataParallel(net, device_ids=[self.device.index] if self.device.type == 'cuda' else None,
+                                          find_unused_parameters=FAMILIES[self.cfg.model.family].ddp_find_unused)
+        if self.t.compile:
+            net = torch.compile(net, backend=self.t.compile_backend)
+        return net
+
+    def loop(self, start: int, params: int) -> int:
+        t, d, run = self.t, self.d, self.run
+        stop = min(t.steps, run.stop_at or t.steps)
+        tokens_per_step = t.batch_size * self.cfg.model.seq_len
+        baseline = memory_baseline(self.device)
+        last_val, last_saved, step = None, start, start
+        rate = None
+        progress = tqdm(total=t.steps, initial=start, desc='train', unit='step', dynamic_ncols=True,
+                        disable=not self.main or run.quiet, file=sys.stderr)
+        with Interrupt(enabled=not d.enabled) as interrupt:
+            for step in range(start + 1, stop + 1):
+                began = time.perf_counter()
+                loss, ce = self.train_step(step)
+                elapsed = time.perf_counter() - began
+                self.clock['train_time'] += elapsed
+                self.clock['tokens'] += tokens_per_step
+                rate = tokens_per_step / elapsed if rate is None else 0.9 * rate + 0.1 * tokens_per_step / elapsed
+                loss, ce = (v / d.world for v in all_sum([loss, ce], d))
+                self.log(dict(step=step, split='train', loss=ce, total_loss=loss, lr=lr_at(step, t),
+                              tokens=self.clock['tokens'], train_time=self.clock['train_time']))
+                progress.update(1)
+                progress.set_postfix(loss=f'{ce:.3f}', tok_s=f'{rate:,.0f}', refresh=False)
+
+                if step % t.eval_every == 0 or step == t.steps:
+                    last_val = self.validate(step)
+                    if self.main and not run.quiet:
+                        progress.write(f'step {step}: {metric_line(last_val)}', file=sys.stderr)
+                if step % t.save_every == 0 or step == stop or interrupt.requested:
+                    self.save(step)
+                    last_saved = step
+                if interrupt.requested:
+                    break
+        progress.close()
+
+        if last_val is None or last_val['step'] != step:
+            # off the validation schedule (a stopped run): reported, but kept out of metrics.jsonl,
+            # which must read as if the run had never stopped
+            last_val = self.validate(step, log=False)
+        if last_saved != step:
+            self.save(step)
+        summary = dict(family=self.cfg.model.family, params=params, step=step, steps=t.steps,
+                       complete=step == t.steps, metric=self.source.metric, val=last_val,
+                       train_time=self.clock['train_time'], tokens=self.clock['tokens'],
+                       tok_per_s=self.clock['tokens'] / max(self.clock['train_time'], 1e-9),
+                       peak_memory_mib=peak_memory_mib(self.device, baseline), device=str(self.device),
+                       processes=d.world, threads=torch.get_num_threads(), config=self.cfg.to_dict())
+        if self.main:
+            checkpoint.write_atomic(run.out / 'summary.json', json.dumps(summary, indent=1))
+            self.report(summary, step, self.plot(), interrupted=interrupt.requested)
+        return 130 if interrupt.requested else 0
+
+    def train_step(self, step: int) -> tuple[float, float]:
+        lr = lr_at(step, self.t)
+        for group in self.optimizer.param_groups:
+            group['lr'] = lr
+        batch = self.source.train_batch(step, self.t.batch_size, self.d.rank, self.d.world)
+        self.net.train()
+        loss, ce = batch_loss(self.net, batch, self.device, self.t.bf16)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.grad_clip)
+        self.optimizer.step()
+        return loss.item(), ce.item()
+
+    def validate(self, step: int, log: bool = True) -> dict:
+        result = evaluate(self.model, self.source, batch_size=self.t.batch_size, batches=self.t.eval_batches,
+                          device=self.device, bf16=self.t.bf16, d=self.d)
+        result = dict(step=step, split='val', train_time=self.clock['train_time'], **result)
+        if log:
+            self.log(result)
+        return result
+
+    def log(self, row: dict) -> None:
+        if self.metrics:
+            self.metrics.write(row)
+
+    def save(self, step: int) -> None:
+        if self.main:
+            state = dict(config=self.cfg.to_dict(), data=self.source.fingerprint, clock=self.clock,
+                         processes=self.d.world)
+            checkpoint.save(self.run.out, step=step, model=self.model, optimizer=self.optimizer, state=state,
+                            keep=self.t.keep)
+            if time.monotonic() - self.plotted > PLOT_EVERY_S:
+                self.plot()  # a run killed later still has its curves up to here
+        barrier(self.d)
+
+    def plot(self) -> Path:
+        self.plotted = time.monotonic()
+        return plot_run(read_metrics(self.run.out / 'metrics.jsonl'), self.run.out / 'curves.png',
+                        f'{self.cfg.model.family} on {self.source.description}')
+
+    def report(self, summary: dict, step: int, plot: Path, interrupted: bool) -> None:
+        out = self.run.out
+        print(metric_line(summary['val']) + f' after {step} steps ({summary["train_time"]:.0f} s of training, '
+              f'{summary["tok_per_s"]:,.0f} tokens/s)')
+        if summary['complete'] and self.source.metric == 'bpb' and self.t.sample_length > 0:
+            prompt = first_line(self.source.corpus.val, limit=min(64, max(1, self.cfg.model.seq_len // 2)))
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.t.seed)
+                ids = generate(self.model, prompt, self.t.sample_length)
+            print('sample:\n' + decode_text(prompt) + decode_text(ids))
+        print(f'checkpoint: {checkpoint.find_checkpoint(out)}')
+        print(f'plot:       {plot}')
+        print(f'metrics:    {out / "metrics.jsonl"}')
+        if not summary['complete']:
+            why = 'interrupted' if interrupted else 'stopped'
+            print(f'{why} at step {step} of {self.t.steps}: continue with `routeformer train --resume --out {out}`')
+
+
+def first_line(stream: torch.Tensor, limit: int = 64) -> torch.Tensor:
+    """A prompt from the start of the validation text: up to `limit` bytes, cut after a newline."""
+    head = stream[:limit].long()
+    newlines = (head == ord('\n')).nonzero().flatten()
+    return head[:int(newlines[-1]) + 1] if len(newlines) and newlines[-1] > 0 else head
+
+
+def check_accepts(model: nn.Module, seq_len: int, device: torch.device) -> None:
+    """One forward pass at the training length, so a length the model cannot take is reported now,
+    in words, rather than as a trace from inside the first step."""
+    with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []), torch.no_grad():
+        was_training = model.training
+        model.eval()
+        try:
+            model(torch.zeros(1, seq_len, dtype=torch.long, device=device))
+        except ValueError as e:
+            raise CLIError(f'the {type(model).__name__} cannot take --seq-len {seq_len}: {e}') from None
+        finally:
+            model.train(was_training)

@@ -1,0 +1,303 @@
+"""CoLT5 for decoders: strictly causal routed attention and a decoder-only LM with cached decoding.
+
+The seed's autoregressive attention decided which queries of a window were heavy by coordinate
+descent over the whole window (so a token's output depended on later tokens of its window), and
+replicated the whole sequence once per window to route key/values (memory quadratic in length).
+Here, with windows of `heavy_window_size` tokens:
+- a query is heavy when its routing score reaches the previous window's k-th best and fewer than
+  k earlier queries of its window are heavy (`causal_query_route`): it depends on nothing after it;
+- the keys of window m are the num_heavy_tokens_kv best-scoring tokens of windows < m, kept by a
+  running top-k (`causal_kv_candidates`), gated by coordinate descent over the best candidates of
+  that prefix; keys/values are projected once and gathered per window by the executor;
+- the first window has no earlier keys and no heavy output; the light causal local attention
+  covers each window and the one before it.
+Cached decoding keeps keys/values, routing scores, the running candidates and the window's
+threshold, and reproduces the full forward pass token by token.
+
+Axes: b batch, n sequence, d model dim, h heads, e head dim, r kv routes, g windows,
+i heavy queries per window, j keys per window, c candidates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from ..attention.plan import RoutePlan
+from ..context import LayerContext
+from ..helpers import default, exists, pad_to_multiple
+from ..layers.attention import Attention
+from ..layers.embeddings import RotaryEmbedding, apply_rotary
+from ..lm import LM
+from ..routers.local import LocalRouter
+from ..routers.topk import (causal_kv_candidates, causal_query_route, causal_query_state, causal_query_step,
+                            merge_window, route_back, straight_through)
+from ..transformer import Block, Sublayer, Transformer
+from .builder import build_pos_emb
+from .colt5 import ConditionalRoutedFeedForward, RoutedBranches, backend_for, check_positive, light_local_attention
+
+
+def valid_mask(x: Tensor, mask: Tensor | None) -> Tensor:
+    return default(mask, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device))
+
+
+class ConditionalRoutedAutoregressiveAttention(nn.Module):
+    """Causal CoLT5 attention. Light: causal local attention (window light_window_size, sees its
+    window and the previous one). Heavy: per window of heavy_window_size tokens (default the light
+    window), num_heavy_tokens_q routed queries attend to num_heavy_tokens_kv key/values routed from
+    all earlier windows (`num_routed_kv` routes over the heavy heads). Strictly causal; memory and
+    time linear in length. Prenorm inside, no residual. `light_rotary_emb` adds rotary positions to
+    the light branch (`rotary_emb` is the heavy branch's). `mask` (b, n) marks real tokens."""
+
+    def __init__(self, dim: int, *, num_heavy_tokens_q: int, num_heavy_tokens_kv: int, num_routed_kv: int = 1,
+                 light_dim_head: int = 64, light_heads: int = 8, light_window_size: int = 128,
+                 heavy_window_size: int | None = None, heavy_dim_head: int = 64, heavy_heads: int = 8,
+                 router_straight_through: bool = True, router_kwargs: dict = {}, multiply_keys_by_score: bool = False,
+                 multiply_queries_by_score: bool = False, use_triton: bool = False, use_null_q_tokens: bool = True,
+                 use_flash_attn: bool = False, rotary_emb: bool = False, light_rotary_emb: bool = False):
+        super().__init__()
+        self.heavy_window_size = default(heavy_window_size, light_window_size)
+        check_positive(light_window_size=light_window_size, heavy_window_size=self.heavy_window_size)
+        self.num_heavy_tokens_q, self.num_heavy_tokens_kv = num_heavy_tokens_q, num_heavy_tokens_kv
+        self.light_norm = nn.LayerNorm(dim)
+        self.light_attn = Attention(
+            dim, heads=light_heads, dim_head=light_dim_head, causal=True, n_local_heads=light_heads,
+            local_router=LocalRouter(light_window_size, look_backward=1), backend=backend_for(use_flash_attn),
+            rotary=RotaryEmbedding(light_dim_head) if light_rotary_emb else None)
+        self.routed = RoutedBranches(
+            dim, num_heavy_tokens_q=num_heavy_tokens_q, num_heavy_tokens_kv=num_heavy_tokens_kv,
+            num_routed_kv=num_routed_kv, heavy_dim_head=heavy_dim_head, heavy_heads=heavy_heads,
+            router_straight_through=router_straight_through, router_kwargs=router_kwargs,
+            multiply_keys_by_score=multiply_keys_by_score, multiply_queries_by_score=multiply_queries_by_score,
+            use_triton=use_triton, use_null_q_tokens=use_null_q_tokens, use_flash_attn=use_flash_attn,
+            rotary_emb=rotary_emb)
+
+    q_router = property(lambda self: self.routed.q_router)
+    kv_router = property(lambda self: self.routed.kv_router)
+    heavy_attn = property(lambda self: self.routed.heavy_attn)
+    null_q_token = property(lambda self: self.routed.null_q_token)
+
+    @property
+    def multiple_of(self) -> int:
+        return self.light_attn.multiple_of
+
+    def forward(self, x: Tensor, *, num_heavy_tokens_q: int | None = None, num_heavy_tokens_kv: int | None = None,
+                random_route: bool = False, mask: Tensor | None = None) -> Tensor:
+        return self.forward_ctx(x, LayerContext(mask=mask), num_heavy_tokens_q=num_heavy_tokens_q,
+                                num_heavy_tokens_kv=num_heavy_tokens_kv, random_route=random_route)
+
+    def forward_ctx(self, x: Tensor, ctx: LayerContext, *, num_heavy_tokens_q: int | None = None,
+                    num_heavy_tokens_kv: int | None = None, random_route: bool = False) -> Tensor:
+        """The skeleton's entry point: ctx carries the padding mask and the decoding cache."""
+        num_q = default(num_heavy_tokens_q, self.num_heavy_tokens_q)
+        num_kv = default(num_heavy_tokens_kv, self.num_heavy_tokens_kv)
+        normed = self.light_norm(x)
+        if exists(ctx.cache):
+            # decoding: the light attention keeps its own cache and takes the lengths the wrapper gives it
+            light, _ = self.light_attn(normed, ctx)
+        else:
+            light = light_local_attention(self.light_attn, normed, ctx.mask, ctx)
+
+        state = ctx.cache.get(ctx.key(self)) if exists(ctx.cache) else None
+        if exists(ctx.cache) and state is None and x.shape[1] == 1:
+            state = ctx.cache[ctx.key(self)] = self.empty_state(x)
+        if exists(state):
+            if x.shape[1] != 1:
+                raise ValueError(f'cached decoding takes one new token per call, got {x.shape[1]}')
+            return light + self.decode_heavy(x, valid_mask(x, ctx.mask)[:, -1], state, num_q, num_kv)
+
+        heavy = self.heavy(x, valid_mask(x, ctx.mask), num_q, num_kv, random_route=random_route,
+                           offset=ctx.offset, cache=ctx.cache, cache_key=ctx.key(self))
+        return light + heavy
+
+    # ------------------------------------------------------------------ the full pass
+
+    def heavy(self, x: Tensor, valid: Tensor, num_q: int, num_kv: int, *, random_route: bool = False,
+              offset: int = 0, cache: dict | None = None, cache_key=None) -> Tensor:
+        routed, w = self.routed, self.heavy_window_size
+        b, n, _ = x.shape
+        x, _ = pad_to_multiple(x, w, dim=1)
+        valid, _ = pad_to_multiple(valid, w, dim=-1, value=False)
+        s_q = routed.q_router.scores(x)[:, 0]
+        s_kv = routed.kv_router.scores(x)
+
+        q_index, q_gates, _ = causal_query_route(
+            s_q, window=w, num_tokens=num_q, mask=valid, temperature=routed.q_router.eps,
+            straight=routed.q_router.straight_through, random_route=random_route,
+            need_soft=routed.q_router.needs_soft(s_q))
+        # the first window has no earlier keys: no heavy queries
+        q_index[:, 0] = -1
+        q_gates = q_gates * (q_index >= 0)
+
+        c = routed.kv_router.num_candidates(s_kv, num_kv)
+        ranking = torch.randn_like(s_kv) if random_route else s_kv
+        candidates, _ = causal_kv_candidates(ranking, window=w, num_candidates=c, mask=valid)
+        if random_route:
+            kv_index = candidates[..., :num_kv]
+            kv_gates = (kv_index >= 0).float()
+        else:
+            kv_index, kv_gates = routed.kv_router.causal_kv_gates(s_kv, candidates, num_kv)
+
+        out = routed.heavy_attn.forward_windows(
+            x, q_index, kv_index, kv_gates, rotary=routed.rotary_emb, offset=offset,
+            q_scale=q_gates if routed.multiply_queries_by_score else None)
+        out = out * rearrange(q_gates, 'b g i -> b (g i) 1').to(out.dtype)
+        heavy = route_back(self.unrouted_output(x), out, rearrange(q_index, 'b g i -> b (g i)'))[:, :n]
+
+        if exists(cache):
+            cache[cache_key] = self.state_after(x[:, :n], valid[:, :n], s_q[:, :n], s_kv[..., :n], num_q, num_kv,
+                                                offset)
+        return heavy
+
+    def unrouted_output(self, x: Tensor) -> Tensor:
+        """What a position gets from the heavy branch when it is not routed: the learned null output,
+        except in the first window (nothing to attend to: zeros, as in the seed)."""
+        b, n, d = x.shape
+        null = self.routed.null_q_token
+        if null is None:
+            return x.new_zeros(b, n, d)
+        first = torch.arange(n, device=x.device) < self.heavy_window_size
+        return null.to(x.dtype).expand(b, n, d).masked_fill(first[:, None], 0.)
+
+    # ------------------------------------------------------------------ cached decoding
+
+    def empty_state(self, x: Tensor) -> dict:
+        b, d = x.shape[0], self.heavy_attn.dim_head
+        heads, r = self.heavy_attn.heads, self.kv_router.num_routing_tokens
+        s = torch.zeros(b, 0, device=x.device)
+        no_keys = x.new_zeros(b, heads, 0, d)
+        return dict(k=no_keys, v=no_keys, q=dict(s=s, valid=s.bool()),
+                    kv=dict(s=s[:, None].expand(b, r, 0), valid=s.bool(), window=None))
+
+    def state_after(self, x, valid, s_q, s_kv, num_q, num_kv, offset) -> dict:
+        """The decoding state after a prefill of x (b, n, d), equal to decoding it token by token."""
+        w = self.heavy_window_size
+        n = x.shape[1]
+        k, v = self.heavy_attn.project_kv(x)
+        if exists(self.routed.rotary_emb):
+            k = apply_rotary(k, self.routed.rotary_emb(torch.arange(offset, offset + n, device=x.device)))
+        state = dict(k=k, v=v, q=causal_query_state(s_q, valid, window=w, num_tokens=num_q))
+        m = (n - 1) // w
+        c = self.kv_router.num_candidates(s_kv, num_kv)
+        _, (best, where) = causal_kv_candidates(s_kv[..., :m * w], window=w, num_candidates=c, mask=valid[:, :m * w])
+        state['kv'] = dict(s=s_kv, valid=valid, window=m, best=best, where=where)
+        self.window_keys(state['kv'], num_kv)
+        return state
+
+    def window_keys(self, kv: dict, num_kv: int):
+        """The routed keys and gates of the current window from the running candidates."""
+        candidates = kv['where'].masked_fill(torch.isinf(kv['best']), -1)
+        kv['index'], kv['gates'] = self.kv_router.causal_kv_gates(kv['s'], candidates[:, :, None], num_kv)
+
+    @torch.no_grad()
+    def advance_kv(self, kv: dict, m: int, num_kv: int, like: Tensor):
+        """Fold the windows finished since the last call into the running candidates."""
+        w = self.heavy_window_size
+        if kv['window'] is None:
+            b, r = kv['s'].shape[:2]
+            c = self.kv_router.num_candidates(like, num_kv)
+            kv.update(window=0, best=like.new_full((b, r, c), float('-inf')),
+                      where=torch.full((b, r, c), -1, dtype=torch.long, device=like.device))
+        c = kv['best'].shape[-1]
+        for done in range(kv['window'], m):
+            # exactly the steps of causal_kv_candidates, so that ties resolve the same way
+            span = slice(done * w, (done + 1) * w)
+            values = kv['s'][..., span].masked_fill(~kv['valid'][:, None, span], float('-inf'))
+            values, offsets = values.topk(min(c, w), dim=-1)
+            kv['best'], kv['where'] = merge_window(kv['best'], kv['where'], values, offsets + done * w, c)
+        kv['window'] = m
+        self.window_keys(kv, num_kv)
+
+    def decode_heavy(self, x: Tensor, valid: Tensor, state: dict, num_q: int, num_kv: int) -> Tensor:
+        routed, attn, w = self.routed, self.heavy_attn, self.heavy_window_size
+        pos = state['k'].shape[2]
+        m = pos // w
+        s_q = routed.q_router.scores(x)[:, 0, 0]
+        s_kv = routed.kv_router.scores(x)[..., 0]
+        is_routed, tau = causal_query_step(state['q'], s_q, valid, window=w, num_tokens=num_q)
+
+        kv = state['kv']
+        if kv['window'] != m or 'index' not in kv:
+            self.advance_kv(kv, m, num_kv, s_kv)
+        kv['s'] = torch.cat((kv['s'], s_kv[..., None]), dim=-1)
+        kv['valid'] = torch.cat((kv['valid'], valid[:, None]), dim=-1)
+
+        k, v = attn.project_kv(x)
+        q = attn.project_q(x)
+        if exists(routed.rotary_emb):
+            freqs = routed.rotary_emb(torch.tensor([pos], device=x.device))
+            q, k = apply_rotary(q, freqs), apply_rotary(k, freqs)
+        state['k'] = torch.cat((state['k'], k), dim=2)
+        state['v'] = torch.cat((state['v'], v), dim=2)
+        if m == 0:
+            return torch.zeros_like(x)
+
+        gate = torch.sigmoid((s_q - tau) / routed.q_router.eps)
+        gate = straight_through(gate) if routed.q_router.straight_through else gate
+        if routed.multiply_queries_by_score:
+            q = q * rearrange(gate, 'b -> b 1 1 1').to(q.dtype)
+        r = kv['index'].shape[1]
+        plan = RoutePlan(q_index=None, kv_index=attn.per_head(kv['index'], r), kv_gate=attn.per_head(kv['gates'], r))
+        out = attn.attend(q, state['k'], state['v'], plan) * rearrange(gate, 'b -> b 1 1').to(x.dtype)
+        null = routed.null_q_token
+        unrouted = null.to(out.dtype).expand_as(out) if exists(null) else torch.zeros_like(out)
+        return torch.where(rearrange(is_routed, 'b -> b 1 1'), out, unrouted)
+
+
+class SkeletonAdapter(nn.Module):
+    """Runs a CoLT5 module inside the shared Transformer skeleton: (x, ctx) -> (out, no aux loss)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: Tensor, ctx: LayerContext) -> tuple[Tensor, Tensor]:
+        return self.module.forward_ctx(x, ctx), x.new_zeros(())
+
+
+class ConditionalRoutedTransformerLM(LM):
+    """A decoder-only CoLT5 language model: token embedding, `depth` blocks of
+    ConditionalRoutedAutoregressiveAttention and a causal ConditionalRoutedFeedForward (each with a
+    residual), final norm and logits. `num_heavy_attn_tokens_q` and `num_heavy_ff_tokens` count per
+    window of `heavy_window_size` tokens. Strictly causal; wrap it in AutoregressiveWrapper for the
+    loss and `generate` (cached decoding). Returns `(logits, aux_loss)`."""
+
+    def __init__(self, *, num_tokens: int, dim: int, depth: int, max_seq_len: int, num_heavy_attn_tokens_q: int,
+                 num_heavy_attn_tokens_kv: int, num_heavy_ff_tokens: int, num_routed_kv: int = 1,
+                 light_dim_head: int = 64, light_heads: int = 8, light_window_size: int = 128,
+                 heavy_window_size: int | None = None, heavy_dim_head: int = 64, heavy_heads: int = 8,
+                 light_ff_mult: float = 0.5, heavy_ff_mult: float = 4, router_straight_through: bool = True,
+                 router_kwargs: dict = {}, multiply_keys_by_score: bool = False,
+                 multiply_queries_by_score: bool = False, use_triton: bool = False, use_null_q_tokens: bool = True,
+                 use_flash_attn: bool = False, pos_emb: str | None = 'rotary', emb_dim: int | None = None,
+                 emb_dropout: float = 0., tie_embedding: bool = False, return_embeddings: bool = False,
+                 layer_dropout: float = 0.):
+        heavy_window_size = default(heavy_window_size, light_window_size)
+        rotary = pos_emb == 'rotary'
+
+        def block():
+            attn = ConditionalRoutedAutoregressiveAttention(
+                dim, num_heavy_tokens_q=num_heavy_attn_tokens_q, num_heavy_tokens_kv=num_heavy_attn_tokens_kv,
+                num_routed_kv=num_routed_kv, light_dim_head=light_dim_head, light_heads=light_heads,
+                light_window_size=light_window_size, heavy_window_size=heavy_window_size,
+                heavy_dim_head=heavy_dim_head, heavy_heads=heavy_heads,
+                router_straight_through=router_straight_through, router_kwargs=router_kwargs,
+                multiply_keys_by_score=multiply_keys_by_score, multiply_queries_by_score=multiply_queries_by_score,
+                use_triton=use_triton, use_null_q_tokens=use_null_q_tokens, use_flash_attn=use_flash_attn,
+                rotary_emb=rotary, light_rotary_emb=rotary)
+            ff = ConditionalRoutedFeedForward(
+                dim, num_heavy_tokens=num_heavy_ff_tokens, light_ff_mult=light_ff_mult, heavy_ff_mult=heavy_ff_mult,
+                router_straight_through=router_straight_through, router_kwargs=router_kwargs, use_triton=use_triton,
+                causal=True, window_size=heavy_window_size)
+            # both modules normalise their own inputs
+            return Block([Sublayer(SkeletonAdapter(attn), dim=dim, norm='none')],
+                         Sublayer(SkeletonAdapter(ff), dim=dim, norm='none'))
+
+        transformer = Transformer([block() for _ in range(depth)], layer_dropout=layer_dropout)
+        super().__init__(num_tokens=num_tokens, dim=dim, max_seq_len=max_seq_len, transformer=transformer,
+                         emb_dim=emb_dim, emb_dropout=emb_dropout, tie_embedding=tie_embedding,
+                         return_embeddings=return_embeddings, causal=True,
+                         pos_emb=build_pos_emb(pos_emb, dim=dim, max_seq_len=max_seq_len))

@@ -1,0 +1,217 @@
+"""Routing Transformer (Roy et al. 2020) with the API of the `routing_transformer` package:
+`RoutingTransformer`, `RoutingTransformerLM` (returns `(logits, aux_loss)`),
+`RoutingTransformerEncDec`, `update_kmeans`.
+
+Routed heads use `KMeansRouter`; the first `n_local_attn_heads` heads of a layer attend locally.
+Every keyword argument of the seed package has an effect (the seed ignored `ff_mult`,
+`commitment_factor`, `use_absolute_pos_emb` and `context_window_size`). Differences from the seed,
+all deliberate:
+- causal routing is strictly causal (each token's cluster comes from itself), so the seed's
+  `num_mem_kv >= 1` workaround for empty rows is not needed: `num_mem_kv` is what you pass;
+- every query receives output in non-causal routing (the seed left unchosen tokens at zero);
+- cross-attention (`receives_context`) routes each decoder query to its nearest centroid's
+  `context_window_size` keys, which keeps the decoder causal;
+- `rel_pos_emb` switches rotary positions for all heads (the seed: local heads only, while its LM
+  always rotated the routed heads); rotary is not applied to values;
+- centroids update after every backward by default in `RoutingTransformer` too (the seed's
+  default there was never), and are all-reduced under torch.distributed.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+from torch.autograd import Variable
+
+from ..context import LayerContext
+from ..helpers import as_loss, cast_tuple, default, exists, pop_unknown_kwargs
+from ..lm import LM, check_mask
+from ..routers.kmeans import KMeansRouter
+from ..wrappers import Autopadder, AutoregressiveWrapper, EncoderDecoder  # noqa: F401  (seed imports them from here)
+from .builder import TRANSFORMER_KWARGS, build_pos_emb, build_transformer
+
+
+# ---------------------------------------------------------------- k-means updates
+
+def call_after_backward(tensors, fn) -> None:
+    """Runs `fn()` once when the backward pass that reaches any of `tensors` has finished, i.e.
+    after every gradient (and every reversible recompute, which reads the centroids) is done."""
+    tensors = [t for t in tensors if isinstance(t, Tensor) and t.requires_grad]
+    pending = [False]
+
+    def run():
+        pending[0] = False
+        fn()
+
+    def on_grad(grad):
+        if not pending[0]:
+            pending[0] = True
+            Variable._execution_engine.queue_callback(run)
+
+    for t in tensors:
+        t.register_hook(on_grad)
+
+
+def update_kmeans(module: nn.Module) -> None:
+    """Applies the accumulated k-means statistics of every KMeansRouter inside `module` (for models
+    built by hand; the model classes below have it as a method)."""
+    for m in module.modules():
+        if isinstance(m, KMeansRouter):
+            m.update()
+
+
+class KMeansUpdates:
+    """Mixin for modules holding KMeansRouters: `update_kmeans()` applies the statistics of the
+    training forwards since the last update; with the automatic update registered (default), the
+    forward pass arranges for it to run after the backward pass."""
+
+    def update_kmeans(self) -> None:
+        update_kmeans(self)
+
+    def register_kmeans_update(self) -> None:
+        self._kmeans_update_after_backward = True
+
+    def cancel_kmeans_update(self) -> None:
+        self._kmeans_update_after_backward = False
+
+    def kmeans_hook(self, *outputs) -> None:
+        if getattr(self, '_kmeans_update_after_backward', False) and self.training:
+            call_after_backward(outputs, self.update_kmeans)
+
+
+# ---------------------------------------------------------------- construction
+
+def build_routing_transformer(*, dim: int, depth: int, max_seq_len: int, heads: int, dim_head: int | None,
+                              window_size: int, causal: bool, num_clusters: int | None = None,
+                              n_local_attn_heads: int | tuple = 0, local_attn_window_size: int | None = None,
+                              kmeans_ema_decay: float = 0.999, commitment_factor: float = 1e-4,
+                              receives_context: bool = False, context_window_size: int | None = None,
+                              shared_qk: bool | None = None, rel_pos_emb: bool = True, owner: str = 'RoutingTransformer',
+                              **kwargs):
+    """The seed's flat keyword arguments -> a Transformer with k-means routed heads. The other
+    keyword arguments go to `build_transformer` unchanged; unknown ones are an error."""
+    # positions come from `rel_pos_emb` (rotary) here, routers from the k-means options
+    pop_unknown_kwargs({k: v for k, v in kwargs.items() if k not in TRANSFORMER_KWARGS - {'rotary'}}, owner)
+    if window_size < 1:
+        raise ValueError(f'window_size must be a positive integer, got {window_size}')
+    num_clusters = default(num_clusters, max_seq_len // window_size)
+    if num_clusters < 1:
+        raise ValueError(f'max_seq_len ({max_seq_len}) // window_size ({window_size}) gives no cluster: '
+                         f'make max_seq_len at least window_size, or pass num_clusters')
+    dim_head = default(dim_head, dim // heads)
+    shared_qk = default(shared_qk, causal)  # seed default: shared QK for causal models (the paper's setting)
+    local_heads = cast_tuple(n_local_attn_heads, depth)
+    router_kwargs = dict(dim_head=dim_head, num_clusters=num_clusters, window_size=window_size,
+                         ema_decay=kmeans_ema_decay, commitment=commitment_factor)
+
+    def make_router(layer):
+        routed = heads - local_heads[layer]
+        return KMeansRouter(heads=routed, shared_qk=shared_qk, **router_kwargs) if routed > 0 else None
+
+    def make_context_router(layer):
+        return KMeansRouter(heads=heads, context_window_size=context_window_size, cross_attention=True,
+                            shared_qk=kwargs.get('context_shared_qk', False), **router_kwargs)
+
+    return build_transformer(dim=dim, depth=depth, heads=heads, dim_head=dim_head, causal=causal,
+                             make_router=make_router, make_context_router=make_context_router,
+                             n_local_attn_heads=n_local_attn_heads,
+                             local_attn_window_size=default(local_attn_window_size, window_size),
+                             receives_context=receives_context, shared_qk=shared_qk, rotary=rel_pos_emb, **kwargs)
+
+
+class RoutingTransformer(KMeansUpdates, nn.Module):
+    """The transformer trunk on feature vectors: `forward(x (b, n, dim), input_mask=None,
+    context=None, context_mask=None)` returns `(x, aux_loss)`. Same keyword arguments as
+    `RoutingTransformerLM` minus the embedding ones (seed defaults: `dim_head = dim // heads`,
+    `local_attn_window_size = 256`)."""
+
+    multiple_of = LM.multiple_of  # the sequence multiple Autopadder pads to
+
+    def __init__(self, dim: int, depth: int, max_seq_len: int, *, heads: int = 8, dim_head: int | None = None,
+                 window_size: int = 64, local_attn_window_size: int = 256, causal: bool = False,
+                 _register_kmeans_update: bool = True, **kwargs):
+        super().__init__()
+        self.dim, self.max_seq_len, self.causal = dim, max_seq_len, causal
+        self.transformer = build_routing_transformer(dim=dim, depth=depth, max_seq_len=max_seq_len, heads=heads,
+                                                     dim_head=dim_head, window_size=window_size, causal=causal,
+                                                     local_attn_window_size=local_attn_window_size,
+                                                     owner=type(self).__name__, **kwargs)
+        self._kmeans_update_after_backward = _register_kmeans_update
+
+    def forward(self, x: Tensor, input_mask: Tensor | None = None, context: Tensor | None = None,
+                context_mask: Tensor | None = None):
+        if x.ndim != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f'expected features of shape (batch, seq_len, dim={self.dim}), got {tuple(x.shape)}')
+        b, n, _ = x.shape
+        input_mask = check_mask(input_mask, (b, n), 'input_mask', 'the input (batch, seq_len)')
+        if exists(context):
+            context_mask = check_mask(context_mask, context.shape[:2], 'context_mask', 'the context (batch, context_len)')
+        elif exists(context_mask):
+            raise ValueError('context_mask was given without a context')
+        ctx = LayerContext(mask=input_mask, context=context, context_mask=context_mask)
+        x, aux = self.transformer(x, ctx)
+        aux = as_loss(aux)
+        self.kmeans_hook(x, aux)
+        return x, aux
+
+
+class RoutingTransformerLM(KMeansUpdates, LM):
+    """A token model with k-means routed attention. Every keyword argument of the seed package's
+    `RoutingTransformerLM`, with its defaults, plus:
+    `num_clusters` (default `max_seq_len // window_size`; the paper's `sparsity_cluster_size`),
+    `max_relative_position` (relative position logits, the paper's), `context_shared_qk`, `backend`,
+    and every other keyword argument of `build_transformer` (e.g. `use_rms_norm`).
+    `forward(x, input_mask=None, context=None, context_mask=None)` returns `(logits, aux_loss)`;
+    `aux_loss` is the commitment loss (+ MoE balance loss): add it to the main loss."""
+
+    def __init__(self, num_tokens: int, dim: int, depth: int, max_seq_len: int, *, heads: int = 8,
+                 dim_head: int = 64, window_size: int = 64, local_attn_window_size: int | None = None,
+                 causal: bool = False, emb_dim: int | None = None, return_embeddings: bool = False,
+                 tie_embedding: bool = False, use_absolute_pos_emb: bool = False,
+                 _register_kmeans_update: bool = True, **kwargs):
+        transformer = build_routing_transformer(dim=dim, depth=depth, max_seq_len=max_seq_len, heads=heads,
+                                                dim_head=dim_head, window_size=window_size, causal=causal,
+                                                local_attn_window_size=local_attn_window_size,
+                                                owner=type(self).__name__, **kwargs)
+        super().__init__(num_tokens=num_tokens, dim=dim, max_seq_len=max_seq_len, transformer=transformer,
+                         emb_dim=emb_dim, tie_embedding=tie_embedding, return_embeddings=return_embeddings,
+                         causal=causal,
+                         pos_emb=build_pos_emb('absolute' if use_absolute_pos_emb else None, dim=dim,
+                                               max_seq_len=max_seq_len))
+        self._kmeans_update_after_backward = _register_kmeans_update
+
+    @classmethod
+    def from_preset(cls, name: str, *, shrink: bool = False, **overrides) -> 'RoutingTransformerLM':
+        """A model of the original paper (`enwik8_local_cluster8k`, `pg19_local_cluster8k`,
+        `wikitext103_local_cluster4k`, the local-only baselines ...); `shrink=True` keeps its
+        structure at a size a CPU trains in seconds. See `routeformer.models.routing_presets`."""
+        from .routing_presets import preset_kwargs
+        return cls(**preset_kwargs(name, shrink=shrink, **overrides))
+
+    def forward(self, x: Tensor, input_mask: Tensor | None = None, context: Tensor | None = None,
+                context_mask: Tensor | None = None, **kwargs):
+        out, aux = super().forward(x, input_mask, context, context_mask, **kwargs)
+        self.kmeans_hook(out, aux)
+        return out, aux
+
+
+class RoutingTransformerEncDec(KMeansUpdates, EncoderDecoder):
+    """Encoder and decoder `RoutingTransformerLM`s: `dim` is shared, every other keyword argument
+    is prefixed `enc_` or `dec_` (seed default `window_size = 256` for both). The decoder is causal
+    and cross-attends to the encoder's output through k-means routed heads.
+    `forward(src, tgt, return_loss=True, randomly_truncate_sequence=False, enc_input_mask=...,
+    dec_input_mask=...)` returns `(loss, aux_loss)` with every aux loss already in `loss`;
+    `generate(src, start_tokens, seq_len, eos_token=None, ...)` samples the decoder."""
+
+    def __init__(self, dim: int, *, ignore_index: int = -100, pad_value: int = 0, **kwargs):
+        built = EncoderDecoder.from_kwargs(RoutingTransformerLM, dim=dim, ignore_index=ignore_index,
+                                           pad_value=pad_value, enc_defaults=dict(window_size=256),
+                                           dec_defaults=dict(window_size=256), **kwargs)
+        super().__init__(built.encoder.net, built.decoder.net, ignore_index=ignore_index, pad_value=pad_value)
+
+    def register_kmeans_update(self) -> None:
+        for lm in (self.encoder.net, self.decoder.net):
+            lm.register_kmeans_update()
+
+    def cancel_kmeans_update(self) -> None:
+        for lm in (self.encoder.net, self.decoder.net):
+            lm.cancel_kmeans_update()

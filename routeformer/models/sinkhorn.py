@@ -1,0 +1,189 @@
+"""Sinkhorn Transformer (Tay et al. 2020) with the API of the `sinkhorn_transformer` package:
+`SinkhornTransformer` (features in, `(features, aux_loss)` out), `SinkhornTransformerLM` (returns
+`(logits, aux_loss)`) and `SinkhornTransformerEncDec`, which the seed's users asked for.
+
+Sinkhorn heads use `SinkhornRouter` (see routeformer/routers/sinkhorn.py for the algorithm); the
+first `n_local_attn_heads` heads of a layer attend locally in windows of `bucket_size`, as in the
+seed. Every keyword argument of the seed package has an effect, with the seed's defaults, which
+differ between `SinkhornTransformer` and `SinkhornTransformerLM` (`non_permutative`,
+`n_top_buckets`, `context_n_sortcut`) as they did there. Differences from the seed, all deliberate:
+- the selected key blocks contribute their values (the seed used their keys as values in its
+  default path), and padding is masked by position for every `n_top_buckets` (the seed's causal
+  mask assumed 2 selected blocks);
+- Gumbel noise only in training, so evaluation is deterministic; the attention sort net's softmax
+  uses `temperature` (the seed ignored it there);
+- causal routing decides a block's key blocks from the mean of the `bucket_size` routing queries
+  ending at its first token (the seed: a cumulative mean at the first token, plus half of the heads
+  rotated by bucket_size - 1); a null candidate that wins leaves its slot empty (the seed attended
+  to copies of a learned null key/value there);
+- soft permutations (`non_permutative=False`) keep the `n_top_buckets` largest entries of each row
+  as block weights instead of mixing every block into every sorted block;
+- cross-attention (`receives_context`) projects the context to keys and values (the seed used the
+  raw context as both), takes a context of any length and of width `dim_context`, and in a causal
+  decoder routes each block from what is known at its first token (the seed's cross-attention
+  routed by the whole block, so later tokens of a block steered what earlier ones saw);
+- `use_simple_sort_net` takes any length up to `max_seq_len` (the seed: exactly `max_seq_len`
+  when not causal);
+- `max_seq_len` is rounded up to a whole number of buckets, so Autopadder can pad any input up to
+  `max_seq_len` (the seed's README example with bucket_size 75 could exceed it);
+- the axial positional embedding stays the default; `pos_emb` also takes 'rotary', 'absolute',
+  'fixed' or None;
+- cached decoding (`AutoregressiveWrapper.generate`) with cached keys/values and block routing.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor, nn
+
+from ..context import LayerContext
+from ..helpers import as_loss, cast_tuple, default, exists, next_multiple, pop_unknown_kwargs
+from ..lm import LM, check_mask
+from ..routers.sinkhorn import SinkhornRouter
+from ..transformer import Transformer
+from ..wrappers import EncoderDecoder
+from .builder import TRANSFORMER_KWARGS, build_pos_emb, build_transformer
+
+
+def build_sinkhorn_transformer(*, dim: int, depth: int, heads: int, dim_head: int | None, bucket_size: int,
+                               kv_bucket_size: int | None, context_bucket_size: int | None, causal: bool,
+                               non_permutative: bool, sinkhorn_iter: int, n_sortcut: int, temperature: float,
+                               use_simple_sort_net: bool | None, max_seq_len: int | None, receives_context: bool,
+                               context_n_sortcut: int, n_local_attn_heads: int | tuple, n_top_buckets: int,
+                               rotary: bool = False, owner: str = 'SinkhornTransformer', **kwargs) -> Transformer:
+    """The seed's flat keyword arguments -> a Transformer with sinkhorn-routed heads. The other
+    keyword arguments go to `build_transformer` unchanged; unknown ones are an error."""
+    pop_unknown_kwargs({k: v for k, v in kwargs.items() if k not in TRANSFORMER_KWARGS - {'rotary'}}, owner)
+    if dim_head is None:
+        if dim % heads != 0:
+            raise ValueError(f'dim ({dim}) must be divisible by heads ({heads}) when dim_head is not given')
+        dim_head = dim // heads
+    local_heads = cast_tuple(n_local_attn_heads, depth)
+    if len(local_heads) != depth:
+        raise ValueError(f'n_local_attn_heads has {len(local_heads)} entries but depth is {depth}')
+    sort_kwargs = dict(bucket_size=bucket_size, dim_head=dim_head, n_top_buckets=n_top_buckets,
+                       non_permutative=non_permutative, sinkhorn_iter=sinkhorn_iter, temperature=temperature,
+                       causal=causal)
+
+    def make_router(layer):
+        routed = heads - local_heads[layer]
+        if routed <= 0:
+            return None
+        return SinkhornRouter(heads=routed, kv_bucket_size=kv_bucket_size, n_sortcut=n_sortcut,
+                              use_simple_sort_net=bool(use_simple_sort_net), max_seq_len=max_seq_len, **sort_kwargs)
+
+    def make_context_router(layer):
+        return SinkhornRouter(heads=heads, kv_bucket_size=default(context_bucket_size, bucket_size),
+                              n_sortcut=context_n_sortcut, cross=True, **sort_kwargs)
+
+    kwargs.setdefault('local_attn_window_size', bucket_size)  # the seed's local heads: windows of bucket_size
+    return build_transformer(dim=dim, depth=depth, heads=heads, dim_head=dim_head, causal=causal,
+                             make_router=make_router, make_context_router=make_context_router,
+                             n_local_attn_heads=n_local_attn_heads, receives_context=receives_context,
+                             rotary=rotary, **kwargs)
+
+
+class SinkhornTransformer(nn.Module):
+    """The transformer trunk on feature vectors: `forward(x (b, n, dim), input_mask=None,
+    context=None, context_mask=None)` returns `(x, aux_loss)`. The seed's keyword arguments and
+    defaults (`max_seq_len` is needed only by the simple sort net), plus those of
+    `build_transformer`."""
+
+    multiple_of = LM.multiple_of  # the sequence multiple Autopadder pads to
+
+    def __init__(self, dim: int, depth: int, max_seq_len: int | None = None, *, causal: bool = False, heads: int = 8,
+                 dim_head: int | None = None, bucket_size: int = 64, kv_bucket_size: int | None = None,
+                 context_bucket_size: int | None = None, non_permutative: bool = False, sinkhorn_iter: int = 5,
+                 n_sortcut: int = 0, temperature: float = 0.75, reversible: bool = False, ff_chunks: int = 1,
+                 ff_dropout: float = 0., attn_dropout: float = 0., attn_layer_dropout: float = 0.,
+                 layer_dropout: float = 0., weight_tie: bool = False, ff_glu: bool = False,
+                 use_simple_sort_net: bool | None = None, receives_context: bool = False, context_n_sortcut: int = 2,
+                 n_local_attn_heads: int | tuple = 0, use_rezero: bool = False, n_top_buckets: int = 1,
+                 pkm_layers: tuple = (), pkm_num_keys: int = 128, **kwargs):
+        super().__init__()
+        if exists(max_seq_len):
+            max_seq_len = next_multiple(max_seq_len, math.lcm(bucket_size, default(kv_bucket_size, bucket_size)))
+        self.dim, self.max_seq_len, self.causal = dim, max_seq_len, causal
+        self.transformer = build_sinkhorn_transformer(
+            dim=dim, depth=depth, heads=heads, dim_head=dim_head, bucket_size=bucket_size,
+            kv_bucket_size=kv_bucket_size, context_bucket_size=context_bucket_size, causal=causal,
+            non_permutative=non_permutative, sinkhorn_iter=sinkhorn_iter, n_sortcut=n_sortcut,
+            temperature=temperature, use_simple_sort_net=use_simple_sort_net, max_seq_len=max_seq_len,
+            receives_context=receives_context, context_n_sortcut=context_n_sortcut,
+            n_local_attn_heads=n_local_attn_heads, n_top_buckets=n_top_buckets, reversible=reversible,
+            ff_chunks=ff_chunks, ff_dropout=ff_dropout, attn_dropout=attn_dropout,
+            attn_layer_dropout=attn_layer_dropout, layer_dropout=layer_dropout, weight_tie=weight_tie,
+            ff_glu=ff_glu, use_rezero=use_rezero, pkm_layers=pkm_layers, pkm_num_keys=pkm_num_keys,
+            owner=type(self).__name__, **kwargs)
+
+    def forward(self, x: Tensor, input_mask: Tensor | None = None, context: Tensor | None = None,
+                context_mask: Tensor | None = None):
+        if x.ndim != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f'expected features of shape (batch, seq_len, dim={self.dim}), got {tuple(x.shape)}')
+        b, n, _ = x.shape
+        if exists(self.max_seq_len) and n > self.max_seq_len:
+            raise ValueError(f'sequence length {n} is longer than max_seq_len {self.max_seq_len}: truncate the '
+                             f'input or build the model with a larger max_seq_len')
+        input_mask = check_mask(input_mask, (b, n), 'input_mask', 'the input (batch, seq_len)')
+        if exists(context):
+            context_mask = check_mask(context_mask, context.shape[:2], 'context_mask',
+                                      'the context (batch, context_len)')
+        elif exists(context_mask):
+            raise ValueError('context_mask was given without a context')
+        x, aux = self.transformer(x, LayerContext(mask=input_mask, context=context, context_mask=context_mask))
+        return x, as_loss(aux)
+
+
+class SinkhornTransformerLM(LM):
+    """A token model with sinkhorn-routed attention. Every keyword argument of the seed package's
+    `SinkhornTransformerLM`, with its defaults (positional order `num_tokens, dim, max_seq_len,
+    depth` as there), plus `pos_emb` ('axial' default, 'rotary', 'absolute', 'fixed' or None),
+    `axial_position_shape` (default `(max_seq_len / bucket_size, bucket_size)`), `tie_embedding`
+    and every other keyword argument of `build_transformer` (e.g. `dim_context`, `num_mem_kv`).
+    `forward(x, input_mask=None, context=None, context_mask=None)` returns `(logits, aux_loss)`
+    (the hidden states instead of logits with `return_embeddings`)."""
+
+    def __init__(self, num_tokens: int, dim: int, max_seq_len: int, depth: int, *, heads: int = 8,
+                 dim_head: int | None = None, bucket_size: int = 64, kv_bucket_size: int | None = None,
+                 context_bucket_size: int | None = None, causal: bool = False, non_permutative: bool = True,
+                 sinkhorn_iter: int = 5, n_sortcut: int = 0, temperature: float = 0.75, reversible: bool = False,
+                 ff_chunks: int = 1, ff_glu: bool = False, return_embeddings: bool = False, ff_dropout: float = 0.,
+                 attn_dropout: float = 0., attn_layer_dropout: float = 0., layer_dropout: float = 0.,
+                 emb_dropout: float = 0., weight_tie: bool = False, emb_dim: int | None = None,
+                 use_simple_sort_net: bool | None = None, receives_context: bool = False, context_n_sortcut: int = 0,
+                 n_local_attn_heads: int | tuple = 0, use_rezero: bool = False, n_top_buckets: int = 2,
+                 pkm_layers: tuple = (), pkm_num_keys: int = 128, pos_emb: str | None = 'axial',
+                 axial_position_shape: tuple | None = None, tie_embedding: bool = False, **kwargs):
+        max_seq_len = next_multiple(max_seq_len, math.lcm(bucket_size, default(kv_bucket_size, bucket_size)))
+        transformer = build_sinkhorn_transformer(
+            dim=dim, depth=depth, heads=heads, dim_head=dim_head, bucket_size=bucket_size,
+            kv_bucket_size=kv_bucket_size, context_bucket_size=context_bucket_size, causal=causal,
+            non_permutative=non_permutative, sinkhorn_iter=sinkhorn_iter, n_sortcut=n_sortcut,
+            temperature=temperature, use_simple_sort_net=use_simple_sort_net, max_seq_len=max_seq_len,
+            receives_context=receives_context, context_n_sortcut=context_n_sortcut,
+            n_local_attn_heads=n_local_attn_heads, n_top_buckets=n_top_buckets, reversible=reversible,
+            ff_chunks=ff_chunks, ff_dropout=ff_dropout, attn_dropout=attn_dropout,
+            attn_layer_dropout=attn_layer_dropout, layer_dropout=layer_dropout, weight_tie=weight_tie,
+            ff_glu=ff_glu, use_rezero=use_rezero, pkm_layers=pkm_layers, pkm_num_keys=pkm_num_keys,
+            rotary=pos_emb == 'rotary', owner=type(self).__name__, **kwargs)
+        axial_position_shape = default(axial_position_shape, (max_seq_len // bucket_size, bucket_size))
+        super().__init__(num_tokens=num_tokens, dim=dim, max_seq_len=max_seq_len, transformer=transformer,
+                         emb_dim=emb_dim, emb_dropout=emb_dropout, tie_embedding=tie_embedding,
+                         return_embeddings=return_embeddings, causal=causal,
+                         pos_emb=build_pos_emb(pos_emb, dim=dim, max_seq_len=max_seq_len,
+                                               axial_position_shape=axial_position_shape))
+
+
+class SinkhornTransformerEncDec(EncoderDecoder):
+    """Encoder and decoder `SinkhornTransformerLM`s: `dim` is shared, every other keyword argument
+    is prefixed `enc_` or `dec_` (e.g. `enc_num_tokens`, `enc_max_seq_len`, `enc_depth`,
+    `dec_bucket_size`, `dec_context_bucket_size`). The decoder is causal and cross-attends to the
+    encoder's output through sinkhorn-routed heads.
+    `forward(src, tgt, return_loss=True, enc_input_mask=..., dec_input_mask=...)` returns
+    `(loss, aux_loss)`; `generate(src, start_tokens, seq_len, ...)` samples the decoder with a cache."""
+
+    def __init__(self, dim: int, *, ignore_index: int = -100, pad_value: int = 0, **kwargs):
+        built = EncoderDecoder.from_kwargs(SinkhornTransformerLM, dim=dim, ignore_index=ignore_index,
+                                           pad_value=pad_value, **kwargs)
+        super().__init__(built.encoder.net, built.decoder.net, ignore_index=ignore_index, pad_value=pad_value)

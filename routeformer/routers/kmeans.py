@@ -1,0 +1,387 @@
+"""Online spherical k-means routing (Routing Transformer, Roy et al. 2020).
+
+Every routed head keeps `num_clusters` unit centroids. Tokens are routed by the cosine similarity
+of their (unit-normalised) queries/keys to the centroids, and attend only inside their cluster.
+
+Three plans, one per use:
+- causal self-attention: every token's cluster is the argmax over the centroids of its own
+  routing vector, then `sort_and_chunk` (same cluster, not later, among the last `window_size`
+  tokens of that cluster). Strictly causal by construction: nothing a token sees depends on a
+  later token (the seed's top-k over the whole sequence leaked).
+- non-causal self-attention: balanced clusters as in the seed (each centroid takes its
+  `window_size` most similar queries and keys), merged by log-sum-exp where a query is taken by
+  several clusters; queries no centroid took (about a third of them in the seed, which left them
+  with zeros) are routed to their nearest centroid's key set in extra groups, so every query
+  receives attention output.
+- cross-attention (`cross_attention=True`): each centroid takes its `context_window_size` most
+  similar context keys; every query goes to its nearest centroid's key set. A query's output
+  depends on nothing but itself and the context, so a causal decoder stays causal.
+
+The centroids are trained by an exponential moving average of the per-cluster sums of the
+routing vectors (`ema_decay`), accumulated in training forwards and applied by `update()` (after
+backward, see `routeformer.models.routing`), all-reduced across processes under
+torch.distributed. The commitment loss (weight `commitment`) pulls the vectors toward their
+centroid; it is the plan's aux_loss and differentiable with respect to q and k.
+
+Axes: b batch, h heads, n query sequence, m key sequence, d head dim, c clusters, g groups,
+i queries per group, j keys per group, N tokens of a head flattened over the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import Tensor
+
+from ..attention.plan import RoutePlan
+from ..helpers import exists, l2norm
+from .base import Router
+from .bucketed import rank_in_bucket, sort_and_chunk
+
+# rows of (tokens x clusters) similarities computed at once: bounds the memory of assignment
+ASSIGN_CHUNK = 8192
+
+
+def similarity(x: Tensor, means: Tensor) -> Tensor:
+    """x (b, h, n, d), means (h, c, d) -> (b, h, n, c) dot products, in x's precision even under
+    autocast (routing decisions are not made in half precision)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return torch.einsum('b h n d, h c d -> b h n c', x, means.to(x.dtype))
+
+
+def nearest_cluster(x: Tensor, means: Tensor) -> Tensor:
+    """x (b, h, n, d) unit vectors, means (h, c, d) -> (b, h, n) index of the most similar centroid."""
+    return torch.cat([similarity(chunk, means).argmax(dim=-1) for chunk in x.split(ASSIGN_CHUNK, dim=-2)], dim=-1)
+
+
+def cluster_sums(x: Tensor, clusters: Tensor, valid: Tensor | None, num_clusters: int) -> tuple[Tensor, Tensor]:
+    """Per head and cluster: sum of the vectors x (b, h, n, d) assigned to it and their count.
+    Returns sums (h, c, d) and counts (h, c), summed over the batch; invalid tokens count nothing."""
+    b, h, n, d = x.shape
+    weight = torch.ones_like(clusters, dtype=x.dtype) if valid is None else valid.to(x.dtype).expand(b, h, n)
+    index = rearrange(clusters, 'b h n -> h (b n)')
+    sums = x.new_zeros(h, num_clusters, d).scatter_add_(
+        1, repeat(index, 'h N -> h N d', d=d), rearrange(x * weight[..., None], 'b h n d -> h (b n) d'))
+    counts = x.new_zeros(h, num_clusters).scatter_add_(1, index, rearrange(weight, 'b h n -> h (b n)'))
+    return sums, counts
+
+
+def lloyd_step(x: Tensor, means: Tensor, valid: Tensor | None) -> Tensor:
+    """One spherical k-means iteration on x (b, h, n, d); empty clusters keep their centroid."""
+    sums, counts = cluster_sums(x, nearest_cluster(x, means), valid, means.shape[1])
+    return torch.where(counts[..., None] > 0, l2norm(sums), means)
+
+
+def groups_by_cluster(clusters: Tensor, take: Tensor, num_clusters: int, size: int) -> tuple[Tensor, Tensor]:
+    """Packs the positions where `take` (b, h, n) is True into groups of at most `size` positions
+    that share a cluster (clusters (b, h, n)). Returns q_index (b, h, g, size), -1 for empty slots,
+    and the cluster of every group (b, h, g); g is the largest number of groups any head needs."""
+    b, h, n = clusters.shape
+    device = clusters.device
+    key = torch.where(take, clusters, num_clusters)           # positions not taken sort last
+    order = (key * n + torch.arange(n, device=device)).argsort(dim=-1)
+    sorted_key = key.gather(-1, order)
+    rank = rank_in_bucket(sorted_key)
+
+    counts = torch.zeros(b, h, num_clusters + 1, dtype=torch.long, device=device)
+    counts.scatter_add_(-1, key, torch.ones_like(key))
+    chunks = (counts[..., :num_clusters] + size - 1) // size   # groups each cluster needs
+    first_group = chunks.cumsum(dim=-1) - chunks
+    g = max(int(chunks.sum(dim=-1).max()), 1)
+
+    taken = sorted_key < num_clusters
+    safe_key = sorted_key.clamp(max=num_clusters - 1)
+    group = first_group.gather(-1, safe_key) + rank // size
+    slot = torch.where(taken, group * size + rank % size, g * size)  # untaken -> a dump slot
+    q_index = torch.full((b, h, g * size + 1), -1, dtype=torch.long, device=device)
+    q_index.scatter_(-1, slot, torch.where(taken, order, -1))
+    group_cluster = torch.zeros(b, h, g + 1, dtype=torch.long, device=device)
+    group_cluster.scatter_(-1, torch.where(taken, group, g), safe_key)
+    return rearrange(q_index[..., :-1], 'b h (g i) -> b h g i', i=size), group_cluster[..., :-1]
+
+
+def unit(t: Tensor) -> Tensor:
+    """Unit vectors in at least float32: routing decisions are not made in half precision."""
+    return l2norm(t.to(torch.promote_types(t.dtype, torch.float32)))
+
+
+def top_members(sim: Tensor, size: int, valid: Tensor | None) -> Tensor:
+    """sim (b, h, n, c) -> (b, h, c, size): each centroid's `size` most similar tokens (the seed's
+    balanced assignment); -1 where fewer than `size` valid tokens exist."""
+    if exists(valid):
+        sim = sim.masked_fill(~valid[:, None, :, None], float('-inf'))
+    values, index = sim.topk(size, dim=-2)
+    index = index.masked_fill(torch.isinf(values) & (values < 0), -1)
+    return rearrange(index, 'b h w c -> b h c w')
+
+
+class KMeansRouter(Router):
+    """Routes each head's tokens by online spherical k-means.
+
+    `heads`, `dim_head`: the routed heads this router serves (its centroids are per head).
+    `window_size`: tokens a cluster attends to at a time (queries per group; in causal mode the
+    number of most recent cluster-mates a token sees, itself included).
+    `context_window_size`: keys each centroid takes in cross-attention (default `window_size`).
+    `shared_qk`: keys are the normalised queries; cached decoding then needs no routing keys.
+    """
+
+    def __init__(self, *, heads: int, dim_head: int, num_clusters: int, window_size: int,
+                 context_window_size: int | None = None, ema_decay: float = 0.999, commitment: float = 1e-4,
+                 shared_qk: bool = False, cross_attention: bool = False, init_iters: int = 10):
+        super().__init__()
+        for name, value in (('heads', heads), ('dim_head', dim_head), ('num_clusters', num_clusters),
+                            ('window_size', window_size)):
+            if value < 1:
+                raise ValueError(f'{name} must be a positive integer, got {value}')
+        if not 0. <= ema_decay < 1.:
+            raise ValueError(f'kmeans_ema_decay must be in [0, 1), got {ema_decay}')
+        self.num_clusters, self.window_size = num_clusters, window_size
+        self.context_window_size = window_size if context_window_size is None else context_window_size
+        if self.context_window_size < 1:
+            raise ValueError(f'context_window_size must be a positive integer, got {context_window_size}')
+        self.ema_decay, self.commitment, self.init_iters = ema_decay, commitment, init_iters
+        self.cross_attention, self.shared_qk = cross_attention, shared_qk
+        # shared-QK keys are the normalised queries: the new query alone gives a token's cluster
+        self.needs_routing_keys = not shared_qk and not cross_attention
+        # a padding token decoded after the prefill takes no slot of a real cluster (as in forward)
+        self.needs_decode_mask = not cross_attention
+        self.register_buffer('means', l2norm(torch.randn(heads, num_clusters, dim_head)))
+        self.register_buffer('initted', torch.tensor(False))
+        # EMA statistics of the training forwards since the last update: plain attributes, not
+        # buffers, so that DDP's buffer broadcast cannot overwrite a process's own statistics
+        self._sums: Tensor | None = None
+        self._counts: Tensor | None = None
+
+    # ------------------------------------------------------------------ centroids
+
+    @torch.no_grad()
+    def init_means(self, x: Tensor, valid: Tensor | None) -> None:
+        """Centroids from data: `num_clusters` random token vectors per head, refined by Lloyd
+        iterations on the batch. The global RNG is left as it was (a reversible recompute replays
+        the RNG state of the forward pass and must see the same dropout draws)."""
+        h, c, d = self.means.shape
+        flat = rearrange(x, 'b h n d -> h (b n) d')
+        pool = torch.arange(flat.shape[1], device=x.device)
+        if exists(valid):
+            pool = pool[rearrange(valid.expand(x.shape[0], 1, x.shape[2]), 'b 1 n -> (b n)')]
+        if pool.numel() == 0:
+            return
+        with torch.random.fork_rng(devices=[]):
+            pick = torch.randperm(pool.numel()) if pool.numel() >= c else torch.randint(pool.numel(), (c,))
+        means = flat[:, pool[pick[:c].to(x.device)]]
+        for _ in range(self.init_iters):
+            means = lloyd_step(x, means, valid)
+        self.means.copy_(means)
+        self.initted.fill_(True)
+
+    @torch.no_grad()
+    def accumulate(self, x: Tensor, clusters: Tensor, valid: Tensor | None) -> None:
+        sums, counts = cluster_sums(x, clusters, valid, self.num_clusters)
+        if self._sums is None:
+            self._sums, self._counts = sums, counts
+        else:
+            self._sums, self._counts = self._sums + sums, self._counts + counts
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Applies the accumulated statistics: centroid <- normalise(decay * centroid + (1 - decay) *
+        mean direction of its tokens), for clusters that got tokens. Under torch.distributed the
+        sums and counts of every process (and process 0's centroids) are all-reduced first, in one
+        call, so all processes keep identical centroids; every process must call it."""
+        means = self.means.clone()
+        sums = self._sums.to(means.dtype) if exists(self._sums) else torch.zeros_like(means)
+        counts = self._counts.to(means.dtype) if exists(self._counts) else means.new_zeros(means.shape[:2])
+        self._sums = self._counts = None
+        initted = self.initted.to(means.dtype).view(1)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            first = float(dist.get_rank() == 0)
+            # process 0's centroids travel along: a process that initialised them from its own data
+            # adopts process 0's before the first step
+            flat = torch.cat((sums.flatten(), counts.flatten(), means.flatten() * first, initted * first))
+            dist.all_reduce(flat)
+            sizes = (sums.numel(), counts.numel(), means.numel(), 1)
+            sums, counts, means, initted = (t.view_as(ref) for t, ref in zip(flat.split(sizes), (sums, counts, means, initted)))
+        new = l2norm(self.ema_decay * means + (1. - self.ema_decay) * l2norm(sums))
+        self.means.copy_(torch.where(counts[..., None] > 0, new, means))
+        self.initted.fill_(bool(initted.item()))
+
+    def commitment_loss(self, v: Tensor, clusters: Tensor, valid: Tensor | None) -> Tensor:
+        """Mean squared distance (per feature) of the unit directions of v (b, h, n, d) to their
+        assigned centroid, times `commitment`; gradients reach v only (the centroids move by EMA).
+        For a unit centroid |v/|v| - mu|^2 = 2 - 2 cos(v, mu): no normalised copy of v to backprop."""
+        v = v.to(torch.promote_types(v.dtype, torch.float32))
+        b, h, n, d = v.shape
+        chosen = self.means.to(v.dtype)[torch.arange(h, device=v.device).view(1, h, 1), clusters]
+        err = 2. - 2. * (v * chosen).sum(dim=-1) / v.norm(dim=-1).clamp(min=1e-12)
+        if exists(valid):
+            weight = valid.to(err.dtype).expand(b, h, n)
+            return err.mul(weight).sum() / (weight.sum() * d).clamp(min=1.) * self.commitment
+        return err.mean() / d * self.commitment
+
+    # ------------------------------------------------------------------ routing
+
+    def routing_direction(self, q: Tensor, k: Tensor | None) -> Tensor:
+        """One direction per causal position for both its query and its key (differentiable, not
+        normalised). Sort-and-chunk needs a single cluster per position, and the query should take
+        part in choosing it: the direction halfway between the normalised query and key. With
+        shared-QK (k = q/|q|, the paper's causal setting) it is the query's."""
+        return q if self.shared_qk or k is None else unit(q) + unit(k)
+
+    def maybe_init(self, x: Tensor, valid: Tensor | None, cached: RoutePlan | None) -> None:
+        """The first training forward (never a reversible recompute) initialises from data."""
+        if self.training and not exists(cached) and not bool(self.initted):
+            self.init_means(x.detach(), valid)
+
+    def forward(self, q, k, *, causal, mask=None, cached=None):
+        if self.cross_attention:
+            return self.route_cross(q, k, mask=mask, cached=cached)
+        if causal:
+            return self.route_causal(q, k, mask=mask, cached=cached)
+        return self.route_balanced(q, k, mask=mask, cached=cached)
+
+    def route_causal(self, q, k, *, mask, cached):
+        valid = mask[:, None, :] if exists(mask) else None
+        # the routing direction, differentiable for the commitment loss (shared-QK: the query)
+        direction = self.routing_direction(q, k)
+        with torch.no_grad():
+            x = unit(direction)
+        self.maybe_init(x, valid, cached)
+        if exists(cached):
+            clusters = cached.info['clusters']
+            return replace(cached, aux_loss=self.commitment_loss(direction, clusters.clamp(min=0), clusters >= 0))
+
+        with torch.no_grad():
+            clusters = nearest_cluster(x, self.means.to(x.dtype))
+            if exists(valid):
+                clusters = clusters.masked_fill(~valid, -1)
+            if self.training:
+                self.accumulate(x, clusters.clamp(min=0), clusters >= 0)
+            plan = self.causal_plan(clusters)
+        plan.aux_loss = self.commitment_loss(direction, clusters.clamp(min=0), clusters >= 0)
+        return plan
+
+    def causal_plan(self, clusters: Tensor) -> RoutePlan:
+        """sort_and_chunk over the clusters; padding tokens (-1) and the tail that makes the length a
+        multiple of the window go to an extra bucket that matches nothing real, so any length works."""
+        b, h, n = clusters.shape
+        w = self.window_size
+        padded = math.ceil(n / w) * w
+        buckets = torch.where(clusters >= 0, clusters, self.num_clusters)
+        buckets = F.pad(buckets, (0, padded - n), value=self.num_clusters)
+        plan = sort_and_chunk(buckets[:, :, None], w, causal=True)
+        q_index = plan.q_index.masked_fill(plan.q_index >= n, -1)
+        kv_index = plan.kv_index.masked_fill(plan.kv_index >= n, -1)
+        return replace(plan, q_index=q_index, kv_index=kv_index, info=dict(clusters=clusters))
+
+    def route_balanced(self, q, k, *, mask, cached):
+        """Each centroid takes its `window_size` most similar queries and keys; queries no centroid
+        took join their nearest centroid's key set in extra groups."""
+        valid = mask[:, None, :] if exists(mask) else None
+        with torch.no_grad():
+            qn, kn = unit(q), unit(k)
+            both = torch.cat((qn, kn), dim=-2)
+        both_valid = torch.cat((valid, valid), dim=-1) if exists(valid) else None
+        self.maybe_init(both, both_valid, cached)
+        directions = torch.cat((q, k), dim=-2)  # the commitment loss pulls queries and keys alike
+        if exists(cached):
+            clusters = torch.cat((cached.info['clusters'], cached.info['key_clusters']), dim=-1)
+            return replace(cached, aux_loss=self.commitment_loss(directions, clusters.clamp(min=0), clusters >= 0))
+
+        with torch.no_grad():
+            means = self.means.to(qn.dtype)
+            n, m = q.shape[-2], k.shape[-2]
+            q_sim, k_sim = similarity(qn, means), similarity(kn, means)
+            q_members = top_members(q_sim, min(self.window_size, n), mask)
+            k_members = top_members(k_sim, min(self.window_size, m), mask)
+
+            q_clusters, k_clusters = q_sim.argmax(dim=-1), k_sim.argmax(dim=-1)
+            if exists(valid):
+                q_clusters, k_clusters = q_clusters.masked_fill(~valid, -1), k_clusters.masked_fill(~valid, -1)
+            members = rearrange(q_members, 'b h c w -> b h (c w)')
+            times_taken = torch.zeros_like(q_clusters).scatter_add_(-1, members.clamp(min=0), (members >= 0).long())
+            covered = (times_taken > 0) | (q_clusters < 0)  # padding needs no output
+            # coverage: what no centroid took goes to its nearest centroid, in groups of window size
+            extra_q, extra_cluster = groups_by_cluster(q_clusters.clamp(min=0), ~covered, self.num_clusters,
+                                                       q_members.shape[-1])
+            extra_kv = k_members.gather(2, repeat(extra_cluster, 'b h g -> b h g j', j=k_members.shape[-1]))
+            q_index = torch.cat((q_members, extra_q), dim=2)
+            kv_index = torch.cat((k_members, extra_kv), dim=2)
+            if self.training:
+                clusters = torch.cat((q_clusters, k_clusters), dim=-1)
+                self.accumulate(both, clusters.clamp(min=0), clusters >= 0)
+        clusters = torch.cat((q_clusters, k_clusters), dim=-1)
+        return RoutePlan(q_index=q_index, kv_index=kv_index, merge='logsumexp',
+                         aux_loss=self.commitment_loss(directions, clusters.clamp(min=0), clusters >= 0),
+                         info=dict(clusters=q_clusters, key_clusters=k_clusters))
+
+    def route_cross(self, q, k, *, mask, cached):
+        """Queries to their nearest centroid; each centroid takes its `context_window_size` most
+        similar context keys."""
+        with torch.no_grad():
+            qn, kn = unit(q), unit(k)
+            both = torch.cat((qn, kn), dim=-2)
+        directions = torch.cat((q, k), dim=-2)
+        both_valid = None
+        if exists(mask):  # queries have no padding mask here: every query is valid
+            queries = torch.ones(mask.shape[0], 1, q.shape[-2], dtype=torch.bool, device=mask.device)
+            both_valid = torch.cat((queries, mask[:, None, :]), dim=-1)
+        self.maybe_init(both, both_valid, cached)
+        if exists(cached):
+            clusters = torch.cat((cached.info['clusters'], cached.info['key_clusters']), dim=-1)
+            return replace(cached, aux_loss=self.commitment_loss(directions, clusters.clamp(min=0), clusters >= 0))
+
+        with torch.no_grad():
+            means = self.means.to(qn.dtype)
+            k_sim = similarity(kn, means)
+            k_members = top_members(k_sim, min(self.context_window_size, k.shape[-2]), mask)
+            q_clusters = nearest_cluster(qn, means)
+            k_clusters = k_sim.argmax(dim=-1)
+            if exists(mask):
+                k_clusters = k_clusters.masked_fill(~mask[:, None, :], -1)
+            q_index, group_cluster = groups_by_cluster(q_clusters, torch.ones_like(q_clusters, dtype=torch.bool),
+                                                       self.num_clusters, min(self.window_size, q.shape[-2]))
+            kv_index = k_members.gather(2, repeat(group_cluster, 'b h g -> b h g j', j=k_members.shape[-1]))
+            if self.training:
+                clusters = torch.cat((q_clusters, k_clusters), dim=-1)
+                self.accumulate(both, clusters.clamp(min=0), clusters >= 0)
+        clusters = torch.cat((q_clusters, k_clusters), dim=-1)
+        return RoutePlan(q_index=q_index, kv_index=kv_index,
+                         aux_loss=self.commitment_loss(directions, clusters.clamp(min=0), clusters >= 0),
+                         info=dict(clusters=q_clusters, key_clusters=k_clusters))
+
+    # ------------------------------------------------------------------ cached decoding
+
+    def decode(self, pos, *, q, k, state, mask=None):
+        """The new token's cluster from itself; it attends to the last `window_size` tokens of its
+        cluster (itself included), exactly what the causal forward pass admits. `state['clusters']`
+        (b, h, pos) holds the clusters of the prefix: seeded from the prefill's plan."""
+        if self.cross_attention:
+            raise RuntimeError('cross-attention routers do not decode token by token')
+        if 'clusters' not in state:
+            prefill = state.get('prefill')
+            if exists(prefill):
+                state['clusters'] = prefill.info['clusters'].to(q.device)
+            else:
+                assert pos == 0, 'a k-means router decoding after a prefill needs the prefill plan'
+                state['clusters'] = torch.zeros(*q.shape[:2], 0, dtype=torch.long, device=q.device)
+        x = unit(self.routing_direction(q, None if k is None else k[..., -1:, :]))
+        new = nearest_cluster(x, self.means.to(x.dtype))                        # (b, h, 1)
+        if exists(mask):
+            new = new.masked_fill(~mask[:, None, -1:], -1)
+        clusters = state['clusters'] = torch.cat((state['clusters'], new), dim=-1)
+        positions = torch.arange(pos + 1, device=q.device)
+        mates = torch.where(clusters == new, positions, -1)
+        kv_index = mates.topk(min(self.window_size, pos + 1), dim=-1).values  # most recent mates
+        return RoutePlan(q_index=None, kv_index=rearrange(kv_index, 'b h j -> b h 1 j'), q_offset=pos,
+                         info=dict(clusters=new))
+
+    def extra_repr(self):
+        h, c, d = self.means.shape
+        return (f'heads={h}, num_clusters={c}, dim_head={d}, window_size={self.window_size}, '
+                f'context_window_size={self.context_window_size}, ema_decay={self.ema_decay}, '
+                f'commitment={self.commitment}, cross_attention={self.cross_attention}')
