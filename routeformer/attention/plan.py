@@ -57,8 +57,12 @@ def gather(t: Tensor, index: Tensor) -> Tensor:
         # one plan for every sample and head: plain indexing, no expanded index tensor
         return t[:, :, index[0, 0]]
     g, j = index.shape[-2:]
-    flat = rearrange(index.expand(b, h, g, j), 'b h g j -> b h (g j) 1').expand(-1, -1, -1, d)
-    return rearrange(t.gather(2, flat), 'b h (g j) d -> b h g j d', g=g)
+    # whole rows by index_select on the flattened sequence: much faster than an element-wise
+    # gather over d, forward and backward
+    offsets = rearrange(torch.arange(b * h, device=t.device) * t.shape[-2], '(b h) -> b h 1 1', b=b)
+    rows = (index.expand(b, h, g, j) + offsets).flatten()
+    picked = rearrange(t, 'b h n d -> (b h n) d').index_select(0, rows)
+    return rearrange(picked, '(b h g j) d -> b h g j d', b=b, h=h, g=g)
 
 
 def positions_of(index: Tensor | None, length: int, device) -> Tensor:
