@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from .attention.plan import RoutePlan
 from .context import LayerContext
 from .helpers import as_loss, default, exists
+from .layers.moe import MoE
 from .transformer import Transformer
 
 
@@ -25,16 +26,24 @@ def check_mask(mask: Tensor | None, shape: tuple, name: str, like: str) -> Tenso
     return mask.bool()
 
 
+def reject_aux_layers(transformer: nn.Module, owner: str) -> None:
+    """Models that return a bare tensor (the Reformer and Sinkhorn seed APIs) cannot carry an aux loss."""
+    if any(isinstance(m, MoE) for m in transformer.modules()):
+        raise ValueError(f'{owner} returns its output without an aux loss, so the mixture of experts\' '
+                         f'load-balancing loss would be lost: drop moe_layers, or use TransformerLM')
+
+
 class LM(nn.Module):
     """Composes token embedding (factorised when `emb_dim` differs from `dim`), an optional absolute
     positional embedding, a Transformer, a final norm and the logits (tied to the embedding when
-    `tie_embedding`). `forward` returns `(logits, aux_loss)`, or the final hidden states when
-    `return_embeddings`."""
+    `tie_embedding`). `forward` returns `(logits, aux_loss)`: the final hidden states instead of the
+    logits with `return_embeddings`, the bare tensor without the aux loss with `return_aux=False`
+    (seed APIs whose models return one tensor)."""
 
     def __init__(self, *, num_tokens: int, dim: int, max_seq_len: int, transformer: Transformer,
                  emb_dim: int | None = None, pos_emb: nn.Module | None = None, emb_dropout: float = 0.,
                  tie_embedding: bool = False, return_embeddings: bool = False, final_norm: nn.Module | None = None,
-                 causal: bool = False):
+                 causal: bool = False, return_aux: bool = True):
         super().__init__()
         emb_dim = default(emb_dim, dim)
         self.num_tokens, self.dim, self.max_seq_len, self.causal = num_tokens, dim, max_seq_len, causal
@@ -49,6 +58,10 @@ class LM(nn.Module):
         self.project_out = nn.Linear(dim, emb_dim) if emb_dim != dim else nn.Identity()
         self.to_logits = None if tie_embedding else nn.Linear(emb_dim, num_tokens)
         self.return_embeddings = return_embeddings
+        # seed APIs whose models return a bare tensor (Reformer, Sinkhorn) have no aux loss to lose
+        self.return_aux = return_aux
+        if not return_aux:
+            reject_aux_layers(transformer, type(self).__name__)
 
     @property
     def multiple_of(self) -> int:
@@ -98,7 +111,7 @@ class LM(nn.Module):
 
         h, aux = self.norm(h), as_loss(aux)
         if default(return_embeddings, self.return_embeddings):
-            return h, aux
+            return (h, aux) if self.return_aux else h
         h = self.project_out(h)
         logits = h @ self.token_emb.weight.t() if self.to_logits is None else self.to_logits(h)
-        return logits, aux
+        return (logits, aux) if self.return_aux else logits

@@ -38,8 +38,8 @@ import math
 from torch import Tensor, nn
 
 from ..context import LayerContext
-from ..helpers import as_loss, cast_tuple, default, exists, next_multiple, pop_unknown_kwargs
-from ..lm import LM, check_mask
+from ..helpers import cast_tuple, default, exists, next_multiple, pop_unknown_kwargs
+from ..lm import LM, check_mask, reject_aux_layers
 from ..routers.sinkhorn import SinkhornRouter
 from ..transformer import Transformer
 from ..wrappers import EncoderDecoder
@@ -86,7 +86,7 @@ def build_sinkhorn_transformer(*, dim: int, depth: int, heads: int, dim_head: in
 
 class SinkhornTransformer(nn.Module):
     """The transformer trunk on feature vectors: `forward(x (b, n, dim), input_mask=None,
-    context=None, context_mask=None)` returns `(x, aux_loss)`. The seed's keyword arguments and
+    context=None, context_mask=None)` returns x (b, n, dim). The seed's keyword arguments and
     defaults (`max_seq_len` is needed only by the simple sort net), plus those of
     `build_transformer`."""
 
@@ -116,6 +116,7 @@ class SinkhornTransformer(nn.Module):
             attn_layer_dropout=attn_layer_dropout, layer_dropout=layer_dropout, weight_tie=weight_tie,
             ff_glu=ff_glu, use_rezero=use_rezero, pkm_layers=pkm_layers, pkm_num_keys=pkm_num_keys,
             owner=type(self).__name__, **kwargs)
+        reject_aux_layers(self.transformer, type(self).__name__)
 
     def forward(self, x: Tensor, input_mask: Tensor | None = None, context: Tensor | None = None,
                 context_mask: Tensor | None = None):
@@ -131,8 +132,8 @@ class SinkhornTransformer(nn.Module):
                                       'the context (batch, context_len)')
         elif exists(context_mask):
             raise ValueError('context_mask was given without a context')
-        x, aux = self.transformer(x, LayerContext(mask=input_mask, context=context, context_mask=context_mask))
-        return x, as_loss(aux)
+        x, _ = self.transformer(x, LayerContext(mask=input_mask, context=context, context_mask=context_mask))
+        return x
 
 
 class SinkhornTransformerLM(LM):
@@ -141,8 +142,8 @@ class SinkhornTransformerLM(LM):
     depth` as there), plus `pos_emb` ('axial' default, 'rotary', 'absolute', 'fixed' or None),
     `axial_position_shape` (default `(max_seq_len / bucket_size, bucket_size)`), `tie_embedding`
     and every other keyword argument of `build_transformer` (e.g. `dim_context`, `num_mem_kv`).
-    `forward(x, input_mask=None, context=None, context_mask=None)` returns `(logits, aux_loss)`
-    (the hidden states instead of logits with `return_embeddings`)."""
+    `forward(x, input_mask=None, context=None, context_mask=None)` returns the logits (the hidden
+    states with `return_embeddings`), as the seed package's model does."""
 
     def __init__(self, num_tokens: int, dim: int, max_seq_len: int, depth: int, *, heads: int = 8,
                  dim_head: int | None = None, bucket_size: int = 64, kv_bucket_size: int | None = None,
@@ -170,7 +171,7 @@ class SinkhornTransformerLM(LM):
         axial_position_shape = default(axial_position_shape, (max_seq_len // bucket_size, bucket_size))
         super().__init__(num_tokens=num_tokens, dim=dim, max_seq_len=max_seq_len, transformer=transformer,
                          emb_dim=emb_dim, emb_dropout=emb_dropout, tie_embedding=tie_embedding,
-                         return_embeddings=return_embeddings, causal=causal,
+                         return_embeddings=return_embeddings, causal=causal, return_aux=False,
                          pos_emb=build_pos_emb(pos_emb, dim=dim, max_seq_len=max_seq_len,
                                                axial_position_shape=axial_position_shape))
 
