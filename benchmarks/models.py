@@ -159,3 +159,30 @@ def colt5_attention_seed(cfg: ModelConfig) -> nn.Module:
     from colt5_attention import ConditionalRoutedAutoregressiveAttention
     return _BlockLM(cfg, lambda: ConditionalRoutedAutoregressiveAttention(**_colt5_block_kwargs(cfg),
                                                                           use_triton=torch.cuda.is_available()))
+
+
+# Reformer, issue settings: LSH attention in every head, buckets of `window` tokens, 4 hash rounds,
+# reversible layers and the seed's default chunking (ff_chunks 100, attn_chunks 1) in both packages
+def _reformer_kwargs(cfg: ModelConfig) -> dict:
+    return dict(num_tokens=cfg.vocab, dim=cfg.dim, depth=cfg.depth, max_seq_len=cfg.seq_len, heads=cfg.heads,
+                dim_head=cfg.dim // cfg.heads, bucket_size=cfg.window, n_hashes=4, causal=True)
+
+
+@register('routeformer-reformer')
+def routeformer_reformer(cfg: ModelConfig) -> nn.Module:
+    from routeformer import ReformerLM
+    return ReformerLM(**_reformer_kwargs(cfg))
+
+
+@register('routeformer-reformer-chunked')
+def routeformer_reformer_chunked(cfg: ModelConfig) -> nn.Module:
+    # the seed README's recipe for the longest sequences: attention one head at a time
+    from routeformer import ReformerLM
+    return ReformerLM(**_reformer_kwargs(cfg), attn_chunks=cfg.heads)
+
+
+@register('reformer-pytorch')
+def reformer_pytorch_seed(cfg: ModelConfig) -> nn.Module:
+    # the seed package (reformer-pytorch 1.4.4) with the same settings
+    from reformer_pytorch import ReformerLM
+    return ReformerLM(**_reformer_kwargs(cfg))

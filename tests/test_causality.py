@@ -162,6 +162,38 @@ CAUSAL_CONFIGS += [
     ('sinkhorn_context_sortcut_padded', sinkhorn_lm(context=True, padded=True, context_n_sortcut=2)),
 ]
 
+
+def reformer_lm(context=False, padded=False, **kwargs):
+    """A causal ReformerLM over 32 tokens hashed into 8 buckets of 4 (eval mode: fixed rotations)."""
+    def factory():
+        from routeformer import ReformerLM
+        torch.manual_seed(0)
+        cfg = dict(num_tokens=NUM_TOKENS, dim=DIM, depth=2, max_seq_len=32, heads=2, dim_head=8, causal=True,
+                   bucket_size=4, n_hashes=2)
+        cfg.update(kwargs)
+        model = ReformerLM(**cfg)
+        return (WithInputMask(model, 32) if padded else model), (torch.randn(2, 9, DIM) if context else None)
+    return factory
+
+
+CAUSAL_CONFIGS += [
+    ('reformer_1hash', reformer_lm(n_hashes=1)),
+    ('reformer_2hashes', reformer_lm(n_hashes=2)),
+    ('reformer_4hashes', reformer_lm(n_hashes=4)),
+    ('reformer_local_heads', reformer_lm(n_local_attn_heads=1)),
+    ('reformer_mem_kv', reformer_lm(num_mem_kv=3)),
+    ('reformer_not_reversible', reformer_lm(reversible=False)),
+    ('reformer_attn_chunks', reformer_lm(attn_chunks=3, n_hashes=4)),
+    ('reformer_no_duplicates_twin', reformer_lm(lsh_allow_duplicate_attention=False, twin_attention=True)),
+    ('reformer_one_rotation_per_head', reformer_lm(rehash_each_round=False, random_rotations_per_head=True,
+                                                   n_hashes=3)),
+    ('reformer_full_attn_thres', reformer_lm(full_attn_thres=32)),
+    ('reformer_use_full_attn_axial', reformer_lm(use_full_attn=True, axial_position_emb=True)),
+    ('reformer_padded', reformer_lm(padded=True, num_mem_kv=1)),
+    ('reformer_keys', reformer_lm(context=True)),
+    ('reformer_own_cross_attention', reformer_lm(context=True, receives_context=True, n_local_attn_heads=1)),
+]
+
 def logits_of(out):
     return out[0] if isinstance(out, tuple) else out
 

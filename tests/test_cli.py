@@ -107,6 +107,30 @@ def test_families_lists_registry(capsys):
     assert '[ ] full' in out and '[ ] local' in out
 
 
+@pytest.mark.parametrize('family', ['full', 'local', 'routing', 'reformer', 'sinkhorn', 'colt5'])
+def test_registry_builds_each_family_from_the_size_flags(family):
+    from routeformer.cli.config import ModelConfig
+    from routeformer.cli.families import available_families, build_model
+    if family not in available_families():
+        pytest.skip(f'{family} is not in this routeformer yet')
+    cfg = ModelConfig(family=family, dim=16, depth=1, heads=2, window=8, seq_len=32, num_tokens=8)
+    model = build_model(cfg)
+    assert model.max_seq_len >= 32 and model.num_tokens == 8
+    out = model(torch.randint(0, 8, (2, 32)))
+    logits = out[0] if isinstance(out, tuple) else out
+    assert logits.shape == (2, 32, 8) and torch.isfinite(logits).all()
+
+
+def test_local_heads_flag_mixes_local_and_full_heads():
+    from routeformer import LocalRouter
+    from routeformer.cli.config import ModelConfig
+    from routeformer.cli.families import build_model
+    model = build_model(ModelConfig(family='full', dim=16, depth=1, heads=4, window=8, seq_len=32, num_tokens=8,
+                                    local_heads=1))
+    attn = model.transformer.blocks[0].mixers[0].fn
+    assert attn.head_slices == [(0, 1), (1, 4)] and isinstance(attn.routers[0], LocalRouter)
+
+
 def test_compare_two_families(tmp_path, capsys):
     # one family trains, the other fails to build: the failure is one row, not the end of the comparison
     out, _ = cli(capsys, 'compare', '--families', 'full,local', *DUP, '--steps', '3', '--out', tmp_path / 'cmp',
@@ -309,6 +333,8 @@ def test_recall_task_answers_are_the_paired_values():
         answers = mask.nonzero().flatten() + 1  # target t is token t + 1
         for pos in answers.tolist():
             assert pairs[int(row[pos - 1])] == int(row[pos])
+        asked = row[answers - 1].tolist()
+        assert len(set(asked)) == 3  # distinct: no answer to copy from an earlier query close by
         assert (row[10:answers[0] - 1] == 0).all()
 
 
@@ -390,9 +416,14 @@ def test_bad_settings(tmp_path, capsys):
     fails(capsys, 'train', '--config', tmp_path / 'bad.toml', '--out', tmp_path / 'r', match='lr must be a float')
     fails(capsys, 'train', *DUP, '--heads', '3', '--out', tmp_path / 'r', match='not divisible by --heads')
     fails(capsys, 'train', *DUP, '--model-arg', 'no_such=1', '--out', tmp_path / 'r', match='no_such')
+    fails(capsys, 'train', '--family', 'local', *DUP, '--local-heads', '1', '--out', tmp_path / 'r',
+          match='--local-heads does not apply')
     fails(capsys, 'train', '--task', 'recall', '--vocab', '8', '--recall-pairs', '5', *TINY, '--out', tmp_path / 'r',
           match='raise --vocab')
     fails(capsys, 'train', *DUP, '--data', 'x.txt', '--out', tmp_path / 'r', match='--data is for text')
+    fails(capsys, 'train', *DUP, '--device', 'gpu0', '--out', tmp_path / 'r', match='is not a device')
+    if not torch.cuda.is_available():
+        fails(capsys, 'train', *DUP, '--device', 'cuda', '--out', tmp_path / 'r', match='use --device cpu')
     fails(capsys, 'compare', '--family', 'full', *DUP, '--out', tmp_path / 'c', match='drop --family')
     fails(capsys, 'compare', '--families', 'full,nonesuch', *DUP, '--out', tmp_path / 'c', match="unknown ['nonesuch']")
 

@@ -317,15 +317,15 @@ def small_cnn():
 
 def test_readme_image_caption_example_shrunk():
     cnn = small_cnn()
-    encoder = Reformer(dim=32, depth=2, heads=4, max_seq_len=64, bucket_size=8)
-    decoder = ReformerLM(num_tokens=64, dim=32, depth=2, heads=4, max_seq_len=64, bucket_size=8, causal=True)
-    x, yi = torch.randn(1, 3, 64, 64), torch.randint(0, 64, (1, 64)).long()
+    encoder = Reformer(dim=32, depth=1, heads=4, max_seq_len=64, bucket_size=8)
+    decoder = ReformerLM(num_tokens=64, dim=32, depth=1, heads=4, max_seq_len=32, bucket_size=8, causal=True)
+    x, yi = torch.randn(1, 3, 64, 64), torch.randint(0, 64, (1, 32)).long()
     visual_emb = cnn(x)
     b, c, h, w = visual_emb.shape
     visual_emb = visual_emb.view(1, c, h * w).transpose(1, 2)
     enc_keys = encoder(visual_emb)
     yo = decoder(yi, keys=enc_keys)
-    assert yo.shape == (1, 64, 64)
+    assert yo.shape == (1, 32, 64)
     yo.sum().backward()
     assert cnn[0].weight.grad.abs().sum() > 0  # the gradient reaches the image encoder through the keys
 
@@ -392,8 +392,8 @@ def test_readme_examples_as_written():
 # ---------------------------------------------------------------- decoding, determinism, gradients
 
 @pytest.mark.parametrize('config', [dict(), dict(n_hashes=4, num_mem_kv=2, n_local_attn_heads=1),
-                                    dict(lsh_allow_duplicate_attention=False, attn_chunks=3, twin_attention=True)],
-                         ids=['default', 'memkv_local_4hashes', 'nodup_chunks_twin'])
+                                    dict(lsh_allow_duplicate_attention=False, attn_chunks=3, depth=1)],
+                         ids=['default', 'memkv_local_4hashes', 'nodup_chunks'])
 def test_cached_decoding_equals_full_forward(config):
     model = lm(causal=True, **config).eval()
     x = tokens(b=2, n=SEQ)
@@ -407,8 +407,8 @@ def test_cached_decoding_equals_full_forward(config):
     assert torch.allclose(cached, full, atol=1e-5), (cached - full).abs().max()
     wrapper = AutoregressiveWrapper(model)
     prompt = tokens(b=2, n=5, seed=3)
-    greedy = wrapper.generate(prompt, 20, temperature=0., use_cache=True)
-    assert torch.equal(greedy, wrapper.generate(prompt, 20, temperature=0., use_cache=False))
+    greedy = wrapper.generate(prompt, 8, temperature=0., use_cache=True)
+    assert torch.equal(greedy, wrapper.generate(prompt, 8, temperature=0., use_cache=False))
 
 
 def test_eval_outputs_identical_across_calls_training_ones_not():
@@ -454,8 +454,8 @@ def test_attn_chunks_with_reversible_gives_exact_gradients(config):
 
 def test_layer_dropout_never_removes_all_gradients():
     for reverse_thres in (0, SEQ):  # reversible recompute, and plain autograd below the threshold
-        model = lm(layer_dropout=0.95, depth=3, reverse_thres=reverse_thres).train()
-        for seed in range(5):
+        model = lm(layer_dropout=0.95, reverse_thres=reverse_thres).train()
+        for seed in range(3):
             torch.manual_seed(seed)
             model.zero_grad(set_to_none=True)
             model(tokens()).sum().backward()
@@ -600,7 +600,8 @@ def test_structural_keyword_arguments():
     assert local.routers[0].window_size == 2 * BUCKET
     assert lm(use_scale_norm=True).transformer.blocks[0].ff.norm.__class__.__name__ == 'ScaleNorm'
     assert lm(use_rezero=True).transformer.blocks[0].ff.rezero is not None
-    assert lm(ff_glu=True, ff_mult=2).transformer.blocks[0].ff.fn.glu
+    ff = lm(ff_glu=True, ff_mult=2).transformer.blocks[0].ff.fn
+    assert ff.glu and ff.proj_out.in_features == 2 * DIM
     assert lm(ff_activation=nn.ReLU).transformer.blocks[0].ff.fn.act.__class__ is nn.ReLU
     for flag, cls in (('fixed_position_emb', 'FixedPositionalEmbedding'),
                       ('absolute_position_emb', 'AbsolutePositionalEmbedding'),
@@ -643,7 +644,8 @@ def test_ff_chunks_do_not_change_results():
     a, b = lm(ff_chunks=1).double(), lm(ff_chunks=5).double()
     b.load_state_dict(a.state_dict())
     a.eval(), b.eval()
-    assert torch.allclose(a(tokens()), b(tokens()), atol=1e-10)
+    with torch.no_grad():  # chunking applies where activations are not kept
+        assert torch.allclose(a(tokens()), b(tokens()), atol=1e-10)
 
 
 def test_bad_arguments_are_rejected():

@@ -226,7 +226,11 @@ def load_train_state(optimizer: torch.optim.Optimizer, ckpt: Path, state: dict) 
             opt_state.setdefault(int(idx), {})[name] = value
     for idx, entry in state['optimizer']['scalars'].items():
         opt_state.setdefault(int(idx), {}).update(entry)
-    optimizer.load_state_dict(dict(state=opt_state, param_groups=state['optimizer']['param_groups']))
+    try:
+        optimizer.load_state_dict(dict(state=opt_state, param_groups=state['optimizer']['param_groups']))
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise CLIError(f'the optimizer state in {ckpt} does not fit this model ({e}); it was saved by routeformer '
+                       f'{state["routeformer"]}: resume with the version and settings that wrote it') from None
     torch.set_rng_state(tensors['rng.torch'])
     cuda = [tensors[f'rng.cuda.{i}'] for i in range(len(tensors)) if f'rng.cuda.{i}' in tensors]
     if cuda and torch.cuda.is_available():

@@ -37,7 +37,8 @@ def eval_main(args) -> int:
         data = replace(data, data=args.data)
     source = make_source(data, seq_len=cfg.model.seq_len, seed=cfg.train.seed, whole=args.data is not None)
     if source.num_tokens != cfg.model.num_tokens:
-        raise CLIError(f'the data has {source.num_tokens} tokens but the model {cfg.model.num_tokens}')
+        raise CLIError(f'this data has a vocabulary of {source.num_tokens} tokens but the model {cfg.model.num_tokens}: '
+                       f'evaluate it on the kind of data it was trained on')
     device = next(model.parameters()).device
     result = evaluate(model, source, batch_size=args.batch_size or cfg.train.batch_size,
                       batches=args.eval_batches or cfg.train.eval_batches, device=device, bf16=args.bf16)

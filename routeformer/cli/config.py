@@ -55,13 +55,13 @@ class DataConfig:
                                '(multi-query associative recall)', type=str, choices=TASKS)
     vocab: int | None = option(None, 'task vocabulary size (duplication 16, recall 64)', type=int)
     recall_pairs: int | None = option(None, 'recall: key-value pairs at the start (default 16)', type=int)
-    recall_queries: int | None = option(None, 'recall: queries at the end (default: recall_pairs)', type=int)
+    recall_queries: int | None = option(None, 'recall: queries at the end, distinct keys (default: half of recall_pairs)', type=int)
     val_fraction: float = option(0.05, 'share of text files (or of a single file\'s bytes) held out', type=float)
 
 
 @dataclass
 class TrainConfig:
-    steps: int = option(600, 'optimizer steps of the whole run (the learning-rate schedule spans them)', type=int)
+    steps: int = option(500, 'optimizer steps of the whole run (the learning-rate schedule spans them)', type=int)
     batch_size: int = option(16, 'sequences per step, over all processes', type=int)
     lr: float = option(2e-3, 'peak learning rate (AdamW)', type=float)
     min_lr_ratio: float = option(0.1, 'cosine decay ends at lr * this', type=float)

@@ -215,7 +215,10 @@ class RecallTask(SyntheticTask):
     """Multi-query associative recall (Arora et al., Zoology, 2023): `pairs` key-value pairs at the
     start, zeros, then `queries` of those keys at the end, each followed by its value. Keys are
     1..K, values K+1..vocab-1; only the values after the queries are scored (chance 1 / #values).
-    Keys in a sequence are distinct, so each query has one answer."""
+    Keys in a sequence are distinct, so each query has one answer. The queries ask distinct keys
+    (a repeated query could copy the answer of the earlier one from close by, which local
+    attention can do) and by default only half of them (when every key is asked, "a value not
+    answered yet" is right often enough that a model settles there instead of looking keys up)."""
 
     def __init__(self, seq_len: int, vocab: int, pairs: int, queries: int, seed: int):
         keys = (vocab - 1) // 2
@@ -223,7 +226,8 @@ class RecallTask(SyntheticTask):
             raise CLIError(f'recall with --vocab {vocab} has {keys} distinct keys, fewer than --recall-pairs {pairs}: '
                            f'raise --vocab to at least {2 * pairs + 1} or lower --recall-pairs')
         if not 1 <= queries <= pairs:
-            raise CLIError(f'--recall-queries must be between 1 and --recall-pairs ({pairs}), got {queries}')
+            raise CLIError(f'--recall-queries must be between 1 and --recall-pairs ({pairs}), got {queries}: '
+                           f'each query asks a different key')
         if 2 * (pairs + queries) > seq_len + 1:
             raise CLIError(f'{pairs} pairs and {queries} queries take {2 * (pairs + queries)} tokens, more than '
                            f'--seq-len {seq_len} + 1: raise --seq-len or lower --recall-pairs/--recall-queries')
@@ -259,5 +263,5 @@ def make_source(cfg: DataConfig, *, seq_len: int, seed: int, whole: bool = False
         return DuplicationTask(seq_len, cfg.vocab or 16, seed)
     if cfg.task == 'recall':
         pairs = cfg.recall_pairs or 16
-        return RecallTask(seq_len, cfg.vocab or 64, pairs, cfg.recall_queries or pairs, seed)
+        return RecallTask(seq_len, cfg.vocab or 64, pairs, cfg.recall_queries or max(1, pairs // 2), seed)
     raise CLIError(f'unknown task {cfg.task!r}')

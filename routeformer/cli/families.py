@@ -21,6 +21,7 @@ class Family:
     class_name: str                           # an attribute of `routeformer`
     description: str
     kwargs: Callable[[ModelConfig], dict]     # the class's keyword arguments from the size flags
+    takes_local_heads: bool = True            # whether --local-heads means something here
     # DistributedDataParallel must look for parameters a step leaves unused (costs a graph walk)
     ddp_find_unused: bool = False
 
@@ -29,8 +30,8 @@ FAMILIES: dict[str, Family] = {}
 
 
 def register(name: str, class_name: str, description: str, kwargs: Callable[[ModelConfig], dict], *,
-             ddp_find_unused: bool = False) -> None:
-    FAMILIES[name] = Family(name, class_name, description, kwargs, ddp_find_unused)
+             takes_local_heads: bool = True, ddp_find_unused: bool = False) -> None:
+    FAMILIES[name] = Family(name, class_name, description, kwargs, takes_local_heads, ddp_find_unused)
 
 
 def head_dim(cfg: ModelConfig) -> int:
@@ -52,7 +53,7 @@ def local_heads(cfg: ModelConfig) -> dict:
 register('full', 'TransformerLM', 'full causal attention in every head (the quality reference)',
          lambda c: common(c, **local_heads(c)))
 register('local', 'TransformerLM', 'local attention in every head: window --window, one window of look-back',
-         lambda c: common(c, n_local_attn_heads=c.heads, local_attn_window_size=c.window))
+         lambda c: common(c, n_local_attn_heads=c.heads, local_attn_window_size=c.window), takes_local_heads=False)
 register('routing', 'RoutingTransformerLM', 'Routing Transformer: online k-means clusters of --window tokens',
          lambda c: common(c, window_size=c.window, **local_heads(c)))
 register('reformer', 'ReformerLM', 'Reformer: LSH buckets of --window tokens',
@@ -66,7 +67,8 @@ register('colt5', 'ConditionalRoutedTransformerLM',
          lambda c: dict(num_tokens=c.num_tokens, dim=c.dim, depth=c.depth, max_seq_len=c.seq_len,
                         light_window_size=c.window, light_heads=c.heads, light_dim_head=head_dim(c),
                         heavy_heads=c.heads, heavy_dim_head=head_dim(c), num_heavy_attn_tokens_q=max(1, c.window // 2),
-                        num_heavy_attn_tokens_kv=max(1, c.seq_len // 4), num_heavy_ff_tokens=max(1, c.window // 2)))
+                        num_heavy_attn_tokens_kv=max(1, c.seq_len // 4), num_heavy_ff_tokens=max(1, c.window // 2)),
+         takes_local_heads=False)
 
 
 def family_class(name: str) -> type[nn.Module]:
@@ -89,7 +91,10 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     """A causal token model `(b, n) -> (logits, aux_loss)` with max_seq_len = cfg.seq_len. The
     model's own ValueError/TypeError (a bad size, an unknown --model-arg) becomes a CLIError."""
     cls = family_class(cfg.family)
-    kwargs = {**FAMILIES[cfg.family].kwargs(cfg), **cfg.kwargs}
+    family = FAMILIES[cfg.family]
+    if cfg.local_heads is not None and not family.takes_local_heads:
+        raise CLIError(f'--local-heads does not apply to the {cfg.family} family ({family.description}): drop it')
+    kwargs = {**family.kwargs(cfg), **cfg.kwargs}
     try:
         model = cls(**kwargs)
     except (ValueError, TypeError, AssertionError) as e:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
 import shutil
 import signal
 import sys
@@ -119,8 +118,11 @@ def memory_baseline(device: torch.device) -> int:
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
         return 0
-    with open('/proc/self/statm') as f:  # Linux; elsewhere the CPU figure is left out
-        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+    try:  # Linux; elsewhere the CPU figure is left out
+        with open('/proc/self/statm') as f:
+            return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+    except OSError:
+        return 0
 
 
 def peak_memory_mib(device: torch.device, baseline: int) -> float | None:
@@ -130,6 +132,7 @@ def peak_memory_mib(device: torch.device, baseline: int) -> float | None:
         return torch.cuda.max_memory_allocated(device) / MIB
     if baseline == 0:
         return None
+    import resource  # POSIX only; the baseline above is Linux only anyway
     return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline) / MIB
 
 

@@ -164,11 +164,11 @@ def triton_coor_descent(s: Tensor, *, n_iters: int, k, eps: float = 0.1, eps_ini
                         checkpoint_segments: int | None = None) -> Tensor:
     """`coor_descent` fused into two Triton kernels. `checkpoint_segments` (default n_iters // 5)
     trades backward recomputation for memory: b is saved once per segment."""
-    if not (s.is_cuda or interpreting()) or s.shape[-1] > MAX_BLOCK:
-        if s.shape[-1] > MAX_BLOCK:
-            raise ValueError(f'rows of {s.shape[-1]} entries exceed the fused kernel limit of {MAX_BLOCK}: '
-                             f'route in blocks (route_block_size={MAX_BLOCK} or less)')
+    if not (s.is_cuda or interpreting()):
         return coor_descent(s, n_iters=n_iters, k=k, eps=eps, eps_init=eps_init, eps_decay=eps_decay, mask=mask)
+    if s.shape[-1] > MAX_BLOCK:
+        raise ValueError(f'rows of {s.shape[-1]} entries exceed the fused kernel limit of {MAX_BLOCK}: '
+                         f'route in blocks (route_block_size={MAX_BLOCK} or less)')
     schedule = epsilon_schedule(n_iters, eps=eps, eps_init=eps_init, eps_decay=eps_decay)
     segments = default(checkpoint_segments, max(1, n_iters // 5))
     shape = s.shape

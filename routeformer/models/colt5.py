@@ -131,9 +131,9 @@ class HeavyAttention(nn.Module):
             q_freqs, k_freqs = rotary
             q = apply_rotary(q, rearrange(q_freqs, 'b i e -> b 1 i e'))
             k = apply_rotary(k, self.per_head(k_freqs, r))
-        plan = RoutePlan(q_index=None, kv_index=None,
-                         kv_gate=rearrange(self.per_head(kv_gates, r), 'b h j -> b h 1 j') if exists(kv_gates) else None,
-                         mask=rearrange(self.per_head(kv_mask, r), 'b h j -> b h 1 1 j') if exists(kv_mask) else None)
+        gates = rearrange(self.per_head(kv_gates, r), 'b h j -> b h 1 j') if exists(kv_gates) else None
+        mask = rearrange(self.per_head(kv_mask, r), 'b h j -> b h 1 1 j') if exists(kv_mask) else None
+        plan = RoutePlan(q_index=None, kv_index=None, kv_gate=gates, mask=mask)
         return self.attend(q, k, v, plan)
 
 
@@ -373,7 +373,8 @@ class ConditionalRoutedImageAttention(nn.Module):
         self.channel_first, self.light_window_size = channel_first, light_window_size
         self.num_heavy_tokens_q, self.num_heavy_tokens_kv = num_heavy_tokens_q, num_heavy_tokens_kv
         self.light_norm = RMSNorm(dim)
-        self.light_attn = Attention(dim, heads=light_heads, dim_head=light_dim_head, backend=backend_for(use_flash_attn))
+        self.light_attn = Attention(dim, heads=light_heads, dim_head=light_dim_head,
+                                    backend=backend_for(use_flash_attn))
         self.routed = RoutedBranches(
             dim, num_heavy_tokens_q=num_heavy_tokens_q, num_heavy_tokens_kv=num_heavy_tokens_kv,
             num_routed_kv=num_routed_kv, heavy_dim_head=heavy_dim_head, heavy_heads=heavy_heads,

@@ -20,8 +20,6 @@ i heavy queries per window, j keys per window, c candidates.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 from einops import rearrange
 from torch import Tensor, nn

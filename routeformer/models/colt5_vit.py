@@ -47,10 +47,12 @@ class ConditionalRoutedViT(nn.Module):
         image_h, image_w = pair(image_size)
         patch_h, patch_w = pair(patch_size)
         if image_h % patch_h or image_w % patch_w:
-            raise ValueError(f'image size {(image_h, image_w)} must be divisible by the patch size {(patch_h, patch_w)}')
+            raise ValueError(f'image size {(image_h, image_w)} must be divisible by the patch size '
+                             f'{(patch_h, patch_w)}')
         self.image_size, self.patch_size = (image_h, image_w), (patch_h, patch_w)
         patch_dim = channels * patch_h * patch_w
-        self.patch_norm_in, self.patch_proj, self.patch_norm_out = nn.LayerNorm(patch_dim), nn.Linear(patch_dim, dim), nn.LayerNorm(dim)
+        self.patch_norm_in, self.patch_proj = nn.LayerNorm(patch_dim), nn.Linear(patch_dim, dim)
+        self.patch_norm_out = nn.LayerNorm(dim)
 
         # the seed's guess: images are closer to speech (eps 1) than to text (eps 0.02-0.03)
         router_kwargs = {'eps': default_coor_descent_eps, **router_kwargs}

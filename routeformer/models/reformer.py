@@ -445,10 +445,6 @@ class LSHAttention(nn.Module):
                                 random_rotations_per_head=random_rotations_per_head)
         self.executor = RoutedAttention(dropout=dropout, backend=BACKEND)
 
-    @property
-    def multiple_of(self) -> int:
-        return self.router.multiple_of
-
     def forward(self, qk: Tensor, v: Tensor, query_len: int | None = None, input_mask: Tensor | None = None,
                 input_attn_mask: Tensor | None = None, pos_emb: Tensor | None = None):
         if qk.ndim != 3 or v.shape[:2] != qk.shape[:2]:

@@ -18,7 +18,6 @@ Axes: b batch, h heads, r hash rounds, n sequence, d head dim, k rotation direct
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 

@@ -16,7 +16,7 @@ Means are taken over real tokens only: padding never steers the routing.
 
 Normalisation (`non_permutative`):
 - True: softmax over the candidate key blocks at `temperature`; the top blocks and their
-  probabilities are kept.
+  probabilities are kept (one softmax; the seed renormalised after each pick).
 - False: Gumbel-Sinkhorn. log(relu(scores)) plus Gumbel noise (training only, so evaluation is
   deterministic), divided by `temperature`, then `sinkhorn_iter` alternating row and column
   normalisations: a soft permutation matrix. The paper mixes every key block into every sorted
@@ -31,8 +31,10 @@ is exactly full attention with gated values.
 
 Causal mode is strictly causal by construction. The routing of block c is decided from what is
 known at its first token cw: the query summary is the mean of the w routing queries ending there
-(positions cw - w + 1 .. cw, i.e. the previous block's content and the first token, rather than
-the first token alone as in the seed), the candidates are the completed blocks before c and
+(positions cw - w + 1 .. cw, i.e. the previous block's content and the first token; the seed
+took the running mean of every earlier query, which flattens out over long sequences, and
+rotated half of the heads so that a block's last token led), the candidates are the completed
+blocks before c and
 `n_top_buckets` learned null candidates (routing keys with no content: a null that wins leaves
 its slot empty). Within its own block a query sees keys up to itself. So nothing after position
 t reaches the output at t. Causal routing normalises rows only: Sinkhorn's column normalisation
@@ -41,9 +43,11 @@ would mix later query blocks into the routing of earlier ones, so `non_permutati
 routing of a block is computed when its first token arrives and kept for the rest of the block.
 
 Cross-attention (`cross=True`): keys are a context of any length in blocks of `kv_bucket_size`
-(the last one may be partial), with no own block. With causal queries (a decoder) the query
-summary is the causal one above, and sortcut, whose one shared choice would have to be made at
-the first token, becomes a per-block choice of `n_sortcut` context blocks.
+(the last one may be partial), with no own block and no null candidates. The attention layer
+hands the router the queries' padding mask (`needs_query_mask`), so padded queries do not steer
+the routing of real ones. With causal queries (a decoder) the query summary is the causal one
+above, and sortcut, whose one shared choice would have to be made at the first token, becomes a
+per-block choice of `n_sortcut` context blocks.
 
 Axes: b batch, h heads, n query sequence, m key sequence, d head dim, c query blocks (= groups),
 u candidate key blocks, k selected blocks per query block, w block length, j keys per group.
