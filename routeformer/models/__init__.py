@@ -1,17 +1,20 @@
-from .builder import build_pos_emb, build_transformer
-from .transformer_lm import TransformerEncDec, TransformerLM
-from .routing import RoutingTransformer, RoutingTransformerEncDec, RoutingTransformerLM
+"""Model classes with the seed packages' APIs, built on the shared skeleton."""
 
-__all__ = ['TransformerEncDec', 'TransformerLM', 'build_transformer', 'build_pos_emb']
-__all__ += ['RoutingTransformer', 'RoutingTransformerEncDec', 'RoutingTransformerLM']
-from .sinkhorn import SinkhornTransformer, SinkhornTransformerEncDec, SinkhornTransformerLM  # noqa: E402
-__all__ += ['SinkhornTransformer', 'SinkhornTransformerEncDec', 'SinkhornTransformerLM']
-from .colt5 import (ConditionalRoutedAttention, ConditionalRoutedCrossAttention,  # noqa: E402
-                    ConditionalRoutedFeedForward, ConditionalRoutedImageAttention, ConditionalRoutedTransformerBlock)
-from .colt5_decoder import ConditionalRoutedAutoregressiveAttention, ConditionalRoutedTransformerLM  # noqa: E402
-from .colt5_vit import ConditionalRoutedViT  # noqa: E402
-__all__ += ['ConditionalRoutedAttention', 'ConditionalRoutedAutoregressiveAttention', 'ConditionalRoutedCrossAttention',
-            'ConditionalRoutedFeedForward', 'ConditionalRoutedImageAttention', 'ConditionalRoutedTransformerBlock',
-            'ConditionalRoutedTransformerLM', 'ConditionalRoutedViT']
-from .reformer import LSHAttention, LSHSelfAttention, Reformer, ReformerEncDec, ReformerLM  # noqa: E402
-__all__ += ['LSHAttention', 'LSHSelfAttention', 'Reformer', 'ReformerEncDec', 'ReformerLM']
+from .builder import build_pos_emb, build_transformer
+from .colt5 import (ConditionalRoutedAttention, ConditionalRoutedCrossAttention, ConditionalRoutedFeedForward,
+                    ConditionalRoutedImageAttention, ConditionalRoutedTransformerBlock)
+from .colt5_decoder import ConditionalRoutedAutoregressiveAttention, ConditionalRoutedTransformerLM
+from .colt5_vit import ConditionalRoutedViT
+from .reformer import LSHAttention, LSHSelfAttention, Reformer, ReformerEncDec, ReformerLM
+from .routing import RoutingTransformer, RoutingTransformerEncDec, RoutingTransformerLM
+from .sinkhorn import SinkhornTransformer, SinkhornTransformerEncDec, SinkhornTransformerLM
+from .transformer_lm import TransformerEncDec, TransformerLM
+
+__all__ = [
+    'ConditionalRoutedAttention', 'ConditionalRoutedAutoregressiveAttention', 'ConditionalRoutedCrossAttention',
+    'ConditionalRoutedFeedForward', 'ConditionalRoutedImageAttention', 'ConditionalRoutedTransformerBlock',
+    'ConditionalRoutedTransformerLM', 'ConditionalRoutedViT', 'LSHAttention', 'LSHSelfAttention', 'Reformer',
+    'ReformerEncDec', 'ReformerLM', 'RoutingTransformer', 'RoutingTransformerEncDec', 'RoutingTransformerLM',
+    'SinkhornTransformer', 'SinkhornTransformerEncDec', 'SinkhornTransformerLM', 'TransformerEncDec', 'TransformerLM',
+    'build_pos_emb', 'build_transformer',
+]

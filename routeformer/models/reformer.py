@@ -16,6 +16,7 @@ Axes: b batch, h heads, n sequence, d head dim, g groups, i queries per group, j
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 from einops import rearrange, repeat
@@ -36,7 +37,6 @@ from ..wrappers.encoder_decoder import EncoderDecoder
 from .builder import build_pos_emb, build_transformer
 from .transformer_lm import split_kwargs
 
-PLAN_TENSORS = ('q_index', 'kv_index', 'mask', 'bias', 'k_gate', 'kv_gate', 'q_gate')
 # hash rounds merge by log-sum-exp: the fused kernel that returns it (reference path elsewhere)
 BACKEND = 'flash_lse'
 
@@ -56,14 +56,16 @@ class OneValueHead(nn.Module):
 
 
 def slice_plan(plan: RoutePlan, batch: int, heads: slice) -> RoutePlan:
-    """The part of a plan for one sample and a range of heads (axes of size 1 broadcast)."""
+    """The part of a plan for one sample and a range of heads: every per-pair tensor field has
+    leading (b|1, h|1) axes (size 1 broadcasts)."""
     def cut(t):
-        if not isinstance(t, Tensor):
+        if not isinstance(t, Tensor) or t.ndim < 2:
             return t
         t = t[batch:batch + 1] if t.shape[0] > 1 else t
         return t[:, heads] if t.shape[1] > 1 else t
-    return RoutePlan(**{name: cut(getattr(plan, name)) for name in PLAN_TENSORS}, merge=plan.merge,
-                     q_offset=plan.q_offset, info={k: v for k, v in plan.info.items() if k == 'contiguous_queries'})
+    fields = {name: cut(getattr(plan, name)) for name in plan.__dataclass_fields__ if name not in ('aux_loss', 'info')}
+    return replace(plan, **fields, aux_loss=None,
+                   info={k: v for k, v in plan.info.items() if k == 'contiguous_queries'})
 
 
 class ChunkedRoutedAttention(nn.Module):

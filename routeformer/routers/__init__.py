@@ -2,19 +2,13 @@ from .base import Router
 from .full import FullRouter
 from .kmeans import KMeansRouter
 from .local import LocalRouter
+from .lsh import LSHRouter
 from .sinkhorn import SinkhornRouter
+from .topk import CoordinateDescentRouter, TopKRouter
 
 # name -> class, for configuration files and the command line
-ROUTERS = dict(full=FullRouter, local=LocalRouter)
-ROUTERS['kmeans'] = KMeansRouter
+ROUTERS = dict(full=FullRouter, local=LocalRouter, kmeans=KMeansRouter, lsh=LSHRouter, sinkhorn=SinkhornRouter,
+               topk=TopKRouter)
 
-__all__ = ['Router', 'FullRouter', 'LocalRouter', 'ROUTERS']
-__all__ += ['KMeansRouter']
-ROUTERS['sinkhorn'] = SinkhornRouter
-__all__ += ['SinkhornRouter']
-from .topk import CoordinateDescentRouter, TopKRouter  # noqa: E402
-ROUTERS['topk'] = TopKRouter
-__all__ += ['CoordinateDescentRouter', 'TopKRouter']
-from .lsh import LSHRouter  # noqa: E402
-ROUTERS['lsh'] = LSHRouter
-__all__ += ['LSHRouter']
+__all__ = ['ROUTERS', 'CoordinateDescentRouter', 'FullRouter', 'KMeansRouter', 'LSHRouter', 'LocalRouter', 'Router',
+           'SinkhornRouter', 'TopKRouter']

@@ -243,6 +243,8 @@ class LSHRouter(Router):
         bucket (itself included): exactly the keys the causal plan admits. Bucket ids of the prefix
         are kept in `state`."""
         n = pos + 1
+        # as the forward pass over the n tokens so far would; so past full_attn_thres a cache built
+        # below it differs from a fresh forward pass (keep full_attn_thres 0 for exact decoding)
         if self.uses_full_attention(n):
             return RoutePlan(q_index=None, kv_index=torch.arange(n, device=q.device).view(1, 1, 1, -1), q_offset=pos)
         if self.n_buckets is None:
