@@ -38,6 +38,16 @@ def reference(q, k, v, mask, *, scale, bias=None, dropout_p=0., causal=False, ne
     return out, lse, weights
 
 
+def fold_mask(mask: Tensor | None, b: int, h: int) -> Tensor | None:
+    """(b|1, h|1, g, i, j) -> ((b h)|1, g, i, j), for kernels that take batch and heads as one axis;
+    a mask shared by every sample and head stays a single broadcast copy."""
+    if mask is None:
+        return None
+    if mask.shape[0] == 1 and mask.shape[1] == 1:
+        return mask[0]
+    return rearrange(mask.expand(b, h, *mask.shape[2:]), 'b h g i j -> (b h) g i j')
+
+
 def sdpa(q, k, v, mask, *, scale, bias=None, dropout_p=0., causal=False, need_lse=False, need_weights=False):
     """torch's fused scaled_dot_product_attention, with batch and heads folded into its batch axis
     and groups as its head axis: a mask shared by every sample and head (local attention) then
@@ -48,11 +58,7 @@ def sdpa(q, k, v, mask, *, scale, bias=None, dropout_p=0., causal=False, need_ls
         # a float mask is added to the logits; the executor guarantees every row keeps a finite entry
         bias = bias.to(q.dtype)
         mask = bias if mask is None else bias.masked_fill(~mask, float('-inf'))
-    if exists(mask):
-        if mask.shape[0] == 1 and mask.shape[1] == 1:
-            mask = mask[0]
-        else:
-            mask = rearrange(mask.expand(b, h, *mask.shape[2:]), 'b h g i j -> (b h) g i j')
+    mask = fold_mask(mask, b, h)
     q, k, v = (rearrange(t, 'b h g n d -> (b h) g n d') for t in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                          is_causal=causal and mask is None, scale=scale)
@@ -123,11 +129,10 @@ def flash_lse(q, k, v, mask, *, scale, bias=None, dropout_p=0., causal=False, ne
         attn_mask = torch.zeros((), dtype=q.dtype, device=q.device) if bias is None else bias.to(q.dtype)
         if exists(mask):
             attn_mask = attn_mask.masked_fill(~mask, float('-inf'))
-        attn_mask = rearrange(attn_mask.expand(b, h, g, i, j), 'b h g i j -> b (h g) i j')
-    q, k, v = (rearrange(t, 'b h g n d -> b (h g) n d') for t in (q, k, v))
+        attn_mask = fold_mask(attn_mask.expand(*attn_mask.shape[:2], g, i, j), b, h)
+    q, k, v = (rearrange(t, 'b h g n d -> (b h) g n d') for t in (q, k, v))
     out, lse = _FlashLSE.apply(q, k, v, attn_mask, scale)
-    out = rearrange(out, 'b (h g) n d -> b h g n d', h=h)
-    return out, rearrange(lse, 'b (h g) n -> b h g n', h=h) if need_lse else None, None
+    return (rearrange(out, '(b h) g n d -> b h g n d', b=b), rearrange(lse, '(b h) g n -> b h g n', b=b), None)
 
 
 BACKENDS = dict(reference=reference, sdpa=sdpa, flash_lse=flash_lse)
