@@ -44,6 +44,14 @@ def pad_to_multiple(t: Tensor, multiple: int, *, dim: int = -2, value=0, left: b
     return F.pad(t, spec, value=value), pad
 
 
+def topk_first(t: Tensor, k: int, dim: int = -1) -> torch.return_types.topk:
+    """`t.topk(k, dim)` with ties going to the lower index, on every device. Routing scores tie
+    often (a repeated token scores the same; a summary of padding is zero), and torch.topk breaks
+    ties differently on CPU and CUDA, and between a full pass and cached decoding."""
+    values, indices = t.sort(dim=dim, descending=True, stable=True)
+    return torch.return_types.topk((values.narrow(dim, 0, k), indices.narrow(dim, 0, k)))
+
+
 def max_neg_value(t: Tensor) -> float:
     return -torch.finfo(t.dtype).max
 

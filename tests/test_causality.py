@@ -128,9 +128,10 @@ class WithInputMask(torch.nn.Module):
     def __init__(self, model, n):
         super().__init__()
         self.model, self.num_tokens, self.max_seq_len = model, model.num_tokens, model.max_seq_len
-        self.mask = torch.ones(2, n, dtype=torch.bool)
-        self.mask[0, :5] = False
-        self.mask[1, 9:15] = False
+        mask = torch.ones(2, n, dtype=torch.bool)
+        mask[0, :5] = False
+        mask[1, 9:15] = False
+        self.register_buffer('mask', mask, persistent=False)  # moves with the model
 
     def forward(self, x, **kwargs):
         return self.model(x, input_mask=self.mask, **kwargs)
@@ -208,7 +209,7 @@ def assert_causal(model, *, x, context=None, positions=None, vocab=NUM_TOKENS):
         base = logits_of(model(x, **kwargs))
         for p in positions:
             changed = x.clone()
-            changed[:, p] = (changed[:, p] + 1 + torch.arange(x.shape[0])) % vocab
+            changed[:, p] = (changed[:, p] + 1 + torch.arange(x.shape[0], device=x.device)) % vocab
             out = logits_of(model(changed, **kwargs))
             assert torch.allclose(out[:, :p], base[:, :p], atol=1e-6, rtol=0), \
                 f'position {p} leaks into earlier outputs: max diff {(out[:, :p] - base[:, :p]).abs().max():.3g}'

@@ -134,6 +134,13 @@ def test_topk_matches_torch_topk_and_is_differentiable():
         topk(x, k=40)
 
 
+def test_topk_ties_go_to_the_lower_index():
+    # a repeated token scores the same; torch.topk would break the tie differently on CPU and CUDA
+    x = torch.tensor([[1., 3., 3., 2., 3., 3.]])
+    for kwargs in (dict(), dict(non_differentiable=True)):
+        assert topk(x, k=3, **kwargs).indices.tolist() == [[1, 2, 4]]
+
+
 def test_topk_never_picks_masked_entries_when_enough_are_valid():
     x = scores(4, 32)
     mask = random_mask(4, 32, p=0.5)

@@ -304,6 +304,30 @@ def test_cancel_and_register_kmeans_update():
     assert any(not torch.equal(a, r.means) for a, r in zip(before, routers_of(model)))
 
 
+@pytest.mark.parametrize('restart_dead', [True, False])
+def test_dead_centroids_restart_at_the_worst_served_tokens(restart_dead):
+    # every token is nearest to centroid 0; centroids 1 and 2 get none and, left alone, never move
+    e1 = torch.eye(4)[0]
+    g = torch.Generator().manual_seed(0)
+    x = l2norm(2 * e1 + 0.4 * torch.randn(1, 1, 32, 4, generator=g))
+    router = KMeansRouter(heads=1, dim_head=4, num_clusters=3, window_size=8, ema_decay=0.5, shared_qk=True,
+                          restart_dead=restart_dead).train()
+    router.means.copy_(torch.stack((e1, -e1, -e1))[None])
+    router.initted.fill_(True)
+    router(x, None, causal=True)
+    router.update()
+    means = router.means[0]
+    assert means[0] @ e1 > 0.9  # the live centroid moved by EMA
+    if not restart_dead:
+        assert torch.equal(means[1:], torch.stack((-e1, -e1)))
+        return
+    similarity = (x[0, 0] @ e1)
+    worst = x[0, 0, similarity.argsort()[:2]]
+    torch.testing.assert_close(means[1:], worst)  # the two tokens centroid 0 serves worst, worst first
+    clusters = router(x, None, causal=True).info['clusters']
+    assert len(clusters.unique()) == 3  # and they take tokens again
+
+
 def test_nothing_changes_in_eval_mode():
     model = lm().eval()
     before = [r.means.clone() for r in routers_of(model)]

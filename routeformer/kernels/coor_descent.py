@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..helpers import default, exists
+from ..helpers import default, exists, topk_first
 
 TopkReturn = namedtuple('TopkReturn', ['values', 'indices', 'coor_descent_values', 'gates'])
 
@@ -104,7 +104,7 @@ def topk(x: Tensor, k: int, coor_descent_k_ratio: float = 9 / 8, n_iters: int = 
     x * gates at the chosen indices. `fused` uses the Triton kernel on CUDA.
     `non_differentiable` is plain torch.topk (gates and soft values None)."""
     if non_differentiable:
-        values, indices = x.topk(k, dim=-1)
+        values, indices = topk_first(x, k)
         return TopkReturn(values, indices, None, None)
     if coor_descent_k_ratio < 1:
         raise ValueError(f'coor_descent_k_ratio must be >= 1, got {coor_descent_k_ratio}')
@@ -117,7 +117,7 @@ def topk(x: Tensor, k: int, coor_descent_k_ratio: float = 9 / 8, n_iters: int = 
     gates = soft + (1. - soft).detach()
     # soft scores are monotone in x, so ranking by x is the same top-k with a deterministic tie-break
     ranked = x.float() if mask is None else x.float().masked_fill(~mask, float('-inf'))
-    indices = ranked.topk(k, dim=-1).indices
+    indices = topk_first(ranked, k).indices
     gates = gates.gather(-1, indices)
     if exists(mask):
         gates = gates * mask.gather(-1, indices)

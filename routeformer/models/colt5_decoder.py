@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ..attention.plan import RoutePlan
 from ..context import LayerContext
-from ..helpers import default, exists, pad_to_multiple
+from ..helpers import default, exists, pad_to_multiple, topk_first
 from ..layers.attention import Attention
 from ..layers.embeddings import RotaryEmbedding, apply_rotary
 from ..lm import LM
@@ -204,7 +204,7 @@ class ConditionalRoutedAutoregressiveAttention(nn.Module):
             # exactly the steps of causal_kv_candidates, so that ties resolve the same way
             span = slice(done * w, (done + 1) * w)
             values = kv['s'][..., span].masked_fill(~kv['valid'][:, None, span], float('-inf'))
-            values, offsets = values.topk(min(c, w), dim=-1)
+            values, offsets = topk_first(values, min(c, w))
             kv['best'], kv['where'] = merge_window(kv['best'], kv['where'], values, offsets + done * w, c)
         kv['window'] = m
         self.window_keys(kv, num_kv)

@@ -39,7 +39,7 @@ from einops import rearrange, repeat
 from torch import Tensor
 
 from ..attention.plan import RoutePlan
-from ..helpers import exists, l2norm
+from ..helpers import exists, l2norm, topk_first
 from .base import Router
 from .bucketed import rank_in_bucket, sort_and_chunk
 
@@ -75,6 +75,24 @@ def lloyd_step(x: Tensor, means: Tensor, valid: Tensor | None) -> Tensor:
     """One spherical k-means iteration on x (b, h, n, d); empty clusters keep their centroid."""
     sums, counts = cluster_sums(x, nearest_cluster(x, means), valid, means.shape[1])
     return torch.where(counts[..., None] > 0, l2norm(sums), means)
+
+
+def worst_served(x: Tensor, means: Tensor, clusters: Tensor, valid: Tensor | None, count: int) -> tuple[Tensor, Tensor]:
+    """The `count` vectors of x (b, h, n, d) least similar to their own centroid, per head: where a
+    dead centroid restarts. Returns them (h, count, d) and their dissimilarity (h, count), worst
+    first; padding is never picked (dissimilarity -inf where there are fewer real tokens)."""
+    b, h, n, d = x.shape
+    badness = -(x * means[torch.arange(h, device=x.device).view(1, h, 1), clusters]).sum(dim=-1)
+    if exists(valid):
+        badness = badness.masked_fill(~valid.expand(b, h, n), float('-inf'))
+    return worst_of(rearrange(x, 'b h n d -> h (b n) d'), rearrange(badness, 'b h n -> h (b n)'), count)
+
+
+def worst_of(vectors: Tensor, badness: Tensor, count: int) -> tuple[Tensor, Tensor]:
+    """vectors (h, N, d), badness (h, N) -> the `count` worst (repeating when N < count), worst first."""
+    top = topk_first(badness, min(count, badness.shape[-1]))
+    index = top.indices.repeat(1, math.ceil(count / top.indices.shape[-1]))[:, :count]
+    return vectors.gather(1, repeat(index, 'h c -> h c d', d=vectors.shape[-1])), badness.gather(1, index)
 
 
 def groups_by_cluster(clusters: Tensor, take: Tensor, num_clusters: int, size: int) -> tuple[Tensor, Tensor]:
@@ -115,7 +133,7 @@ def top_members(sim: Tensor, size: int, valid: Tensor | None) -> Tensor:
     balanced assignment); -1 where fewer than `size` valid tokens exist."""
     if exists(valid):
         sim = sim.masked_fill(~valid[:, None, :, None], float('-inf'))
-    values, index = sim.topk(size, dim=-2)
+    values, index = topk_first(sim, size, dim=-2)
     index = index.masked_fill(torch.isinf(values) & (values < 0), -1)
     return rearrange(index, 'b h w c -> b h c w')
 
@@ -132,7 +150,8 @@ class KMeansRouter(Router):
 
     def __init__(self, *, heads: int, dim_head: int, num_clusters: int, window_size: int,
                  context_window_size: int | None = None, ema_decay: float = 0.999, commitment: float = 1e-4,
-                 shared_qk: bool = False, cross_attention: bool = False, init_iters: int = 10):
+                 shared_qk: bool = False, cross_attention: bool = False, init_iters: int = 10,
+                 restart_dead: bool = True):
         super().__init__()
         for name, value in (('heads', heads), ('dim_head', dim_head), ('num_clusters', num_clusters),
                             ('window_size', window_size)):
@@ -145,6 +164,7 @@ class KMeansRouter(Router):
         if self.context_window_size < 1:
             raise ValueError(f'context_window_size must be a positive integer, got {context_window_size}')
         self.ema_decay, self.commitment, self.init_iters = ema_decay, commitment, init_iters
+        self.restart_dead = restart_dead
         self.cross_attention, self.shared_qk = cross_attention, shared_qk
         # shared-QK keys are the normalised queries: the new query alone gives a token's cluster
         self.needs_routing_keys = not shared_qk and not cross_attention
@@ -156,6 +176,7 @@ class KMeansRouter(Router):
         # buffers, so that DDP's buffer broadcast cannot overwrite a process's own statistics
         self._sums: Tensor | None = None
         self._counts: Tensor | None = None
+        self._outliers: Tensor | None = None
 
     # ------------------------------------------------------------------ centroids
 
@@ -186,17 +207,24 @@ class KMeansRouter(Router):
             self._sums, self._counts = sums, counts
         else:
             self._sums, self._counts = self._sums + sums, self._counts + counts
+        worst = worst_served(x, self.means.to(x.dtype), clusters, valid, self.num_clusters)
+        if self._outliers is not None:  # several forwards before one update: the worst of all of them
+            worst = worst_of(*(torch.cat(pair, dim=1) for pair in zip(self._outliers, worst)), self.num_clusters)
+        self._outliers = worst
 
     @torch.no_grad()
     def update(self) -> None:
         """Applies the accumulated statistics: centroid <- normalise(decay * centroid + (1 - decay) *
-        mean direction of its tokens), for clusters that got tokens. Under torch.distributed the
+        mean direction of its tokens), for clusters that got tokens; a cluster that got none while
+        others did restarts at a token its centroid serves worst. Under torch.distributed the
         sums and counts of every process (and process 0's centroids) are all-reduced first, in one
         call, so all processes keep identical centroids; every process must call it."""
         means = self.means.clone()
         sums = self._sums.to(means.dtype) if exists(self._sums) else torch.zeros_like(means)
         counts = self._counts.to(means.dtype) if exists(self._counts) else means.new_zeros(means.shape[:2])
-        self._sums = self._counts = None
+        outliers, badness = self._outliers if exists(self._outliers) else (means, means.new_zeros(means.shape[:2]))
+        outliers, badness = outliers.to(means.dtype), badness.to(means.dtype)
+        self._sums = self._counts = self._outliers = None
         initted = self.initted.to(means.dtype).view(1)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             first = float(dist.get_rank() == 0)
@@ -204,10 +232,22 @@ class KMeansRouter(Router):
             # adopts process 0's before the first step
             flat = torch.cat((sums.flatten(), counts.flatten(), means.flatten() * first, initted * first))
             dist.all_reduce(flat)
-            sizes = (sums.numel(), counts.numel(), means.numel(), 1)
-            sums, counts, means, initted = (t.view_as(ref) for t, ref in zip(flat.split(sizes), (sums, counts, means, initted)))
+            refs = (sums, counts, means, initted)
+            sums, counts, means, initted = (t.view_as(ref) for t, ref in zip(flat.split([r.numel() for r in refs]), refs))
+            # restart points: the worst-served tokens of all processes, as one process on all the data
+            mine = torch.cat((outliers, badness[..., None]), dim=-1)
+            every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+            dist.all_gather(every, mine)
+            every = torch.cat(every, dim=1)
+            outliers, _ = worst_of(every[..., :-1], every[..., -1], self.num_clusters)
         new = l2norm(self.ema_decay * means + (1. - self.ema_decay) * l2norm(sums))
-        self.means.copy_(torch.where(counts[..., None] > 0, new, means))
+        # a centroid no token chose would never move again, and the clusters that remain grow until
+        # routing is local attention in disguise: it restarts at the worst-served token instead
+        dead = (counts == 0) & (counts.sum(dim=-1, keepdim=True) > 0) & self.restart_dead
+        # the first dead centroid takes the worst-served token, the second the next, ...
+        slot = (dead.long().cumsum(dim=-1) - 1).clamp(min=0)
+        restart = outliers.gather(1, repeat(slot, 'h c -> h c d', d=outliers.shape[-1]))
+        self.means.copy_(torch.where(counts[..., None] > 0, new, torch.where(dead[..., None], restart, means)))
         self.initted.fill_(bool(initted.item()))
 
     def commitment_loss(self, v: Tensor, clusters: Tensor, valid: Tensor | None) -> Tensor:

@@ -22,7 +22,7 @@ from einops import rearrange
 from torch import Tensor
 
 from ..attention.plan import RoutePlan
-from ..helpers import exists
+from ..helpers import exists, topk_first
 from .base import Router
 from .bucketed import rank_in_bucket, sort_and_chunk
 
@@ -151,7 +151,7 @@ class LSHRouter(Router):
             else:
                 # one rotation; each token goes to its n_hashes best buckets, one per round
                 both = torch.cat((rotated, -rotated), dim=-1)
-                top = both.topk(self.n_hashes, dim=-1).indices
+                top = topk_first(both, self.n_hashes).indices
                 pieces.append(rearrange(top, 'b h 1 n r -> b h r n'))
         return torch.cat(pieces, dim=-1)
 

@@ -63,7 +63,7 @@ from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from ..attention.plan import RoutePlan
-from ..helpers import exists
+from ..helpers import exists, topk_first
 from .base import Router
 
 
@@ -269,7 +269,7 @@ class SinkhornRouter(Router):
         scores, valid = self.scores(sq, sk, k_count, own_keys, first_block=first_block)
         weights = self.normalise(scores, valid)
         if select is None:  # the discrete choice carries no gradient; a reversible recompute replays it
-            select = weights.detach().topk(k_sel, dim=-1).indices
+            select = topk_first(weights.detach(), k_sel).indices
         chosen = valid.expand_as(weights).gather(-1, select) & (select < sk.shape[-2])
         return select.masked_fill(~chosen, -1), select, weights.gather(-1, select)
 

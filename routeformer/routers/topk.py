@@ -35,7 +35,7 @@ from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from ..attention.plan import RoutePlan
-from ..helpers import default, exists, l2norm
+from ..helpers import default, exists, l2norm, topk_first
 from ..kernels.coor_descent import coor_descent
 from .base import Router
 
@@ -167,7 +167,7 @@ class CoordinateDescentRouter(nn.Module):
         ranking = torch.randn_like(s) if random_route else s
         if exists(mask):
             ranking = ranking.masked_fill(~mask, NEG_INF)
-        indices = ranking.topk(k, dim=-1).indices
+        indices = topk_first(ranking, k).indices
         if self.needs_soft(s) and not random_route:
             soft = self.soft_scores(s, min(k * self.fetch_k_ratio, s.shape[-1]), mask)
             gates = self.gates_from(soft.gather(-1, indices))
@@ -257,7 +257,7 @@ def window_threshold(s: Tensor, valid: Tensor, k: int) -> Tensor:
     """The k-th best valid score of each window (..., w) -> (...); -inf when fewer than k are valid."""
     if s.shape[-1] < k:
         return s.new_full(s.shape[:-1], NEG_INF)
-    return s.masked_fill(~valid, NEG_INF).topk(k, dim=-1).values[..., -1]
+    return topk_first(s.masked_fill(~valid, NEG_INF), k).values[..., -1]
 
 
 def causal_query_route(s: Tensor, *, window: int, num_tokens: int, mask: Tensor | None = None,
@@ -341,7 +341,7 @@ def causal_query_state(s: Tensor, valid: Tensor, *, window: int, num_tokens: int
 
 def merge_window(best: Tensor, where: Tensor, values: Tensor, positions: Tensor, c: int) -> tuple[Tensor, Tensor]:
     """The best c of (best, where) (b, r, c) and a window's (values, positions) (b, r, w')."""
-    top = torch.cat((best, values), dim=-1).topk(c, dim=-1)
+    top = topk_first(torch.cat((best, values), dim=-1), c)
     return top.values, torch.cat((where, positions), dim=-1).gather(-1, top.indices)
 
 
@@ -358,7 +358,7 @@ def causal_kv_candidates(s: Tensor, *, window: int, num_candidates: int,
     b, r, n = s.shape
     g, c = n // window, num_candidates
     ranked = s.masked_fill(~rearrange(mask, 'b n -> b 1 n'), NEG_INF) if exists(mask) else s
-    values, offsets = rearrange(ranked, 'b r (g w) -> b r g w', w=window).topk(min(c, window), dim=-1)
+    values, offsets = topk_first(rearrange(ranked, 'b r (g w) -> b r g w', w=window), min(c, window))
     positions = offsets + rearrange(torch.arange(g, device=s.device) * window, 'g -> g 1')
 
     best = s.new_full((b, r, c), NEG_INF)
