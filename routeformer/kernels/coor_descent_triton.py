@@ -25,9 +25,11 @@ from .coor_descent import coor_descent, epsilon_schedule, row_k
 MAX_BLOCK = 131072  # one row must fit one program; longer rows: route in blocks (route_block_size)
 
 
+# n_iters is a compile-time constant (one kernel per segment length, a handful): Triton's
+# interpreter cannot loop over a runtime integer argument
 @triton.jit
 def _forward_kernel(s_ptr, use_ptr, logk_ptr, eps_ptr, b_in_ptr, a_out_ptr, b_out_ptr,
-                    n_cols, row_stride, start, n_iters, BLOCK: tl.constexpr):
+                    n_cols, row_stride, start, n_iters: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     in_row = cols < n_cols
@@ -50,7 +52,7 @@ def _forward_kernel(s_ptr, use_ptr, logk_ptr, eps_ptr, b_in_ptr, a_out_ptr, b_ou
 
 @triton.jit
 def _backward_kernel(s_ptr, use_ptr, logk_ptr, eps_ptr, b_in_ptr, ds_ptr, gb_ptr, ga_ptr, dlogk_ptr,
-                     n_cols, row_stride, start, n_iters, BLOCK: tl.constexpr):
+                     n_cols, row_stride, start, n_iters: tl.constexpr, BLOCK: tl.constexpr):
     """Back through one segment: gb holds the gradient of the segment's last b on entry and of its
     first b on exit; ds and dlogk accumulate; ga is the gradient of the last a (nonzero only for
     the final segment, whose a feeds the scores)."""
