@@ -31,10 +31,13 @@ def metrics(run):
     return [json.loads(line) for line in (run / 'metrics.jsonl').read_text().splitlines()]
 
 
-def test_two_processes_equal_one(tmp_path):
-    assert main([*ARGS, '--out', str(tmp_path / 'one')]) == 0
+# routing: k-means centroids initialised from, and updated with, the data of both processes
+@pytest.mark.parametrize('family', ['full', 'routing'])
+def test_two_processes_equal_one(tmp_path, family):
+    args = [*ARGS, '--family', family]
+    assert main([*args, '--out', str(tmp_path / 'one')]) == 0
     proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
-                           f'--master_port={free_port()}', '-m', 'routeformer', *ARGS, '--out', str(tmp_path / 'two')],
+                           f'--master_port={free_port()}', '-m', 'routeformer', *args, '--out', str(tmp_path / 'two')],
                           env=env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = metrics(tmp_path / 'one'), metrics(tmp_path / 'two')

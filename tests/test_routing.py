@@ -72,68 +72,101 @@ def dense(q, k, v, counts):
 
 
 def routing_vectors(q, k):
-    return l2norm(l2norm(q) + l2norm(k))
+    """What the centroids are trained on without shared QK: the unit queries and the unit keys."""
+    return torch.cat((l2norm(q), l2norm(k)), dim=-2)
 
 
-def nearest(x, means):
-    """Independent argmax over centroids, one token at a time."""
+def nearest(x, means, bias=None):
+    """Independent argmax over centroids (similarities offset by the balance `bias` (h, c)), one
+    token at a time."""
     b, h, n, _ = x.shape
+    bias = torch.zeros(means.shape[:2]) if bias is None else bias
     out = torch.empty(b, h, n, dtype=torch.long)
     for bi in range(b):
         for hi in range(h):
             for i in range(n):
-                out[bi, hi, i] = int((means[hi] @ x[bi, hi, i]).argmax())
+                out[bi, hi, i] = int((means[hi] @ x[bi, hi, i] + bias[hi]).argmax())
     return out
 
 
 # ---------------------------------------------------------------- the router against dense attention
 
+def allowed_keys(q_clusters, k_clusters, window):
+    """The keys each query may see, one token at a time: those of its cluster among the last
+    2 * `window` - 1 items (keys and queries, in the order key t, query t, key t + 1, ...) of its
+    cluster before it; with one cluster per position (k_clusters None), the last `window` tokens of
+    its cluster, itself included."""
+    b, h, n = q_clusters.shape
+    allowed = torch.zeros(b, h, n, n)
+    for bi in range(b):
+        for hi in range(h):
+            for i in range(n):
+                c = q_clusters[bi, hi, i]
+                if c < 0:
+                    allowed[bi, hi, i, i] = 1  # a padding query: anything finite, compared nowhere
+                    continue
+                if k_clusters is None:
+                    mates = [j for j in range(i + 1) if q_clusters[bi, hi, j] == c]
+                    allowed[bi, hi, i, mates[-window:]] = 1
+                    continue
+                items = []
+                for t in range(i + 1):
+                    if k_clusters[bi, hi, t] == c:
+                        items.append(('key', t))
+                    if t < i and q_clusters[bi, hi, t] == c:
+                        items.append(('query', t))
+                for kind, t in items[max(0, len(items) - (2 * window - 1)):]:
+                    if kind == 'key':
+                        allowed[bi, hi, i, t] = 1
+    return allowed
+
+
+@pytest.mark.parametrize('shared_qk', [False, True])
 @pytest.mark.parametrize('n,window,padded', [(24, 4, False), (23, 4, True), (24, 8, True), (5, 4, False)])
-def test_causal_plan_equals_last_window_of_own_cluster(n, window, padded):
+def test_causal_plan_equals_recent_keys_of_own_cluster(n, window, padded, shared_qk):
     q, k, v = qkv(n=n)
-    router = KMeansRouter(heads=2, dim_head=8, num_clusters=3, window_size=window).double().eval()
+    router = KMeansRouter(heads=2, dim_head=8, num_clusters=3, window_size=window, shared_qk=shared_qk).double().eval()
     mask = None
     if padded:
         mask = torch.ones(2, n, dtype=torch.bool)
         mask[1, :3] = False  # left padding
+    if shared_qk:
+        k = l2norm(q)
     plan = router(q, k, causal=True, mask=mask)
-    x = routing_vectors(q, k)
-    clusters = nearest(x, router.means)
-    expected_clusters = clusters if mask is None else clusters.masked_fill(~mask[:, None], -1)
-    assert torch.equal(plan.info['clusters'], expected_clusters)
-    # commitment loss: mean squared distance of a real token's vector to its centroid, times 1e-4
-    rows = torch.ones(2, n, dtype=torch.bool) if mask is None else mask
-    chosen = torch.stack([router.means[h][clusters[:, h]] for h in range(2)], dim=1)
-    expected = (x - chosen).square().mean(-1).transpose(1, 2)[rows].mean() * 1e-4
-    assert torch.allclose(plan.aux_loss, expected, atol=1e-15)
+    real = torch.ones(2, n, dtype=torch.bool) if mask is None else mask
+    q_clusters = nearest(l2norm(q), router.means).masked_fill(~real[:, None], -1)
+    k_clusters = None if shared_qk else nearest(l2norm(k), router.means).masked_fill(~real[:, None], -1)
+    assert torch.equal(plan.info['clusters'], q_clusters)
+    assert shared_qk or torch.equal(plan.info['key_clusters'], k_clusters)
+    # commitment loss: mean squared distance of a real query's (and key's) unit vector to its
+    # centroid, per feature, times 1e-4
+    vectors = [(q, q_clusters)] + ([] if shared_qk else [(k, k_clusters)])
+    errors = [(l2norm(x) - torch.stack([router.means[h][c[:, h].clamp(min=0)] for h in range(2)], dim=1))
+              .square().mean(-1).transpose(1, 2)[real] for x, c in vectors]
+    assert torch.allclose(plan.aux_loss, torch.cat(errors).mean() * 1e-4, atol=1e-15)
 
-    allowed = torch.zeros(2, 2, n, n)
-    for b in range(2):
-        for h in range(2):
-            for i in range(n):
-                if expected_clusters[b, h, i] < 0:
-                    allowed[b, h, i, i] = 1  # a padding query: anything finite, compared nowhere
-                    continue
-                mates = [j for j in range(i + 1) if expected_clusters[b, h, j] == expected_clusters[b, h, i]]
-                allowed[b, h, i, mates[-window:]] = 1
+    allowed = allowed_keys(q_clusters, k_clusters, window)
+    assert shared_qk or (allowed.sum(-1) == 0).any() or n < 8  # separate clusters: some queries meet no key
     for backend in ('reference', 'sdpa'):
         out, _ = RoutedAttention(backend=backend)(q, k, v, plan, causal=True, key_mask=mask)
-        rows = torch.ones(2, n, dtype=torch.bool) if mask is None else mask
-        assert torch.allclose(out.transpose(1, 2)[rows], dense(q, k, v, allowed).transpose(1, 2)[rows], atol=1e-12)
+        seen = real & (allowed.sum(-1) > 0).all(dim=1)  # a query no key is admitted to gets 0
+        assert torch.allclose(out.transpose(1, 2)[seen], dense(q, k, v, allowed).transpose(1, 2)[seen], atol=1e-12)
+        empty = (allowed.sum(-1) == 0) & real[:, None]
+        assert (out[empty] == 0).all()
 
 
-def test_routing_vector_shared_qk_is_the_query_and_separate_qk_uses_both():
+def test_shared_qk_routes_by_the_query_and_separate_qk_routes_queries_and_keys_apart():
     q, k, _ = qkv()
     # shared-QK keys are the normalised queries: a token's cluster is its query's
     shared = KMeansRouter(heads=2, dim_head=8, num_clusters=4, window_size=4, shared_qk=True).double().eval()
-    assert torch.equal(shared(q, l2norm(q), causal=True).info['clusters'], nearest(l2norm(q), shared.means))
+    plan = shared(q, l2norm(q), causal=True)
+    assert torch.equal(plan.info['clusters'], nearest(l2norm(q), shared.means)) and 'key_clusters' not in plan.info
     assert not shared.needs_routing_keys
     router = KMeansRouter(heads=2, dim_head=8, num_clusters=4, window_size=4).double().eval()
-    base = router(q, k, causal=True).info['clusters']
-    assert router.needs_routing_keys and torch.equal(base, nearest(routing_vectors(q, k), router.means))
-    # with separate q/k both the query and the key of a position steer its cluster
-    assert not torch.equal(router(q, -k, causal=True).info['clusters'], base)
-    assert not torch.equal(router(-q, k, causal=True).info['clusters'], base)
+    plan = router(q, k, causal=True)
+    assert router.needs_routing_keys
+    assert torch.equal(plan.info['clusters'], nearest(l2norm(q), router.means))
+    assert torch.equal(plan.info['key_clusters'], nearest(l2norm(k), router.means))
 
 
 def balanced_reference(q, k, router, mask=None):
@@ -328,6 +361,37 @@ def test_dead_centroids_restart_at_the_worst_served_tokens(restart_dead):
     assert len(clusters.unique()) == 3  # and they take tokens again
 
 
+@pytest.mark.parametrize('shared_qk', [True, False])
+def test_balance_offsets_spread_queries_and_keys_over_the_clusters(shared_qk):
+    # queries and keys crowd near centroid 0; the offsets move them out, each kind on its own
+    e1 = torch.eye(4)[0]
+    g = torch.Generator().manual_seed(0)
+    q, k = (l2norm(2 * sign * e1 + 0.5 * torch.randn(1, 1, 64, 4, generator=g)) for sign in (1, -1))
+    router = KMeansRouter(heads=1, dim_head=4, num_clusters=4, window_size=8, shared_qk=shared_qk, ema_decay=0.999,
+                          restart_dead=False, balance_rate=0.02).train()
+    router.means.copy_(torch.stack((e1, *torch.eye(4)[1:]))[None])
+    router.initted.fill_(True)
+
+    def loads():
+        plan = router(q, k, causal=True)
+        kinds = ('clusters',) if shared_qk else ('clusters', 'key_clusters')
+        return [torch.bincount(plan.info[kind].flatten(), minlength=4) for kind in kinds]
+
+    before = loads()
+    assert before[0][0] > 48  # crowded
+    for _ in range(150):
+        router.update()
+        after = loads()
+    assert all(load.max() <= 24 for load in after), after  # about 16 each
+    assert (router.balance[1] == 0).all() if shared_qk else (router.balance[1] != 0).any()
+    router.update()  # what the last training forward gathered
+    router.eval()
+    balance = router.balance.clone()
+    router(q, k, causal=True)
+    router.update()
+    assert torch.equal(router.balance, balance)  # nothing moves in eval mode
+
+
 def test_nothing_changes_in_eval_mode():
     model = lm().eval()
     before = [r.means.clone() for r in routers_of(model)]
@@ -411,6 +475,7 @@ def _distributed_worker(rank, world, init_file, out_dir):
             logits, aux = model(x)
             (logits.mean() + aux).backward()  # automatic update: all-reduced statistics
             saved[step] = [r.means.clone() for r in routers_of(model)]
+            saved[f'balance{step}'] = [r.balance.clone() for r in routers_of(model)]
             saved[f'x{step}'] = x
         torch.save(saved, Path(out_dir) / f'{rank}.pt')
     finally:
@@ -422,12 +487,13 @@ def test_distributed_processes_keep_identical_centroids(tmp_path):
     mp.spawn(_distributed_worker, args=(2, str(tmp_path / 'init'), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f'{r}.pt') for r in (0, 1))
     for step in (0, 1):
-        for a, b in zip(r0[step], r1[step]):
+        for a, b in zip(r0[step] + r0[f'balance{step}'], r1[step] + r1[f'balance{step}']):
             assert torch.equal(a, b), 'centroids drifted apart across processes'
     # and they are the update from both processes' data: one process on the union gives the same
     model = lm(train_step=False)
-    for r, means in zip(routers_of(model), r0[0]):
+    for r, means, balance in zip(routers_of(model), r0[0], r0['balance0']):
         r.means.copy_(means)
+        r.balance.copy_(balance)
         r.initted.fill_(True)
     logits, aux = model(torch.cat((r0['x1'], r1['x1'])))
     (logits.mean() * 0 + aux).backward()
@@ -503,14 +569,20 @@ def test_recorder_shows_the_cluster_of_every_token():
     routed = [rec for rec in recorder.recordings[0] if 'clusters' in rec['plan'].info]
     assert len(routed) == 2 and all(rec['heads'] == (1, 4) for rec in routed)
     for rec, (router, _, (q, k)) in zip(routed, captured):
+        # causal models share QK by default: one cluster per token, its query's
         clusters = rec['plan'].info['clusters']
-        assert clusters.shape == (2, 3, 64)
-        assert torch.equal(clusters, nearest(l2norm(l2norm(q) + l2norm(k)), router.means))
-        # attention only ever lands inside a token's own cluster
-        same = clusters[..., :, None] == clusters[..., None, :]
+        key_clusters = rec['plan'].info.get('key_clusters', clusters)
+        assert clusters.shape == key_clusters.shape == (2, 3, 64)
+        assert torch.equal(clusters, nearest(l2norm(q), router.means, router.balance[0]))
+        assert 'key_clusters' not in rec['plan'].info or torch.equal(
+            key_clusters, nearest(l2norm(k), router.means, router.balance[1]))
+        # attention only ever lands on keys of the query's own cluster
+        same = clusters[..., :, None] == key_clusters[..., None, :]
         attn = rec['attn']
         assert attn.shape == (2, 3, 64, 64) and (attn[~same] == 0).all()
-        assert torch.allclose(attn.sum(-1), torch.ones(2, 3, 64), atol=1e-5)
+        # a query sums to 1, or to 0 where its cluster held no recent key
+        sums = attn.sum(-1)
+        assert torch.allclose(sums, (sums > 0.5).float(), atol=1e-5) and (sums > 0.5).float().mean() > 0.5
 
 
 # ---------------------------------------------------------------- the seed API and every keyword

@@ -123,8 +123,9 @@ class RoutedAttention(nn.Module):
 
         empty = None
         if exists(mask):
-            # a row with no admissible key (a padded query) would be undefined: let it see all,
-            # and when groups are merged, let that group contribute nothing
+            # a row with no admissible key (a padded query, a routed query whose cluster holds no
+            # earlier key) would be undefined: the kernel sees all of it, and its output is zeroed
+            # below, so that it contributes nothing and sees no later key
             empty = ~mask.any(dim=-1, keepdim=True)
             mask = mask | empty
 
@@ -133,8 +134,11 @@ class RoutedAttention(nn.Module):
         out, lse, weights = attend(qg, kg, vg, mask, scale=q.shape[-1] ** -0.5, bias=bias,
                                    dropout_p=self.dropout if self.training else 0.,
                                    causal=kernel_causal, need_lse=need_lse, need_weights=need_weights)
-        if need_lse and exists(empty):
-            lse = lse.masked_fill(empty.squeeze(-1), float('-inf'))
+        if exists(empty):
+            out = out.masked_fill(empty, 0.)
+            weights = weights.masked_fill(empty, 0.) if exists(weights) else None
+            if need_lse:
+                lse = lse.masked_fill(empty.squeeze(-1), float('-inf'))
         if exists(plan.q_gate):
             out = out * rearrange(plan.q_gate, '... i -> ... i 1').to(out.dtype)
         if need_weights and need_lse:

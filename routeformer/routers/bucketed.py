@@ -10,6 +10,9 @@ this admits lies in the query's chunk or the one before it, so nothing is droppe
 admitted set depends on nothing after the query: a later token can change which chunk an earlier
 one lands in, but not what it sees.
 
+`sort_and_chunk_pairs` is the causal plan when queries and keys have buckets of their own (k-means
+routing without shared QK): keys and queries are items of one sequence, sorted and chunked alike.
+
 Axes: b batch, h heads, r hash rounds, n sequence, c chunks per round, g groups (r * c),
 i queries per chunk, j keys per group (2 * window).
 """
@@ -43,6 +46,18 @@ def look_one_back(t: Tensor, *, cyclic: bool, fill) -> Tensor:
     return torch.cat((previous, t), dim=-1)
 
 
+def band_mask(q_bucket: Tensor, kv_bucket: Tensor, window: int) -> Tensor:
+    """Same bucket, and fewer than `window` items apart in the sorted sequence. Inside a bucket the
+    sorted order is the position order, so two bucket-mates' rank difference is their distance in
+    the sorted sequence: window + i - j for query slot i and key slot j of the look-one-back
+    layout. "Fewer than `window` apart" is then the constant band j > i, no per-token ranks needed
+    (same mask, a fraction of the memory traffic). Keys after the query in the band are the
+    executor's causal mask's to drop."""
+    slots = torch.arange(2 * window, device=q_bucket.device)
+    recent = slots[None, :] > slots[:window, None]
+    return (rearrange(q_bucket, '... i -> ... i 1') == rearrange(kv_bucket, '... j -> ... 1 j')) & recent
+
+
 def sort_and_chunk(buckets: Tensor, window: int, *, causal: bool, same_bucket: bool | None = None) -> RoutePlan:
     """buckets (b, h, r, n) long: the bucket of every token in each of r rounds (ids may repeat
     across rounds). Returns a plan over r * n/window groups, merged by log-sum-exp when r > 1.
@@ -67,16 +82,10 @@ def sort_and_chunk(buckets: Tensor, window: int, *, causal: bool, same_bucket: b
     kv_bucket = look_one_back(q_bucket, cyclic=not causal, fill=-1)
 
     mask = None
-    if same_bucket:
-        mask = rearrange(q_bucket, '... i -> ... i 1') == rearrange(kv_bucket, '... j -> ... 1 j')
     if causal:
-        # inside a bucket the sorted order is the position order, so two bucket-mates' rank
-        # difference is their distance in the sorted sequence: window + i - j for query slot i and
-        # key slot j of the look-one-back layout. "Fewer than `window` apart" is then the constant
-        # band j > i, no per-token ranks needed (same mask, a fraction of the memory traffic)
-        slots = torch.arange(2 * window, device=buckets.device)
-        recent = slots[None, :] > slots[:window, None]
-        mask = mask & recent
+        mask = band_mask(q_bucket, kv_bucket, window)
+    elif same_bucket:
+        mask = rearrange(q_bucket, '... i -> ... i 1') == rearrange(kv_bucket, '... j -> ... 1 j')
 
     def groups(t):
         return rearrange(t, 'b h r c ... -> b h (r c) ...')
@@ -85,3 +94,34 @@ def sort_and_chunk(buckets: Tensor, window: int, *, causal: bool, same_bucket: b
                      mask=groups(mask) if mask is not None else None,
                      merge='logsumexp' if r > 1 else 'overwrite',
                      info=dict(buckets=buckets))
+
+
+def sort_and_chunk_pairs(q_buckets: Tensor, k_buckets: Tensor, window: int) -> RoutePlan:
+    """Causal plan for queries and keys with buckets of their own, (b, h, n) each.
+
+    The n keys and n queries are 2n items of one sequence, sorted by (bucket, position, key before
+    query) and chunked as above. A query attends to the keys of its bucket among the `window` - 1
+    items of that bucket just before it: these are items at positions up to its own, so the plan
+    is strictly causal, and it sees its own key when that shares its bucket. Half the slots of a
+    group are empty on average (a query slot holding a key, or the reverse), so about
+    `window` / 2 keys are in reach of a query."""
+    b, h, n = q_buckets.shape
+    if 2 * n % window != 0:
+        raise ValueError(f'{n} queries and {n} keys do not fill chunks of {window} items: pad the sequence, '
+                         f'or wrap the model in Autopadder')
+    items = torch.cat((k_buckets, q_buckets), dim=-1)
+    positions = torch.arange(n, device=items.device)
+    within = torch.cat((2 * positions, 2 * positions + 1))  # a key before the query of its position
+    order = (items * (2 * n) + within).argsort(dim=-1)
+    sorted_buckets = items.gather(-1, order)
+    is_query, position = order >= n, order % n
+
+    def chunked(t):
+        return rearrange(t, 'b h (c i) -> b h c i', i=window)
+
+    q_index = chunked(torch.where(is_query, position, -1))
+    kv_index = look_one_back(chunked(torch.where(is_query, -1, position)), cyclic=False, fill=-1)
+    q_bucket = chunked(sorted_buckets)
+    mask = band_mask(q_bucket, look_one_back(q_bucket, cyclic=False, fill=-1), window)
+    return RoutePlan(q_index=q_index, kv_index=kv_index, mask=mask,
+                     info=dict(buckets=q_buckets, key_buckets=k_buckets))

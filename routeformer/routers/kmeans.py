@@ -4,10 +4,14 @@ Every routed head keeps `num_clusters` unit centroids. Tokens are routed by the 
 of their (unit-normalised) queries/keys to the centroids, and attend only inside their cluster.
 
 Three plans, one per use:
-- causal self-attention: every token's cluster is the argmax over the centroids of its own
-  routing vector, then `sort_and_chunk` (same cluster, not later, among the last `window_size`
-  tokens of that cluster). Strictly causal by construction: nothing a token sees depends on a
-  later token (the seed's top-k over the whole sequence leaked).
+- causal self-attention: every query and every key goes to its nearest centroid (offset by the
+  balance terms), and a query attends to the keys of its cluster among the last 2 * `window_size`
+  queries and keys of that cluster before it, about `window_size` keys (`sort_and_chunk_pairs`;
+  with shared QK a position has one cluster, and `sort_and_chunk` gives it the last
+  `window_size` tokens of its cluster). Strictly causal by
+  construction: nothing a token sees depends on a later token (the seed's top-k over the whole
+  sequence leaked). Separate clusters matter: a query must meet the keys it matches, which are
+  not the keys of positions whose own query resembles it.
 - non-causal self-attention: balanced clusters as in the seed (each centroid takes its
   `window_size` most similar queries and keys), merged by log-sum-exp where a query is taken by
   several clusters; queries no centroid took (about a third of them in the seed, which left them
@@ -41,7 +45,7 @@ from torch import Tensor
 from ..attention.plan import RoutePlan
 from ..helpers import exists, l2norm, topk_first
 from .base import Router
-from .bucketed import rank_in_bucket, sort_and_chunk
+from .bucketed import rank_in_bucket, sort_and_chunk, sort_and_chunk_pairs
 
 # rows of (tokens x clusters) similarities computed at once: bounds the memory of assignment
 ASSIGN_CHUNK = 8192
@@ -54,9 +58,20 @@ def similarity(x: Tensor, means: Tensor) -> Tensor:
         return torch.einsum('b h n d, h c d -> b h n c', x, means.to(x.dtype))
 
 
-def nearest_cluster(x: Tensor, means: Tensor) -> Tensor:
-    """x (b, h, n, d) unit vectors, means (h, c, d) -> (b, h, n) index of the most similar centroid."""
-    return torch.cat([similarity(chunk, means).argmax(dim=-1) for chunk in x.split(ASSIGN_CHUNK, dim=-2)], dim=-1)
+def nearest_cluster(x: Tensor, means: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x (b, h, n, d) unit vectors, means (h, c, d) -> (b, h, n) index of the most similar centroid,
+    similarities offset by `bias` (h, c) when given (load balancing)."""
+    def best(chunk):
+        sim = similarity(chunk, means)
+        return (sim if bias is None else sim + rearrange(bias.to(sim.dtype), 'h c -> h 1 c')).argmax(dim=-1)
+    return torch.cat([best(chunk) for chunk in x.split(ASSIGN_CHUNK, dim=-2)], dim=-1)
+
+
+def cluster_loads(clusters: Tensor, num_clusters: int) -> Tensor:
+    """(b, h, n) cluster ids (-1 for padding) -> (h, c) number of tokens per cluster."""
+    index = rearrange(clusters.clamp(min=0), 'b h n -> h (b n)')
+    weight = rearrange(clusters >= 0, 'b h n -> h (b n)').float()
+    return weight.new_zeros(clusters.shape[1], num_clusters).scatter_add_(1, index, weight)
 
 
 def cluster_sums(x: Tensor, clusters: Tensor, valid: Tensor | None, num_clusters: int) -> tuple[Tensor, Tensor]:
@@ -93,6 +108,24 @@ def worst_of(vectors: Tensor, badness: Tensor, count: int) -> tuple[Tensor, Tens
     top = topk_first(badness, min(count, badness.shape[-1]))
     index = top.indices.repeat(1, math.ceil(count / top.indices.shape[-1]))[:, :count]
     return vectors.gather(1, repeat(index, 'h c -> h c d', d=vectors.shape[-1])), badness.gather(1, index)
+
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def gather_processes(x: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """x (b, h, n, d) and valid (b|1, 1, n) of every process, concatenated along the batch in
+    process order (as one process would see the global batch); unchanged outside torch.distributed."""
+    if not distributed():
+        return x, valid
+    world = dist.get_world_size()
+    xs = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(xs, x.contiguous())
+    mask = (valid if valid is not None else x.new_ones(1, 1, 1, dtype=torch.bool)).expand(x.shape[0], 1, x.shape[2])
+    masks = [torch.empty_like(mask) for _ in range(world)]
+    dist.all_gather(masks, mask.contiguous())
+    return torch.cat(xs), torch.cat(masks)
 
 
 def groups_by_cluster(clusters: Tensor, take: Tensor, num_clusters: int, size: int) -> tuple[Tensor, Tensor]:
@@ -151,7 +184,7 @@ class KMeansRouter(Router):
     def __init__(self, *, heads: int, dim_head: int, num_clusters: int, window_size: int,
                  context_window_size: int | None = None, ema_decay: float = 0.999, commitment: float = 1e-4,
                  shared_qk: bool = False, cross_attention: bool = False, init_iters: int = 10,
-                 restart_dead: bool = True):
+                 restart_dead: bool = True, balance_rate: float = 1e-2):
         super().__init__()
         for name, value in (('heads', heads), ('dim_head', dim_head), ('num_clusters', num_clusters),
                             ('window_size', window_size)):
@@ -164,7 +197,7 @@ class KMeansRouter(Router):
         if self.context_window_size < 1:
             raise ValueError(f'context_window_size must be a positive integer, got {context_window_size}')
         self.ema_decay, self.commitment, self.init_iters = ema_decay, commitment, init_iters
-        self.restart_dead = restart_dead
+        self.restart_dead, self.balance_rate = restart_dead, balance_rate
         self.cross_attention, self.shared_qk = cross_attention, shared_qk
         # shared-QK keys are the normalised queries: the new query alone gives a token's cluster
         self.needs_routing_keys = not shared_qk and not cross_attention
@@ -172,19 +205,28 @@ class KMeansRouter(Router):
         self.needs_decode_mask = not cross_attention
         self.register_buffer('means', l2norm(torch.randn(heads, num_clusters, dim_head)))
         self.register_buffer('initted', torch.tensor(False))
+        # causal routing cannot balance clusters by a top-k over the whole sequence (that would
+        # leak): each cluster's similarities get an offset instead, raised while the cluster takes
+        # fewer than its share of queries (row 0) or keys (row 1) and lowered while it takes more
+        # (auxiliary-loss-free load balancing, Wang et al. 2024). Without it queries and keys, two
+        # different projections, drift to clusters of their own and a query meets no key.
+        self.register_buffer('balance', torch.zeros(2, heads, num_clusters))
         # EMA statistics of the training forwards since the last update: plain attributes, not
         # buffers, so that DDP's buffer broadcast cannot overwrite a process's own statistics
         self._sums: Tensor | None = None
         self._counts: Tensor | None = None
         self._outliers: Tensor | None = None
+        self._loads: Tensor | None = None
 
     # ------------------------------------------------------------------ centroids
 
     @torch.no_grad()
     def init_means(self, x: Tensor, valid: Tensor | None) -> None:
         """Centroids from data: `num_clusters` random token vectors per head, refined by Lloyd
-        iterations on the batch. The global RNG is left as it was (a reversible recompute replays
-        the RNG state of the forward pass and must see the same dropout draws)."""
+        iterations on the batch (under torch.distributed, on the batches of all processes, and
+        process 0's draw is everyone's). The global RNG is left as it was (a reversible recompute
+        replays the RNG state of the forward pass and must see the same dropout draws)."""
+        x, valid = gather_processes(x, valid)
         h, c, d = self.means.shape
         flat = rearrange(x, 'b h n d -> h (b n) d')
         pool = torch.arange(flat.shape[1], device=x.device)
@@ -197,6 +239,8 @@ class KMeansRouter(Router):
         means = flat[:, pool[pick[:c].to(x.device)]]
         for _ in range(self.init_iters):
             means = lloyd_step(x, means, valid)
+        if distributed():
+            dist.broadcast(means, 0)
         self.means.copy_(means)
         self.initted.fill_(True)
 
@@ -213,6 +257,13 @@ class KMeansRouter(Router):
         self._outliers = worst
 
     @torch.no_grad()
+    def accumulate_loads(self, clusters: tuple[Tensor, ...]) -> None:
+        """Tokens per cluster of the queries (and keys) of a causal forward, for the balance offsets."""
+        loads = torch.stack([cluster_loads(c, self.num_clusters) for c in clusters])
+        loads = F.pad(loads, (0, 0, 0, 0, 0, 2 - loads.shape[0]))
+        self._loads = loads if self._loads is None else self._loads + loads
+
+    @torch.no_grad()
     def update(self) -> None:
         """Applies the accumulated statistics: centroid <- normalise(decay * centroid + (1 - decay) *
         mean direction of its tokens), for clusters that got tokens; a cluster that got none while
@@ -224,16 +275,17 @@ class KMeansRouter(Router):
         counts = self._counts.to(means.dtype) if exists(self._counts) else means.new_zeros(means.shape[:2])
         outliers, badness = self._outliers if exists(self._outliers) else (means, means.new_zeros(means.shape[:2]))
         outliers, badness = outliers.to(means.dtype), badness.to(means.dtype)
-        self._sums = self._counts = self._outliers = None
+        loads = self._loads.to(means.dtype) if exists(self._loads) else means.new_zeros(self.balance.shape)
+        self._sums = self._counts = self._outliers = self._loads = None
         initted = self.initted.to(means.dtype).view(1)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if distributed():
             first = float(dist.get_rank() == 0)
             # process 0's centroids travel along: a process that initialised them from its own data
             # adopts process 0's before the first step
-            flat = torch.cat((sums.flatten(), counts.flatten(), means.flatten() * first, initted * first))
+            flat = torch.cat((sums.flatten(), counts.flatten(), loads.flatten(), means.flatten() * first, initted * first))
             dist.all_reduce(flat)
-            refs = (sums, counts, means, initted)
-            sums, counts, means, initted = (t.view_as(ref) for t, ref in zip(flat.split([r.numel() for r in refs]), refs))
+            refs = (sums, counts, loads, means, initted)
+            sums, counts, loads, means, initted = (t.view_as(ref) for t, ref in zip(flat.split([r.numel() for r in refs]), refs))
             # restart points: the worst-served tokens of all processes, as one process on all the data
             mine = torch.cat((outliers, badness[..., None]), dim=-1)
             every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
@@ -249,6 +301,9 @@ class KMeansRouter(Router):
         restart = outliers.gather(1, repeat(slot, 'h c -> h c d', d=outliers.shape[-1]))
         self.means.copy_(torch.where(counts[..., None] > 0, new, torch.where(dead[..., None], restart, means)))
         self.initted.fill_(bool(initted.item()))
+        # a cluster under its share of the tokens gets a higher offset, one over it a lower one
+        share = loads.sum(dim=-1, keepdim=True) / self.num_clusters
+        self.balance.add_(self.balance_rate * (share - loads).sign().to(self.balance.dtype))
 
     def commitment_loss(self, v: Tensor, clusters: Tensor, valid: Tensor | None) -> Tensor:
         """Mean squared distance (per feature) of the unit directions of v (b, h, n, d) to their
@@ -265,13 +320,6 @@ class KMeansRouter(Router):
 
     # ------------------------------------------------------------------ routing
 
-    def routing_direction(self, q: Tensor, k: Tensor | None) -> Tensor:
-        """One direction per causal position for both its query and its key (differentiable, not
-        normalised). Sort-and-chunk needs a single cluster per position, and the query should take
-        part in choosing it: the direction halfway between the normalised query and key. With
-        shared-QK (k = q/|q|, the paper's causal setting) it is the query's."""
-        return q if self.shared_qk or k is None else unit(q) + unit(k)
-
     def maybe_init(self, x: Tensor, valid: Tensor | None, cached: RoutePlan | None) -> None:
         """The first training forward (never a reversible recompute) initialises from data."""
         if self.training and not exists(cached) and not bool(self.initted):
@@ -285,38 +333,57 @@ class KMeansRouter(Router):
         return self.route_balanced(q, k, mask=mask, cached=cached)
 
     def route_causal(self, q, k, *, mask, cached):
+        """Queries and keys by their own nearest centroid (shared-QK: one cluster per position, the
+        query's); a query attends to the recent keys of its cluster (`sort_and_chunk_pairs`)."""
         valid = mask[:, None, :] if exists(mask) else None
-        # the routing direction, differentiable for the commitment loss (shared-QK: the query)
-        direction = self.routing_direction(q, k)
+        separate = not self.shared_qk and exists(k)
+        # differentiable for the commitment loss: the queries, and the keys when they route apart
+        directions = torch.cat((q, k), dim=-2) if separate else q
+        both_valid = torch.cat((valid, valid), dim=-1) if separate and exists(valid) else valid
         with torch.no_grad():
-            x = unit(direction)
-        self.maybe_init(x, valid, cached)
+            x = unit(directions)
+        self.maybe_init(x, both_valid, cached)
         if exists(cached):
             clusters = cached.info['clusters']
-            return replace(cached, aux_loss=self.commitment_loss(direction, clusters.clamp(min=0), clusters >= 0))
+            if separate:
+                clusters = torch.cat((clusters, cached.info['key_clusters']), dim=-1)
+            return replace(cached, aux_loss=self.commitment_loss(directions, clusters.clamp(min=0), clusters >= 0))
 
         with torch.no_grad():
-            clusters = nearest_cluster(x, self.means.to(x.dtype))
-            if exists(valid):
-                clusters = clusters.masked_fill(~valid, -1)
+            n = q.shape[-2]
+            means = self.means.to(x.dtype)
+            clusters = torch.cat([nearest_cluster(part, means, bias)
+                                  for part, bias in zip(x.split(n, dim=-2), self.balance)], dim=-1)
+            if exists(both_valid):
+                clusters = clusters.masked_fill(~both_valid, -1)
             if self.training:
                 self.accumulate(x, clusters.clamp(min=0), clusters >= 0)
-            plan = self.causal_plan(clusters)
-        plan.aux_loss = self.commitment_loss(direction, clusters.clamp(min=0), clusters >= 0)
+                self.accumulate_loads(clusters.split(n, dim=-1))
+            plan = self.causal_plan(clusters[..., :n], clusters[..., n:] if separate else None)
+        plan.aux_loss = self.commitment_loss(directions, clusters.clamp(min=0), clusters >= 0)
         return plan
 
-    def causal_plan(self, clusters: Tensor) -> RoutePlan:
-        """sort_and_chunk over the clusters; padding tokens (-1) and the tail that makes the length a
-        multiple of the window go to an extra bucket that matches nothing real, so any length works."""
+    def causal_plan(self, clusters: Tensor, key_clusters: Tensor | None = None) -> RoutePlan:
+        """sort_and_chunk over the clusters (sort_and_chunk_pairs when the keys have clusters of their
+        own); padding tokens (-1) and the tail that makes the length a multiple of the window go
+        to an extra bucket that matches nothing real, so any length works."""
         b, h, n = clusters.shape
         w = self.window_size
         padded = math.ceil(n / w) * w
-        buckets = torch.where(clusters >= 0, clusters, self.num_clusters)
-        buckets = F.pad(buckets, (0, padded - n), value=self.num_clusters)
-        plan = sort_and_chunk(buckets[:, :, None], w, causal=True)
+
+        def buckets(c):
+            return F.pad(torch.where(c >= 0, c, self.num_clusters), (0, padded - n), value=self.num_clusters)
+
+        if key_clusters is None:
+            plan = sort_and_chunk(buckets(clusters)[:, :, None], w, causal=True)
+            info = dict(clusters=clusters)
+        else:
+            # items are queries and keys alike: twice the window of items holds about a window of keys
+            plan = sort_and_chunk_pairs(buckets(clusters), buckets(key_clusters), 2 * w)
+            info = dict(clusters=clusters, key_clusters=key_clusters)
         q_index = plan.q_index.masked_fill(plan.q_index >= n, -1)
         kv_index = plan.kv_index.masked_fill(plan.kv_index >= n, -1)
-        return replace(plan, q_index=q_index, kv_index=kv_index, info=dict(clusters=clusters))
+        return replace(plan, q_index=q_index, kv_index=kv_index, info=info)
 
     def route_balanced(self, q, k, *, mask, cached):
         """Each centroid takes its `window_size` most similar queries and keys; queries no centroid
@@ -397,26 +464,41 @@ class KMeansRouter(Router):
     # ------------------------------------------------------------------ cached decoding
 
     def decode(self, pos, *, q, k, state, mask=None):
-        """The new token's cluster from itself; it attends to the last `window_size` tokens of its
-        cluster (itself included), exactly what the causal forward pass admits. `state['clusters']`
-        (b, h, pos) holds the clusters of the prefix: seeded from the prefill's plan."""
+        """The new token's clusters from itself; it attends to what the causal forward pass admits:
+        with shared QK the last `window_size` tokens of its cluster (itself included), else the keys
+        among the 2 * `window_size` - 1 items (keys and queries) of its cluster just before it.
+        `state` holds the clusters of the prefix (b, h, pos), seeded from the prefill's plan."""
         if self.cross_attention:
             raise RuntimeError('cross-attention routers do not decode token by token')
+        separate = not self.shared_qk and exists(k)
+        names = ('clusters', 'key_clusters') if separate else ('clusters',)
         if 'clusters' not in state:
             prefill = state.get('prefill')
-            if exists(prefill):
-                state['clusters'] = prefill.info['clusters'].to(q.device)
-            else:
-                assert pos == 0, 'a k-means router decoding after a prefill needs the prefill plan'
-                state['clusters'] = torch.zeros(*q.shape[:2], 0, dtype=torch.long, device=q.device)
-        x = unit(self.routing_direction(q, None if k is None else k[..., -1:, :]))
-        new = nearest_cluster(x, self.means.to(x.dtype))                        # (b, h, 1)
-        if exists(mask):
-            new = new.masked_fill(~mask[:, None, -1:], -1)
-        clusters = state['clusters'] = torch.cat((state['clusters'], new), dim=-1)
+            for name in names:
+                if exists(prefill):
+                    state[name] = prefill.info[name].to(q.device)
+                else:
+                    assert pos == 0, 'a k-means router decoding after a prefill needs the prefill plan'
+                    state[name] = torch.zeros(*q.shape[:2], 0, dtype=torch.long, device=q.device)
+        means = self.means.to(q.dtype)
+        news = [nearest_cluster(unit(t), means, bias)  # (b, h, 1)
+                for t, bias in zip((q, k[..., -1:, :]) if separate else (q,), self.balance)]
+        for name, new in zip(names, news):
+            if exists(mask):
+                new = new.masked_fill(~mask[:, None, -1:], -1)
+            state[name] = torch.cat((state[name], new), dim=-1)
+        new = state['clusters'][..., -1:]
         positions = torch.arange(pos + 1, device=q.device)
-        mates = torch.where(clusters == new, positions, -1)
-        kv_index = mates.topk(min(self.window_size, pos + 1), dim=-1).values  # most recent mates
+        if separate:
+            # sort orders of the items of its cluster before it: key t at 2t, query t at 2t + 1
+            keys = torch.where(state['key_clusters'] == new, 2 * positions, -1)
+            queries = torch.where(state['clusters'][..., :-1] == new, 2 * positions[:-1] + 1, -1)
+            orders = torch.cat((keys, queries), dim=-1)
+            recent = orders.topk(min(2 * self.window_size - 1, orders.shape[-1]), dim=-1).values
+            kv_index = torch.where((recent >= 0) & (recent % 2 == 0), recent // 2, -1)
+        else:
+            mates = torch.where(state['clusters'] == new, positions, -1)
+            kv_index = mates.topk(min(self.window_size, pos + 1), dim=-1).values  # most recent mates
         return RoutePlan(q_index=None, kv_index=rearrange(kv_index, 'b h j -> b h 1 j'), q_offset=pos,
                          info=dict(clusters=new))
 
