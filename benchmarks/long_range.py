@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Proof that routing learns what local attention cannot: every family trains on the
 duplication task and on multi-query associative recall at the same size and budget, and one
-table shows accuracy, steps and wall time per model (issue 7, part 5).
+table shows accuracy, steps and wall time per model.
 
 The copy lies seq_len / 2 positions back (and the recall keys about seq_len), beyond the reach
 of a local window of `window` tokens with one window of look-back, so the local model should stay
@@ -50,24 +50,32 @@ TASKS = {
 TOKEN_SHIFT = dict(shift_tokens=True)
 NO_TOKEN_SHIFT = {'colt5'}  # ConditionalRoutedTransformerLM has no shift_tokens option
 # Routers choose keys from the vectors they are given, and rotary positions are applied after
-# routing: a bucket or cluster knows a token's content, not its position. The copy task is solved
-# by position (attend seq_len / 2 back), so the families that route by content get absolute
-# position embeddings in their input. Measured at the budget below (duplication, validation
-# accuracy): Reformer 6.8% with rotary positions only, 100% from step 200 with absolute ones;
-# full shared-QK attention learns the task (97.8%), and evaluating its weights with LSH buckets
-# of 32 gives chance: what it learned lives in the rotary positions hashing never sees.
-# k-means routing also routes queries and keys apart (shared_qk=False): with shared QK a query
-# must resemble the *key's own query*, and one token-shifted layer cannot make a query resemble
-# the query of the position whose key it needs (18% with shared QK and rotary positions; 86-88%
-# with separate clusters and absolute positions). Its centroids follow the queries and keys
-# with an EMA decay of 0.99: at the seed's 0.999 they lag behind vectors that move fast early in
-# a short run (the same model then plateaus at 86-88%; at 0.99 it reaches 99.6% by step 900).
+# routing: a bucket or cluster knows a token's content, not its position. The copy is found by
+# its offset (seq_len / 2 back), so on duplication the content-routed families get absolute
+# position embeddings in their input. Measured at the budget below (validation accuracy):
+# - Reformer, duplication: 6.8% with rotary positions only, 100% from step 200 with absolute ones.
+#   Full shared-QK attention learns the task (97.8%), and its weights evaluated with LSH buckets
+#   of 32 give chance: what it learned lives in the rotary positions that hashing never sees.
+# - k-means routing routes queries and keys apart (shared_qk=False): with shared QK a query must
+#   resemble the *key's own query*, and one token-shifted layer cannot make a query resemble the
+#   query of the position whose key it needs (duplication: 18% with shared QK). Its centroids
+#   follow the vectors with an EMA decay of 0.99: at the seed's 0.999 they lag behind vectors that
+#   move fast early in a short run (duplication plateaus at 86-88%; at 0.99, 99.6% by step 900).
+#   Recall is found by content, and absolute positions in the routing vectors then split the
+#   queries at the end from the keys at the start (2% after 3,000 steps), so k-means routing
+#   keeps rotary positions alone there.
+# - Sinkhorn, recall: the causal attention sort net routes a block by a summary of the tokens just
+#   before it, which for the queries' block is the run of zeros between pairs and queries: 3.2%
+#   after 3,000 steps. The simple sort net scores key blocks by their position and learns to send
+#   the queries to the pairs (100% from step 1,100).
 # CoLT5 routes a fixed number of heavy queries per window and key/values per sequence: here every
 # query is heavy and the key/values can cover the first copy (the registry default is sparser).
 FAMILY_ARGS = {
     'colt5': lambda cfg: dict(num_heavy_attn_tokens_q=cfg.model.window, num_heavy_attn_tokens_kv=cfg.model.seq_len // 2),
     'reformer': lambda cfg: dict(absolute_position_emb=True),
-    'routing': lambda cfg: dict(shared_qk=False, use_absolute_pos_emb=True, kmeans_ema_decay=0.99),
+    'routing': lambda cfg: dict(shared_qk=False, kmeans_ema_decay=0.99,
+                                use_absolute_pos_emb=cfg.data.task == 'duplication'),
+    'sinkhorn': lambda cfg: dict(use_simple_sort_net=cfg.data.task == 'recall'),
 }
 
 

@@ -93,7 +93,7 @@ def sinkhorn_transformer_seed(cfg: ModelConfig) -> nn.Module:
                                  max_seq_len=cfg.seq_len, bucket_size=cfg.window, causal=True)
 
 
-# Routing Transformer, issue settings: 2 of the heads local (window `window`), the rest k-means
+# Routing Transformer, benchmark settings: 2 of the heads local (window `window`), the rest k-means
 # routed with clusters of `window` tokens; shared-QK, as both packages default to for causal models
 def _routing_kwargs(cfg: ModelConfig) -> dict:
     return dict(num_tokens=cfg.vocab, dim=cfg.dim, depth=cfg.depth, max_seq_len=cfg.seq_len, heads=cfg.heads,
@@ -161,7 +161,7 @@ def colt5_attention_seed(cfg: ModelConfig) -> nn.Module:
                                                                           use_triton=torch.cuda.is_available()))
 
 
-# Reformer, issue settings: LSH attention in every head, buckets of `window` tokens, 4 hash rounds,
+# Reformer, benchmark settings: LSH attention in every head, buckets of `window` tokens, 4 hash rounds,
 # reversible layers and the seed's default chunking (ff_chunks 100, attn_chunks 1) in both packages
 def _reformer_kwargs(cfg: ModelConfig) -> dict:
     return dict(num_tokens=cfg.vocab, dim=cfg.dim, depth=cfg.depth, max_seq_len=cfg.seq_len, heads=cfg.heads,

@@ -4,14 +4,14 @@ Every routed head keeps `num_clusters` unit centroids. Tokens are routed by the 
 of their (unit-normalised) queries/keys to the centroids, and attend only inside their cluster.
 
 Three plans, one per use:
-- causal self-attention: every query and every key goes to its nearest centroid (offset by the
-  balance terms), and a query attends to the keys of its cluster among the last 2 * `window_size`
-  queries and keys of that cluster before it, about `window_size` keys (`sort_and_chunk_pairs`;
-  with shared QK a position has one cluster, and `sort_and_chunk` gives it the last
-  `window_size` tokens of its cluster). Strictly causal by
-  construction: nothing a token sees depends on a later token (the seed's top-k over the whole
-  sequence leaked). Separate clusters matter: a query must meet the keys it matches, which are
-  not the keys of positions whose own query resembles it.
+- causal self-attention: every query and every key goes to its nearest centroid (similarities
+  offset by the balance terms), and a query attends to the keys of its cluster among the last
+  2 * `window_size` queries and keys of that cluster before it, about `window_size` keys
+  (`sort_and_chunk_pairs`). With shared QK a position has one cluster, and `sort_and_chunk` gives
+  it the last `window_size` tokens of its cluster. Strictly causal by construction: nothing a
+  token sees depends on a later token (the seed's top-k over the whole sequence leaked). Separate
+  clusters matter: a query must meet the keys it matches, which are not the keys of positions
+  whose own query resembles it.
 - non-causal self-attention: balanced clusters as in the seed (each centroid takes its
   `window_size` most similar queries and keys), merged by log-sum-exp where a query is taken by
   several clusters; queries no centroid took (about a third of them in the seed, which left them
