@@ -75,7 +75,7 @@ FAMILY_ARGS = {
     'reformer': lambda cfg: dict(absolute_position_emb=True),
     'routing': lambda cfg: dict(shared_qk=False, kmeans_ema_decay=0.99,
                                 use_absolute_pos_emb=cfg.data.task == 'duplication'),
-    'sinkhorn': lambda cfg: dict(use_simple_sort_net=cfg.data.task == 'recall'),
+    'sinkhorn': lambda cfg: dict(use_simple_sort_net=True) if cfg.data.task == 'recall' else {},
 }
 
 
