@@ -27,42 +27,6 @@ def tokens(b=2, n=SEQ, seed=1):
     return torch.randint(0, NUM_TOKENS, (b, n), generator=g)
 
 
-# ---------------------------------------------------------------- feed-forward
-
-@pytest.mark.parametrize('activation', [None, torch.nn.ReLU, torch.nn.SiLU])
-def test_feedforward_recomputing_its_activation_equals_the_plain_path(activation):
-    from routeformer.layers.feedforward import FeedForward
-    torch.manual_seed(0)
-    ff = FeedForward(8, mult=3, activation=activation).double()
-    x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
-    out, _ = ff(x)
-    plain = ff.proj_out(ff.act(ff.proj_in(x)))
-    assert torch.allclose(out, plain, atol=1e-12)
-    g = torch.randn_like(out)
-    params = [x, *ff.parameters()]
-    for a, b in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(plain, params, g)):
-        assert torch.allclose(a, b, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda t: ff(t)[0], (x,))
-    # it keeps the (n, hidden) pre-activation only, not the activation beside it
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
-        ff(x)
-    assert saved.count(torch.Size([2, 5, 24])) == 1
-
-
-def test_feedforward_under_bf16_autocast_keeps_float32_gradients():
-    from routeformer.layers.feedforward import FeedForward
-    torch.manual_seed(0)
-    ff = FeedForward(8)
-    x = torch.randn(2, 5, 8, requires_grad=True)
-    with torch.autocast('cpu', dtype=torch.bfloat16):
-        out, _ = ff(x)
-    assert out.dtype == torch.bfloat16
-    out.float().square().sum().backward()
-    assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in ff.parameters())
-    assert x.grad.dtype == torch.float32
-
-
 # ---------------------------------------------------------------- feed-forward chunking
 
 @pytest.mark.parametrize('kwargs', [dict(), dict(ff_glu=True), dict(reversible=True)], ids=['plain', 'glu', 'reversible'])
