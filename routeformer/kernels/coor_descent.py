@@ -102,7 +102,7 @@ def topk(x: Tensor, k: int, coor_descent_k_ratio: float = 9 / 8, n_iters: int = 
     for a better gradient); the hard top-k is then taken. `gates` are straight-through: exactly 1
     in the forward pass, the gradient of the soft scores in the backward pass; `values` are
     x * gates at the chosen indices. `fused` uses the Triton kernel on CUDA.
-    `non_differentiable` is plain torch.topk (gates and soft values None)."""
+    `non_differentiable` is a plain top-k (gates and soft values None)."""
     if non_differentiable:
         values, indices = topk_first(x, k)
         return TopkReturn(values, indices, None, None)
