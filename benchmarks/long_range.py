@@ -48,7 +48,6 @@ TASKS = {
 # find "the token after the key" instead of growing a previous-token head first. Every family
 # gets it; it reaches one token back, so the local model still cannot see the copy or the keys.
 TOKEN_SHIFT = dict(shift_tokens=True)
-NO_TOKEN_SHIFT = {'colt5'}  # ConditionalRoutedTransformerLM has no shift_tokens option
 # Routers choose keys from the vectors they are given, and rotary positions are applied after
 # routing: a bucket or cluster knows a token's content, not its position. The copy is found by
 # its offset (seq_len / 2 back), so on duplication the content-routed families get absolute
@@ -80,8 +79,7 @@ FAMILY_ARGS = {
 
 
 def family_args(family: str, cfg: Config, overrides: dict) -> dict:
-    shift = {} if family in NO_TOKEN_SHIFT else TOKEN_SHIFT
-    return {**shift, **(FAMILY_ARGS[family](cfg) if family in FAMILY_ARGS else {}), **overrides.get(family, {})}
+    return {**TOKEN_SHIFT, **(FAMILY_ARGS[family](cfg) if family in FAMILY_ARGS else {}), **overrides.get(family, {})}
 # the smoke run: same code, small numbers
 TINY = dict(model=dict(dim=32, depth=1, heads=2, window=16, seq_len=64),
             train=dict(steps=20, eval_every=10, eval_batches=2, batch_size=8, save_every=10, warmup=5))

@@ -113,6 +113,7 @@ def colt5_lm(**kwargs):
 
 CAUSAL_CONFIGS += [
     ('colt5', colt5_lm()),
+    ('colt5_token_shift', colt5_lm(shift_tokens=True)),
     ('colt5_routes2_keys_queries_scaled', colt5_lm(num_routed_kv=2, multiply_keys_by_score=True,
                                                    multiply_queries_by_score=True)),
     ('colt5_heavy_window8_soft_gates', colt5_lm(heavy_window_size=8, router_straight_through=False,

@@ -627,8 +627,8 @@ def colt5_lm(**kwargs):
 
 
 @pytest.mark.parametrize('kwargs', [dict(), dict(heavy_window_size=4, pos_emb='absolute',
-                                                 router_straight_through=False)],
-                         ids=['rotary', 'window4_absolute_soft_gates'])
+                                                 router_straight_through=False), dict(shift_tokens=True)],
+                         ids=['rotary', 'window4_absolute_soft_gates', 'token_shift'])
 def test_cached_decoding_equals_the_full_forward_pass(kwargs):
     lm = colt5_lm(**kwargs).eval()
     # few distinct tokens: many exactly tied routing scores, which must break the same way
@@ -659,3 +659,10 @@ def test_generate_with_and_without_cache_and_train_step():
     with torch.no_grad():
         logits, _ = lm.eval()(full[:, :-1])
     assert torch.equal(logits[:, 10:].argmax(dim=-1), cached)
+
+
+def test_token_shift_changes_what_every_sublayer_sees():
+    seq = torch.randint(0, 16, (1, 24), generator=torch.Generator().manual_seed(3))
+    plain, shifted = colt5_lm().eval(), colt5_lm(shift_tokens=True).eval()  # same weights
+    with torch.no_grad():
+        assert not torch.allclose(plain(seq)[0], shifted(seq)[0])

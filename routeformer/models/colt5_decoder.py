@@ -260,7 +260,8 @@ class ConditionalRoutedTransformerLM(LM):
     """A decoder-only CoLT5 language model: token embedding, `depth` blocks of
     ConditionalRoutedAutoregressiveAttention and a causal ConditionalRoutedFeedForward (each with a
     residual), final norm and logits. `num_heavy_attn_tokens_q` and `num_heavy_ff_tokens` count per
-    window of `heavy_window_size` tokens. Strictly causal; wrap it in AutoregressiveWrapper for the
+    window of `heavy_window_size` tokens. `shift_tokens` feeds every sublayer half of the previous
+    position's features (RWKV token shift). Strictly causal; wrap it in AutoregressiveWrapper for the
     loss and `generate` (cached decoding). Returns `(logits, aux_loss)`."""
 
     def __init__(self, *, num_tokens: int, dim: int, depth: int, max_seq_len: int, num_heavy_attn_tokens_q: int,
@@ -272,8 +273,10 @@ class ConditionalRoutedTransformerLM(LM):
                  multiply_queries_by_score: bool = False, use_triton: bool = False, use_null_q_tokens: bool = True,
                  use_flash_attn: bool = False, pos_emb: str | None = 'rotary', emb_dim: int | None = None,
                  emb_dropout: float = 0., tie_embedding: bool = False, return_embeddings: bool = False,
-                 layer_dropout: float = 0.):
+                 layer_dropout: float = 0., shift_tokens: bool = False):
         heavy_window_size = default(heavy_window_size, light_window_size)
+        # token shift (as in the other families): half the features come from the previous position
+        shifts = (0, 1) if shift_tokens else None
         rotary = pos_emb == 'rotary'
 
         def block():
@@ -291,8 +294,8 @@ class ConditionalRoutedTransformerLM(LM):
                 router_straight_through=router_straight_through, router_kwargs=router_kwargs, use_triton=use_triton,
                 causal=True, window_size=heavy_window_size)
             # both modules normalise their own inputs
-            return Block([Sublayer(SkeletonAdapter(attn), dim=dim, norm='none')],
-                         Sublayer(SkeletonAdapter(ff), dim=dim, norm='none'))
+            return Block([Sublayer(SkeletonAdapter(attn), dim=dim, norm='none', shifts=shifts)],
+                         Sublayer(SkeletonAdapter(ff), dim=dim, norm='none', shifts=shifts))
 
         transformer = Transformer([block() for _ in range(depth)], layer_dropout=layer_dropout)
         super().__init__(num_tokens=num_tokens, dim=dim, max_seq_len=max_seq_len, transformer=transformer,
