@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from routeformer.attention import RoutedAttention
-from routeformer.routers.bucketed import rank_in_bucket, sort_and_chunk
+from routeformer.routers.bucketed import rank_in_bucket, sort_and_chunk, sort_and_chunk_pairs
 
 
 def dense(q, k, v, allowed):
@@ -26,6 +26,51 @@ def recent_same_bucket(buckets, window):
                 for j in mates[-window:]:
                     allowed[bi, hi, i, j] = True
     return allowed
+
+
+def recent_keys_of_bucket(q_buckets, k_buckets, window):
+    """(b, h, n, n): the `window` most recent keys of the query's bucket, not later than it."""
+    b, h, n = q_buckets.shape
+    allowed = torch.zeros(b, h, n, n, dtype=torch.bool)
+    for bi in range(b):
+        for hi in range(h):
+            for i in range(n):
+                mates = [j for j in range(i + 1) if k_buckets[bi, hi, j] == q_buckets[bi, hi, i]]
+                allowed[bi, hi, i, mates[-window:]] = True
+    return allowed
+
+
+def plan_as_dense(plan, n):
+    """(b, h, n, n) bool: the (query, key) pairs the plan admits."""
+    b, h, g, i = plan.q_index.shape
+    out = torch.zeros(b, h, n, n, dtype=torch.bool)
+    for bi, hi, gi, ii, ji in plan.mask.nonzero().tolist():
+        q, k = plan.q_index[bi, hi, gi, ii], plan.kv_index[bi, hi, gi, ji]
+        if q >= 0 and k >= 0:
+            out[bi, hi, q, k] = True
+    return out
+
+
+@pytest.mark.parametrize('pattern', ['random', 'keys_one_bucket', 'queries_one_bucket', 'alternating'])
+@pytest.mark.parametrize('window', [2, 4])
+def test_pairs_plan_admits_the_recent_keys_of_the_query_bucket(pattern, window):
+    """Queries and keys with buckets of their own; the extreme patterns crowd one bucket with the
+    other kind, where a reach counted in items (queries and keys) would fall short."""
+    g = torch.Generator().manual_seed(window)
+    b, h, n = 2, 2, 24
+    q_buckets = torch.randint(0, 3, (b, h, n), generator=g)
+    k_buckets = torch.randint(0, 3, (b, h, n), generator=g)
+    if pattern == 'keys_one_bucket':
+        k_buckets.fill_(1)
+    elif pattern == 'queries_one_bucket':
+        q_buckets.fill_(2)
+    elif pattern == 'alternating':
+        q_buckets = k_buckets = (torch.arange(n) % 2).expand(b, h, n).contiguous()
+    plan = sort_and_chunk_pairs(q_buckets, k_buckets, window)
+    assert torch.equal(plan_as_dense(plan, n), recent_keys_of_bucket(q_buckets, k_buckets, window))
+    # every query appears exactly once
+    q = plan.q_index[plan.q_index >= 0]
+    assert q.numel() == b * h * n and torch.equal(q.view(b, h, n).sort(-1).values, torch.arange(n).expand(b, h, n))
 
 
 def test_rank_in_bucket():

@@ -92,10 +92,9 @@ def nearest(x, means, bias=None):
 # ---------------------------------------------------------------- the router against dense attention
 
 def allowed_keys(q_clusters, k_clusters, window):
-    """The keys each query may see, one token at a time: those of its cluster among the last
-    2 * `window` - 1 items (keys and queries, in the order key t, query t, key t + 1, ...) of its
-    cluster before it; with one cluster per position (k_clusters None), the last `window` tokens of
-    its cluster, itself included."""
+    """The keys each query may see, one token at a time: the last `window` keys of its cluster at
+    positions up to its own; with one cluster per position (k_clusters None), the last `window`
+    tokens of its cluster, itself included."""
     b, h, n = q_clusters.shape
     allowed = torch.zeros(b, h, n, n)
     for bi in range(b):
@@ -105,19 +104,9 @@ def allowed_keys(q_clusters, k_clusters, window):
                 if c < 0:
                     allowed[bi, hi, i, i] = 1  # a padding query: anything finite, compared nowhere
                     continue
-                if k_clusters is None:
-                    mates = [j for j in range(i + 1) if q_clusters[bi, hi, j] == c]
-                    allowed[bi, hi, i, mates[-window:]] = 1
-                    continue
-                items = []
-                for t in range(i + 1):
-                    if k_clusters[bi, hi, t] == c:
-                        items.append(('key', t))
-                    if t < i and q_clusters[bi, hi, t] == c:
-                        items.append(('query', t))
-                for kind, t in items[max(0, len(items) - (2 * window - 1)):]:
-                    if kind == 'key':
-                        allowed[bi, hi, i, t] = 1
+                clusters = q_clusters if k_clusters is None else k_clusters
+                mates = [j for j in range(i + 1) if clusters[bi, hi, j] == c]
+                allowed[bi, hi, i, mates[-window:]] = 1
     return allowed
 
 

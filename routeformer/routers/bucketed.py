@@ -11,7 +11,7 @@ admitted set depends on nothing after the query: a later token can change which 
 one lands in, but not what it sees.
 
 `sort_and_chunk_pairs` is the causal plan when queries and keys have buckets of their own (k-means
-routing without shared QK): keys and queries are items of one sequence, sorted and chunked alike.
+routing without shared QK): each query sees the most recent keys of its bucket.
 
 Axes: b batch, h heads, r hash rounds, n sequence, c chunks per round, g groups (r * c),
 i queries per chunk, j keys per group (2 * window).
@@ -97,31 +97,45 @@ def sort_and_chunk(buckets: Tensor, window: int, *, causal: bool, same_bucket: b
 
 
 def sort_and_chunk_pairs(q_buckets: Tensor, k_buckets: Tensor, window: int) -> RoutePlan:
-    """Causal plan for queries and keys with buckets of their own, (b, h, n) each.
+    """Causal plan for queries and keys with buckets of their own, (b, h, n) each: a query attends
+    to the `window` most recent keys of its bucket at positions up to its own (its own key
+    included when it shares the bucket). That set depends on nothing after the query.
 
     The n keys and n queries are 2n items of one sequence, sorted by (bucket, position, key before
-    query) and chunked as above. A query attends to the keys of its bucket among the `window` - 1
-    items of that bucket just before it: these are items at positions up to its own, so the plan
-    is strictly causal, and it sees its own key when that shares its bucket. Half the slots of a
-    group are empty on average (a query slot holding a key, or the reverse), so about
-    `window` / 2 keys are in reach of a query."""
+    query) and cut into chunks of 2 * `window` items; the keys alone, sorted the same way, are the
+    key order. A query's keys end where it stands in the key order, and at most 2 * `window` keys
+    of the sorted sequence lie between a query and the end of its chunk, so the 3 * `window` keys
+    before the chunk's end in key order hold every key of every query of the chunk. Counting only
+    keys matters: a bucket whose tokens route both their query and their key to it would otherwise
+    spend half its reach on queries."""
     b, h, n = q_buckets.shape
-    if 2 * n % window != 0:
-        raise ValueError(f'{n} queries and {n} keys do not fill chunks of {window} items: pad the sequence, '
+    if n % window != 0:
+        raise ValueError(f'sequence length {n} is not a multiple of the window {window}: pad the sequence, '
                          f'or wrap the model in Autopadder')
+    positions = torch.arange(n, device=q_buckets.device)
     items = torch.cat((k_buckets, q_buckets), dim=-1)
-    positions = torch.arange(n, device=items.device)
     within = torch.cat((2 * positions, 2 * positions + 1))  # a key before the query of its position
     order = (items * (2 * n) + within).argsort(dim=-1)
-    sorted_buckets = items.gather(-1, order)
     is_query, position = order >= n, order % n
+    sorted_buckets = items.gather(-1, order)
+    # where each item stands in the key order: the number of keys sorted before it, itself included
+    keys_through = (~is_query).long().cumsum(dim=-1)
+    key_order = (k_buckets * n + positions).argsort(dim=-1)
+    sorted_k_buckets = k_buckets.gather(-1, key_order)
 
     def chunked(t):
-        return rearrange(t, 'b h (c i) -> b h c i', i=window)
+        return rearrange(t, 'b h (c i) -> b h c i', i=2 * window)
 
     q_index = chunked(torch.where(is_query, position, -1))
-    kv_index = look_one_back(chunked(torch.where(is_query, -1, position)), cyclic=False, fill=-1)
-    q_bucket = chunked(sorted_buckets)
-    mask = band_mask(q_bucket, look_one_back(q_bucket, cyclic=False, fill=-1), window)
+    q_bucket, q_end = chunked(sorted_buckets), chunked(keys_through)
+    # the chunk's keys: slots [end - 3 window, end) of the key order
+    slots = q_end[..., -1:] - 3 * window + torch.arange(3 * window, device=order.device)  # (b, h, c, j)
+    inside = slots >= 0
+    flat = rearrange(slots.clamp(min=0), 'b h c j -> b h (c j)')
+    kv_index = torch.where(inside, rearrange(key_order.gather(-1, flat), 'b h (c j) -> b h c j', j=3 * window), -1)
+    kv_bucket = rearrange(sorted_k_buckets.gather(-1, flat), 'b h (c j) -> b h c j', j=3 * window)
+    slot, end = rearrange(slots, '... j -> ... 1 j'), rearrange(q_end, '... i -> ... i 1')
+    mask = (rearrange(q_bucket, '... i -> ... i 1') == rearrange(kv_bucket, '... j -> ... 1 j')) & inside[..., None, :] \
+        & (slot < end) & (slot >= end - window)
     return RoutePlan(q_index=q_index, kv_index=kv_index, mask=mask,
                      info=dict(buckets=q_buckets, key_buckets=k_buckets))

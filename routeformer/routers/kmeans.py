@@ -5,10 +5,9 @@ of their (unit-normalised) queries/keys to the centroids, and attend only inside
 
 Three plans, one per use:
 - causal self-attention: every query and every key goes to its nearest centroid (similarities
-  offset by the balance terms), and a query attends to the keys of its cluster among the last
-  2 * `window_size` queries and keys of that cluster before it, about `window_size` keys
-  (`sort_and_chunk_pairs`). With shared QK a position has one cluster, and `sort_and_chunk` gives
-  it the last `window_size` tokens of its cluster. Strictly causal by construction: nothing a
+  offset by the balance terms), and a query attends to the last `window_size` keys of its cluster
+  up to its own position (`sort_and_chunk_pairs`). With shared QK a position has one cluster, and
+  `sort_and_chunk` gives it the last `window_size` tokens of its cluster. Strictly causal by construction: nothing a
   token sees depends on a later token (the seed's top-k over the whole sequence leaked). Separate
   clusters matter: a query must meet the keys it matches, which are not the keys of positions
   whose own query resembles it.
@@ -378,8 +377,7 @@ class KMeansRouter(Router):
             plan = sort_and_chunk(buckets(clusters)[:, :, None], w, causal=True)
             info = dict(clusters=clusters)
         else:
-            # items are queries and keys alike: twice the window of items holds about a window of keys
-            plan = sort_and_chunk_pairs(buckets(clusters), buckets(key_clusters), 2 * w)
+            plan = sort_and_chunk_pairs(buckets(clusters), buckets(key_clusters), w)
             info = dict(clusters=clusters, key_clusters=key_clusters)
         q_index = plan.q_index.masked_fill(plan.q_index >= n, -1)
         kv_index = plan.kv_index.masked_fill(plan.kv_index >= n, -1)
@@ -465,8 +463,7 @@ class KMeansRouter(Router):
 
     def decode(self, pos, *, q, k, state, mask=None):
         """The new token's clusters from itself; it attends to what the causal forward pass admits:
-        with shared QK the last `window_size` tokens of its cluster (itself included), else the keys
-        among the 2 * `window_size` - 1 items (keys and queries) of its cluster just before it.
+        the last `window_size` keys of its cluster (its own included when it shares the cluster).
         `state` holds the clusters of the prefix (b, h, pos), seeded from the prefill's plan."""
         if self.cross_attention:
             raise RuntimeError('cross-attention routers do not decode token by token')
@@ -489,16 +486,9 @@ class KMeansRouter(Router):
             state[name] = torch.cat((state[name], new), dim=-1)
         new = state['clusters'][..., -1:]
         positions = torch.arange(pos + 1, device=q.device)
-        if separate:
-            # sort orders of the items of its cluster before it: key t at 2t, query t at 2t + 1
-            keys = torch.where(state['key_clusters'] == new, 2 * positions, -1)
-            queries = torch.where(state['clusters'][..., :-1] == new, 2 * positions[:-1] + 1, -1)
-            orders = torch.cat((keys, queries), dim=-1)
-            recent = orders.topk(min(2 * self.window_size - 1, orders.shape[-1]), dim=-1).values
-            kv_index = torch.where((recent >= 0) & (recent % 2 == 0), recent // 2, -1)
-        else:
-            mates = torch.where(state['clusters'] == new, positions, -1)
-            kv_index = mates.topk(min(self.window_size, pos + 1), dim=-1).values  # most recent mates
+        # the most recent keys of its cluster, its own included
+        mates = torch.where(state['key_clusters' if separate else 'clusters'] == new, positions, -1)
+        kv_index = mates.topk(min(self.window_size, pos + 1), dim=-1).values
         return RoutePlan(q_index=None, kv_index=rearrange(kv_index, 'b h j -> b h 1 j'), q_offset=pos,
                          info=dict(clusters=new))
 
