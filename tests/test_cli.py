@@ -147,6 +147,20 @@ def test_compare_two_families(tmp_path, capsys):
     assert [r['model']['family'] for r in requests] == ['full', 'local']
 
 
+def test_compare_resume_reuses_finished_runs_and_replaces_changed_ones(tmp_path, capsys):
+    args = ('compare', '--families', 'full', *DUP, '--steps', '3', '--out', tmp_path / 'cmp', '--resume')
+    cli(capsys, *args)
+
+    def result():
+        return json.loads((tmp_path / 'cmp' / 'compare.json').read_text())[0]
+    cli(capsys, *args)
+    assert result()['status'] == 'ok' and result()['message'] == 'reused'
+    # other family arguments: a new run replaces the finished one instead of failing to continue it
+    cli(capsys, *args, '--family-arg', 'full:shift_tokens=True')
+    assert result()['status'] == 'ok' and result()['message'] != 'reused'
+    assert result()['summary']['config']['model']['kwargs'] == {'shift_tokens': True}
+
+
 def test_bf16_option(tmp_path, capsys):
     cli(capsys, 'train', *DUP, '--steps', '2', '--bf16', '--out', tmp_path / 'r')
     summary = json.loads((tmp_path / 'r' / 'summary.json').read_text())

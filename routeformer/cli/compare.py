@@ -82,11 +82,12 @@ def train_family(cfg: Config, family: str, out: Path, *, resume: bool, timeout: 
     request = run_dir / 'request.json'
     checkpoint.write_atomic(request, json.dumps(cfg.to_dict(), indent=1))
     summary_path = run_dir / 'summary.json'
-    if resume and summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
-        if summary.get('complete') and same_settings(summary.get('config'), cfg.to_dict()):
-            return Result(family, 'ok', summary, 0., 'reused')
-    has_ckpt = checkpoint.find_checkpoint(run_dir) is not None
+    summary = json.loads(summary_path.read_text()) if resume and summary_path.is_file() else None
+    if summary is not None and summary.get('complete') and same_settings(summary.get('config'), cfg.to_dict()):
+        return Result(family, 'ok', summary, 0., 'reused')
+    # a run finished with other settings (changed family arguments) is replaced, not continued
+    stale = summary is not None and not same_settings(summary.get('config'), cfg.to_dict())
+    has_ckpt = checkpoint.find_checkpoint(run_dir) is not None and not stale
     cmd = [sys.executable, '-m', 'routeformer', 'train', '--config', str(request), '--out', str(run_dir),
            '--resume' if resume and has_ckpt else '--overwrite']
     if quiet:
