@@ -153,10 +153,21 @@ def worker(cfg: dict) -> dict:
 
 # ---------------------------------------------------------------- driver
 
-def run_config(cfg: dict, timeout: float) -> dict:
+# glibc hands every block over 32 MiB to the kernel on free, so each large activation of a long
+# sequence is a fresh mapping whose pages fault in one by one (and are zeroed) when first written:
+# at 65k tokens that halves the throughput of any model. 'heap' makes glibc keep freed memory in
+# its heap and reuse it, at the price of a higher peak RSS.
+MALLOC = {'default': None,
+          'heap': 'glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184'}
+
+
+def run_config(cfg: dict, timeout: float, malloc: str = 'default') -> dict:
     cmd = [sys.executable, __file__, '--worker', json.dumps(cfg)]
+    env = dict(os.environ)
+    if MALLOC[malloc]:
+        env['GLIBC_TUNABLES'] = MALLOC[malloc]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {'status': 'timeout', 'error': f'exceeded {timeout:g} s'}
     lines = proc.stdout.strip().splitlines()
@@ -201,7 +212,8 @@ def markdown(rows: list[dict], args, info: dict) -> str:
         '# routeformer benchmark',
         '',
         f"- device: {info['device']} ({info['device_name'] or info['cpu']}), {info['threads']} threads, "
-        f"torch {info['torch']}, {info['dtype']}",
+        f"torch {info['torch']}, {info['dtype']}" + (f", glibc malloc {args.malloc} ({MALLOC[args.malloc]})"
+                                                     if MALLOC[args.malloc] else ''),
         f'- config: batch {args.batch}, dim {args.dim}, depth {args.depth}, heads {args.heads}, '
         f'vocab {args.vocab}, window {args.window}; median of {args.repeats} steps after {args.warmup} warmup',
         f'- peak memory: {memory_method(args.device)}',
@@ -283,6 +295,9 @@ def parse_args(argv=None):
     p.add_argument('--device', choices=['cpu', 'cuda'], default='cpu')
     p.add_argument('--dtype', choices=['float32', 'bfloat16'], default='float32')
     p.add_argument('--timeout', type=float, default=600, help='seconds per configuration')
+    p.add_argument('--malloc', choices=list(MALLOC), default='default',
+                   help="CPU workers' glibc allocator: default, or heap (freed memory is kept and reused: "
+                        "faster for long sequences, higher peak RSS)")
     p.add_argument('--baseline', help='model the ratios are taken against (default: the first model)')
     p.add_argument('--out', type=Path, default=REPO_ROOT / 'benchmarks' / 'results')
     p.add_argument('--worker', metavar='CONFIG_JSON', help=argparse.SUPPRESS)
@@ -310,7 +325,7 @@ def main(argv=None) -> None:
             cfg = {'model': model, 'length': length, 'batch': args.batch, 'dim': args.dim,
                    'depth': args.depth, 'heads': args.heads, 'vocab': args.vocab, 'window': args.window,
                    'repeats': args.repeats, 'warmup': args.warmup, 'device': args.device, 'dtype': args.dtype}
-            row = {'model': model, 'length': length, **run_config(cfg, args.timeout)}
+            row = {'model': model, 'length': length, **run_config(cfg, args.timeout, args.malloc)}
             print(describe(row), flush=True)
             rows.append(row)
 

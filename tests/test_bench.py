@@ -72,3 +72,18 @@ def test_hung_configuration_becomes_timeout_cell():
     cfg = {'model': 'x-transformers', 'length': 64, 'batch': 1, 'dim': 32, 'depth': 1, 'heads': 4,
            'vocab': 256, 'window': 16, 'repeats': 1, 'warmup': 0, 'device': 'cpu', 'dtype': 'float32'}
     assert load_bench().run_config(cfg, timeout=0.1)['status'] == 'timeout'
+
+
+def test_heap_allocator_option_reaches_the_worker(monkeypatch):
+    bench = load_bench()
+    seen = []
+
+    def fake_run(cmd, env, **kwargs):
+        seen.append(env.get('GLIBC_TUNABLES'))
+        return subprocess.CompletedProcess(cmd, 0, stdout='{"status": "ok"}\n', stderr='')
+    monkeypatch.setattr(bench.subprocess, 'run', fake_run)
+    monkeypatch.delenv('GLIBC_TUNABLES', raising=False)
+    cfg = {'model': 'x-transformers', 'length': 64}
+    assert bench.run_config(cfg, timeout=5)['status'] == 'ok'
+    assert bench.run_config(cfg, timeout=5, malloc='heap')['status'] == 'ok'
+    assert seen[0] is None and 'glibc.malloc.mmap_max=0' in seen[1]
