@@ -55,14 +55,17 @@ TOKEN_SHIFT = dict(shift_tokens=True)
 # - Reformer, duplication: 6.8% with rotary positions only, 100% from step 200 with absolute ones.
 #   Full shared-QK attention learns the task (97.8%), and its weights evaluated with LSH buckets
 #   of 32 give chance: what it learned lives in the rotary positions that hashing never sees.
-# - k-means routing routes queries and keys apart (shared_qk=False): with shared QK a query must
-#   resemble the *key's own query*, and one token-shifted layer cannot make a query resemble the
-#   query of the position whose key it needs (duplication: 18% with shared QK). Its centroids
-#   follow the vectors with an EMA decay of 0.99: at the seed's 0.999 they lag behind vectors that
-#   move fast early in a short run (duplication plateaus at 86-88%; at 0.99, 99.6% by step 900).
-#   Recall is found by content, and absolute positions in the routing vectors then split the
-#   queries at the end from the keys at the start (2% after 3,000 steps), so k-means routing
-#   keeps rotary positions alone there.
+# - k-means routing, duplication: queries and keys routed apart (shared_qk=False). With shared QK
+#   a query must resemble the *key's own query*, and the copy is found by its offset: one
+#   token-shifted layer cannot make the query at p resemble the query at p - 128 (18%). Its
+#   centroids follow the vectors with an EMA decay of 0.99: at the seed's 0.999 they lag behind
+#   vectors that move fast early in a short run (86-88%; at 0.99, 99.2%).
+# - k-means routing, recall: shared QK (the seed's causal default). With token shift the asked key
+#   and the pair's value token both carry the key, so one projection can give them one direction,
+#   and a shared cluster follows (94.1%, first above 95% at step 2,300). Routed apart, a query and the key it needs
+#   land in different clusters, as nothing pulls a query toward its key's centroid: 52.5% (peak
+#   71.9%). Absolute positions in the routing vectors split the queries at the end from the keys
+#   at the start (2%), so recall keeps rotary positions alone.
 # - Sinkhorn, recall: the causal attention sort net routes a block by a summary of the tokens just
 #   before it, which for the queries' block is the run of zeros between pairs and queries: 3.2%
 #   after 3,000 steps. The simple sort net scores key blocks by their position and learns to send
@@ -72,7 +75,7 @@ TOKEN_SHIFT = dict(shift_tokens=True)
 FAMILY_ARGS = {
     'colt5': lambda cfg: dict(num_heavy_attn_tokens_q=cfg.model.window, num_heavy_attn_tokens_kv=cfg.model.seq_len // 2),
     'reformer': lambda cfg: dict(absolute_position_emb=True),
-    'routing': lambda cfg: dict(shared_qk=False, kmeans_ema_decay=0.99,
+    'routing': lambda cfg: dict(shared_qk=cfg.data.task == 'recall', kmeans_ema_decay=0.99,
                                 use_absolute_pos_emb=cfg.data.task == 'duplication'),
     'sinkhorn': lambda cfg: dict(use_simple_sort_net=True) if cfg.data.task == 'recall' else {},
 }

@@ -85,6 +85,17 @@ def routeformer_sinkhorn(cfg: ModelConfig) -> nn.Module:
                                  max_seq_len=cfg.seq_len, bucket_size=cfg.window, causal=True)
 
 
+@register('routeformer-sinkhorn-sortcut')
+def routeformer_sinkhorn_sortcut(cfg: ModelConfig) -> nn.Module:
+    # the seed README's long-sequence recipe: reversible layers, chunked feed-forward and sortcut
+    # (every query attends to the first 2 sorted key blocks: linear memory). Sortcut picks key
+    # blocks once for the whole sequence, so the model is non-causal (the seed's 204k demonstration)
+    from routeformer import SinkhornTransformerLM
+    return SinkhornTransformerLM(num_tokens=cfg.vocab, dim=cfg.dim, depth=cfg.depth, heads=cfg.heads,
+                                 max_seq_len=cfg.seq_len, bucket_size=cfg.window, causal=False,
+                                 reversible=True, ff_chunks=10, n_sortcut=2)
+
+
 @register('sinkhorn-transformer')
 def sinkhorn_transformer_seed(cfg: ModelConfig) -> nn.Module:
     # the seed package (sinkhorn-transformer 0.11.4) with the same settings
