@@ -62,10 +62,10 @@ TOKEN_SHIFT = dict(shift_tokens=True)
 #   vectors that move fast early in a short run (86-88%; at 0.99, 99.2%).
 # - k-means routing, recall: shared QK (the seed's causal default). With token shift the asked key
 #   and the pair's value token both carry the key, so one projection can give them one direction,
-#   and a shared cluster follows (94.1%, first above 95% at step 2,300). Routed apart, a query and the key it needs
-#   land in different clusters, as nothing pulls a query toward its key's centroid: 52.5% (peak
-#   71.9%). Absolute positions in the routing vectors split the queries at the end from the keys
-#   at the start (2%), so recall keeps rotary positions alone.
+#   and a shared cluster follows (94.1%, first above 95% at step 2,300). Routed apart, a query and
+#   the key it needs land in different clusters, as nothing pulls a query toward its key's
+#   centroid: 52.5% (peak 71.9%). Absolute positions in the routing vectors split the queries at
+#   the end from the keys at the start (2%), so recall keeps rotary positions alone.
 # - Sinkhorn, recall: the causal attention sort net routes a block by a summary of the tokens just
 #   before it, which for the queries' block is the run of zeros between pairs and queries: 3.2%
 #   after 3,000 steps. The simple sort net scores key blocks by their position and learns to send
