@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """How close a training step comes to the machine's matrix-product throughput.
 
-For each model: the floating-point operations of one forward+backward step as torch's
-FlopCounterMode counts them (matrix products and attention kernels it knows; anything else, such
-as elementwise work, is not counted, so the figure is a lower bound), the step's median time, and
+For each model: the floating-point operations of one forward+backward step as counted by torch's
+FLOP formulas (`torch.utils.flop_counter`: matrix products and the attention kernels it knows;
+elementwise work is not counted, so the figure is a lower bound), reversible recomputation
+included, the step's median time, and
 the resulting GFLOP/s against a plain float32 matrix product of the feed-forward's shape on the
 same threads. A model near that rate can only get faster by doing less arithmetic.
 
@@ -19,13 +20,31 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.bench import loss_of, step_times  # noqa: E402
 from benchmarks.models import ModelConfig, resolve_builder  # noqa: E402
+
+
+class CountFlops(TorchDispatchMode):
+    """Sums the FLOPs of every operator torch has a formula for. FlopCounterMode does the same but
+    also tracks modules with backward hooks, which break reversible layers' autograd.grad calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        return out
 
 
 def matmul_gflops(rows: int, dim: int, hidden: int, repeats: int) -> float:
@@ -46,11 +65,11 @@ def measure(name: str, cfg: ModelConfig, repeats: int) -> dict:
         model.zero_grad(set_to_none=True)
 
     step()  # warm-up, and k-means initialisation outside the counted step
-    with FlopCounterMode(display=False) as counter:
+    with CountFlops() as counter:
         step()
     times = step_times(step, 0, repeats, lambda: None)
     seconds = statistics.median(times)
-    flops = counter.get_total_flops()
+    flops = counter.total
     return dict(model=name, gflop=flops / 1e9, seconds=seconds, gflops=flops / seconds / 1e9)
 
 

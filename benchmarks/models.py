@@ -172,11 +172,13 @@ def colt5_attention_seed(cfg: ModelConfig) -> nn.Module:
                                                                           use_triton=torch.cuda.is_available()))
 
 
-# Reformer, benchmark settings: LSH attention in every head, buckets of `window` tokens, 4 hash rounds,
-# reversible layers and the seed's default chunking (ff_chunks 100, attn_chunks 1) in both packages
+# Reformer, benchmark settings: LSH attention in every head, buckets of `window` / 2 tokens (64 beside
+# the other families' windows of 128: with look-one-back a query sees two buckets, a window's worth of
+# keys), 4 hash rounds, reversible layers and the seed's default chunking (ff_chunks 100, attn_chunks 1)
+# in both packages
 def _reformer_kwargs(cfg: ModelConfig) -> dict:
     return dict(num_tokens=cfg.vocab, dim=cfg.dim, depth=cfg.depth, max_seq_len=cfg.seq_len, heads=cfg.heads,
-                dim_head=cfg.dim // cfg.heads, bucket_size=cfg.window, n_hashes=4, causal=True)
+                dim_head=cfg.dim // cfg.heads, bucket_size=max(1, cfg.window // 2), n_hashes=4, causal=True)
 
 
 @register('routeformer-reformer')
