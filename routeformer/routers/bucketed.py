@@ -135,7 +135,8 @@ def sort_and_chunk_pairs(q_buckets: Tensor, k_buckets: Tensor, window: int) -> R
     kv_index = torch.where(inside, rearrange(key_order.gather(-1, flat), 'b h (c j) -> b h c j', j=3 * window), -1)
     kv_bucket = rearrange(sorted_k_buckets.gather(-1, flat), 'b h (c j) -> b h c j', j=3 * window)
     slot, end = rearrange(slots, '... j -> ... 1 j'), rearrange(q_end, '... i -> ... i 1')
-    mask = (rearrange(q_bucket, '... i -> ... i 1') == rearrange(kv_bucket, '... j -> ... 1 j')) & inside[..., None, :] \
-        & (slot < end) & (slot >= end - window)
+    same = rearrange(q_bucket, '... i -> ... i 1') == rearrange(kv_bucket, '... j -> ... 1 j')
+    # same bucket, and among the `window` keys of the key order that end where the query stands
+    mask = same & rearrange(inside, '... j -> ... 1 j') & (slot < end) & (slot >= end - window)
     return RoutePlan(q_index=q_index, kv_index=kv_index, mask=mask,
                      info=dict(buckets=q_buckets, key_buckets=k_buckets))

@@ -7,8 +7,9 @@ Three plans, one per use:
 - causal self-attention: every query and every key goes to its nearest centroid (similarities
   offset by the balance terms), and a query attends to the last `window_size` keys of its cluster
   up to its own position (`sort_and_chunk_pairs`). With shared QK a position has one cluster, and
-  `sort_and_chunk` gives it the last `window_size` tokens of its cluster. Strictly causal by construction: nothing a
-  token sees depends on a later token (the seed's top-k over the whole sequence leaked). Separate
+  `sort_and_chunk` gives it the last `window_size` tokens of its cluster. Strictly causal by
+  construction: nothing a token sees depends on a later token (the seed's top-k over the whole
+  sequence leaked). Separate
   clusters matter: a query must meet the keys it matches, which are not the keys of positions
   whose own query resembles it.
 - non-causal self-attention: balanced clusters as in the seed (each centroid takes its
