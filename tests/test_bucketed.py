@@ -17,15 +17,7 @@ def dense(q, k, v, allowed):
 def recent_same_bucket(buckets, window):
     """(b, h, n) buckets -> (b, h, n, n): key in the query's bucket, not later, fewer than `window`
     bucket-mates between them; written as a loop, independently of the sort."""
-    b, h, n = buckets.shape
-    allowed = torch.zeros(b, h, n, n, dtype=torch.bool)
-    for bi in range(b):
-        for hi in range(h):
-            for i in range(n):
-                mates = [j for j in range(i + 1) if buckets[bi, hi, j] == buckets[bi, hi, i]]
-                for j in mates[-window:]:
-                    allowed[bi, hi, i, j] = True
-    return allowed
+    return recent_keys_of_bucket(buckets, buckets, window)
 
 
 def recent_keys_of_bucket(q_buckets, k_buckets, window):
