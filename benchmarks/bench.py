@@ -279,17 +279,22 @@ def comma_list(cast):
     return lambda text: [cast(item) for item in text.split(',') if item]
 
 
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The model shape every benchmark script takes (the README's benchmark settings by default)."""
+    p.add_argument('--dim', type=int, default=256)
+    p.add_argument('--depth', type=int, default=2)
+    p.add_argument('--heads', type=int, default=4)
+    p.add_argument('--vocab', type=int, default=256)
+    p.add_argument('--window', type=int, default=128)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--models', type=comma_list(str), default=list(REGISTRY),
                    help='registry names or package.module:builder (default: all registered)')
     p.add_argument('--lengths', type=comma_list(int), default=[1024, 4096, 16384])
     p.add_argument('--batch', type=int, default=1)
-    p.add_argument('--dim', type=int, default=256)
-    p.add_argument('--depth', type=int, default=2)
-    p.add_argument('--heads', type=int, default=4)
-    p.add_argument('--vocab', type=int, default=256)
-    p.add_argument('--window', type=int, default=128)
+    add_model_arguments(p)
     p.add_argument('--repeats', type=int, default=5, help='timed steps; the median is reported')
     p.add_argument('--warmup', type=int, default=1)
     p.add_argument('--device', choices=['cpu', 'cuda'], default='cpu')

@@ -26,7 +26,7 @@ from torch.utils.flop_counter import flop_registry
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.bench import loss_of, step_times  # noqa: E402
+from benchmarks.bench import add_model_arguments, loss_of, step_times  # noqa: E402
 from benchmarks.models import ModelConfig, resolve_builder  # noqa: E402
 
 
@@ -77,11 +77,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--models', default='routeformer-local,routeformer-routing,routing-transformer')
     p.add_argument('--length', type=int, default=16384)
-    p.add_argument('--dim', type=int, default=256)
-    p.add_argument('--depth', type=int, default=2)
-    p.add_argument('--heads', type=int, default=4)
-    p.add_argument('--vocab', type=int, default=256)
-    p.add_argument('--window', type=int, default=128)
+    add_model_arguments(p)
     p.add_argument('--repeats', type=int, default=3)
     args = p.parse_args(argv)
 

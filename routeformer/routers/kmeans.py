@@ -9,9 +9,8 @@ Three plans, one per use:
   up to its own position (`sort_and_chunk_pairs`). With shared QK a position has one cluster, and
   `sort_and_chunk` gives it the last `window_size` tokens of its cluster. Strictly causal by
   construction: nothing a token sees depends on a later token (the seed's top-k over the whole
-  sequence leaked). Separate
-  clusters matter: a query must meet the keys it matches, which are not the keys of positions
-  whose own query resembles it.
+  sequence leaked). Separate clusters matter: a query must meet the keys it matches, which are
+  not the keys of positions whose own query resembles it.
 - non-causal self-attention: balanced clusters as in the seed (each centroid takes its
   `window_size` most similar queries and keys), merged by log-sum-exp where a query is taken by
   several clusters; queries no centroid took (about a third of them in the seed, which left them
