@@ -440,3 +440,76 @@ def test_gates_and_bias_match_an_explicit_computation():
     expected = (sim.softmax(-1) @ (vb * kv_gate[..., None])) * q_gate[..., None]
     for out in outs.values():
         assert torch.allclose(out, expected.reshape(b, h, n, d), atol=1e-10)
+
+
+# ---------------------------------------------------------------- groups attended in pieces
+
+def non_causal_configs():
+    from test_causality import reformer_lm, routing_lm, sinkhorn_lm
+    return [('routing_non_causal', routing_lm(causal=False, n_local_attn_heads=1, local_attn_window_size=4)),
+            ('sinkhorn_non_causal_sortcut', sinkhorn_lm(causal=False, n_sortcut=2)),
+            ('reformer_non_causal', reformer_lm(causal=False, n_hashes=3))]
+
+
+def piece_configs():
+    """The configurations whose attention gathers keys by index into many groups (full and local
+    attention, and CoLT5's one group of routed tokens, are one call)."""
+    from test_causality import CAUSAL_CONFIGS
+    routed = ('routing', 'sinkhorn', 'reformer')
+    return [(name, factory) for name, factory in CAUSAL_CONFIGS + non_causal_configs()
+            if any(family in name for family in routed) and 'full_attn' not in name]
+
+
+@pytest.mark.parametrize('factory', [c[1] for c in piece_configs()], ids=[c[0] for c in piece_configs()])
+def test_groups_in_pieces_equal_one_call(factory, monkeypatch):
+    """Every model, with each group of every routed call attended as a piece of its own, gives the
+    outputs and gradients of one call over all groups (tiny models run as one piece by default)."""
+    from test_causality import logits_of, tokens
+
+    import routeformer.attention.executor as executor
+
+    model, context = factory()
+    model.eval()  # fixed routing; gradients still flow
+    vocab = getattr(model, 'num_tokens', 32)
+    x = tokens(n=getattr(model, 'max_seq_len', 16), vocab=vocab)
+    kwargs = dict(context=context) if context is not None else {}
+
+    def outputs_and_grads():
+        model.zero_grad(set_to_none=True)
+        out = logits_of(model(x, **kwargs))
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        return out.detach(), grads
+
+    whole, whole_grads = outputs_and_grads()
+    monkeypatch.setattr(executor, 'PIECE_BYTES', 1)
+    calls = []
+    original = executor.piece_bounds
+    monkeypatch.setattr(executor, 'piece_bounds', lambda *a: calls.append(original(*a)) or calls[-1])
+    pieces, piece_grads = outputs_and_grads()
+    assert max(len(bounds) for bounds in calls) > 1, 'no call was cut into pieces'
+    torch.testing.assert_close(pieces, whole, atol=1e-5, rtol=1e-5)
+    assert piece_grads.keys() == whole_grads.keys()
+    for name in whole_grads:
+        torch.testing.assert_close(piece_grads[name], whole_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize('config', ['reformer_4hashes', 'routing_local_heads', 'sinkhorn_top2'])
+def test_recorded_weights_in_pieces_equal_one_call(config, monkeypatch):
+    """The Recorder's dense weights (the log-sum-exp shares of every group) do not depend on pieces."""
+    from test_causality import tokens
+
+    import routeformer.attention.executor as executor
+    from routeformer import Recorder
+
+    model, _ = dict(piece_configs())[config]()
+    recorder = Recorder(model.eval())
+    x = tokens(n=model.max_seq_len, vocab=model.num_tokens)
+    with torch.no_grad():
+        recorder(x)
+        monkeypatch.setattr(executor, 'PIECE_BYTES', 1)
+        recorder(x)
+    whole, pieces = recorder.recordings
+    assert len(whole) == len(pieces) > 0
+    for a, b in zip(whole, pieces):
+        torch.testing.assert_close(b['attn'], a['attn'], atol=1e-6, rtol=1e-5)

@@ -7,6 +7,8 @@ m memory key/values.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
@@ -71,8 +73,39 @@ def build_mask(plan: RoutePlan, *, q_len: int, kv_len: int, causal: bool, key_ma
     return mask
 
 
+# Groups whose keys are gathered by index are attended in pieces of at most this many bytes of
+# float (i, j) logits. The pieces' gathered keys, masks and kernel buffers are then small enough for
+# the C allocator to reuse their memory from one piece to the next, where one call over all groups
+# would page-fault every large buffer in afresh (at 16k tokens on a CPU, a tenth of a Reformer
+# training step), and the transient memory of a call stays bounded. Contiguous windows are views
+# with a mask shared by every head, so they gain nothing from pieces and stay one call.
+PIECE_BYTES = 16 * 2 ** 20
+
+
+def slice_groups(plan: RoutePlan, start: int, stop: int) -> RoutePlan:
+    """The plan of groups start:stop; tensors of size 1 on the group axis broadcast and stay whole."""
+    def cut(t):
+        return t[:, :, start:stop] if isinstance(t, Tensor) and t.ndim >= 3 and t.shape[2] > 1 else t
+    return replace(plan, q_index=cut(plan.q_index), kv_index=cut(plan.kv_index), mask=cut(plan.mask),
+                   bias=cut(plan.bias), k_gate=cut(plan.k_gate), kv_gate=cut(plan.kv_gate), q_gate=cut(plan.q_gate))
+
+
+def piece_bounds(plan: RoutePlan, q: Tensor, kv_len: int) -> list[tuple[int, int]]:
+    """Group ranges of at most PIECE_BYTES of logits each; one range unless keys are gathered by index."""
+    g = 1 if plan.q_index is None else plan.q_index.shape[-2]
+    if plan.q_index is None or plan.kv_index is None or 'sliding_windows' in plan.info:
+        return [(0, g)]
+    b, h = q.shape[:2]
+    i, j = plan.q_index.shape[-1], plan.kv_index.shape[-1]
+    per_group = b * h * i * j * 4
+    pieces = max(1, min(g, per_group * g // PIECE_BYTES))
+    bounds = [round(p * g / pieces) for p in range(pieces + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
 class RoutedAttention(nn.Module):
-    """gather -> attend inside groups -> scatter back."""
+    """gather -> attend inside groups -> scatter back. Groups are attended piece by piece
+    (PIECE_BYTES), each piece gathering only its own queries and keys."""
 
     def __init__(self, *, dropout: float = 0., backend: str = 'auto'):
         super().__init__()
@@ -89,15 +122,40 @@ class RoutedAttention(nn.Module):
         the slots, q_pos (b|1, h|1, g, i) and kv_pos (b|1, h|1, g, j) (relative position attention).
         Returns (out (b, h, n, d), weights (b, h, g, i, [m +] j) or None)."""
         q_len, kv_len = q.shape[-2], k.shape[-2]
-        qg, kg, vg = gather_queries(q, plan), gather_keys(k, plan), gather_keys(v, plan)
+        # contiguous queries and sliding windows are views of q / k / v: made once, sliced per piece
+        q_view = gather_queries(q, plan) if plan.contiguous_queries else None
+        kv_views = (gather_keys(k, plan), gather_keys(v, plan)) if (
+            plan.kv_index is None or 'sliding_windows' in plan.info) else None
+        need_lse = plan.merge == 'logsumexp'
+        pieces = []
+        for start, stop in piece_bounds(plan, q, kv_len):
+            part = slice_groups(plan, start, stop)
+            qg = q_view[:, :, start:stop] if exists(q_view) else gather(q, part.q_index)
+            kg, vg = ((t[:, :, start:stop] for t in kv_views) if exists(kv_views)
+                      else (gather(k, part.kv_index), gather(v, part.kv_index)))
+            pieces.append(self.attend(qg, kg, vg, part, q_len=q_len, kv_len=kv_len, causal=causal,
+                                      key_mask=key_mask, mem_kv=mem_kv, exclude_self=exclude_self,
+                                      need_lse=need_lse, need_weights=need_weights, rel_pos=rel_pos))
+        out, lse, weights = (None if p[0] is None else torch.cat(p, dim=2) for p in zip(*pieces))
+        if need_weights and need_lse:
+            # a query's weights in each group, scaled by the group's share of the merge: summed over
+            # groups they are the attention the query really paid
+            weights = weights * rearrange(merge_shares(plan, lse, q_len), '... -> ... 1').to(weights.dtype)
+        return scatter(out, plan, q_len, lse=lse), weights
+
+    def attend(self, qg: Tensor, kg: Tensor, vg: Tensor, plan: RoutePlan, *, q_len: int, kv_len: int,
+               causal: bool, key_mask, mem_kv, exclude_self: bool, need_lse: bool, need_weights: bool,
+               rel_pos) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Attention inside the gathered groups of `plan`: (out (b, h, g, i, d), lse, weights)."""
+        device = qg.device
         if exists(plan.k_gate):
             kg = kg * rearrange(plan.k_gate, '... j -> ... j 1').to(kg.dtype)
         if exists(plan.kv_gate):
             vg = vg * rearrange(plan.kv_gate, '... j -> ... j 1').to(vg.dtype)
         bias = plan.bias
         if exists(rel_pos):
-            q_pos = positions_of(plan.q_index, q_len, q.device) + plan.q_offset
-            rel = rel_pos(qg, q_pos, positions_of(plan.kv_index, kv_len, q.device))
+            q_pos = positions_of(plan.q_index, q_len, device) + plan.q_offset
+            rel = rel_pos(qg, q_pos, positions_of(plan.kv_index, kv_len, device))
             bias = rel if bias is None else bias + rel
 
         # one dense causal group and nothing else to mask: let the kernel apply the causal mask
@@ -106,7 +164,7 @@ class RoutedAttention(nn.Module):
         kernel_causal = (causal and plan.q_index is None and plan.kv_index is None and plan.q_offset == 0
                          and plan.mask is None and key_mask is None and not exclude_self and bias is None)
         mask = build_mask(plan, q_len=q_len, kv_len=kv_len, causal=causal and not kernel_causal, key_mask=key_mask,
-                          exclude_self=exclude_self, has_memory=exists(mem_kv), device=q.device)
+                          exclude_self=exclude_self, has_memory=exists(mem_kv), device=device)
 
         if exists(mem_kv):
             b, h, g = kg.shape[:3]
@@ -114,7 +172,7 @@ class RoutedAttention(nn.Module):
             kg, vg = torch.cat((mk, kg), dim=-2), torch.cat((mv, vg), dim=-2)
             if kernel_causal:
                 i, j = qg.shape[-2], kg.shape[-2] - mk.shape[-2]
-                mask = torch.ones(1, 1, 1, i, j, dtype=torch.bool, device=q.device).tril()
+                mask = torch.ones(1, 1, 1, i, j, dtype=torch.bool, device=device).tril()
                 kernel_causal = False
             if exists(mask):
                 mask = F.pad(mask, (mk.shape[-2], 0), value=True)
@@ -129,9 +187,8 @@ class RoutedAttention(nn.Module):
             empty = ~mask.any(dim=-1, keepdim=True)
             mask = mask | empty
 
-        need_lse = plan.merge == 'logsumexp'
         attend = backends.select(self.backend, need_lse=need_lse, need_weights=need_weights)
-        out, lse, weights = attend(qg, kg, vg, mask, scale=q.shape[-1] ** -0.5, bias=bias,
+        out, lse, weights = attend(qg, kg, vg, mask, scale=qg.shape[-1] ** -0.5, bias=bias,
                                    dropout_p=self.dropout if self.training else 0.,
                                    causal=kernel_causal, need_lse=need_lse, need_weights=need_weights)
         if exists(empty):
@@ -141,8 +198,4 @@ class RoutedAttention(nn.Module):
                 lse = lse.masked_fill(empty.squeeze(-1), float('-inf'))
         if exists(plan.q_gate):
             out = out * rearrange(plan.q_gate, '... i -> ... i 1').to(out.dtype)
-        if need_weights and need_lse:
-            # a query's weights in each group, scaled by the group's share of the merge: summed over
-            # groups they are the attention the query really paid
-            weights = weights * rearrange(merge_shares(plan, lse, q_len), '... -> ... 1').to(weights.dtype)
-        return scatter(out, plan, q_len, lse=lse), weights
+        return out, lse, weights
