@@ -19,26 +19,31 @@ from . import backends
 from .plan import RoutePlan, gather, merge_shares, positions_of, scatter
 
 
-def gather_queries(q: Tensor, plan: RoutePlan) -> Tensor:
+def gather_queries(q: Tensor, plan: RoutePlan, bounds: list[tuple[int, int]]) -> list[Tensor]:
+    """The (b, h, g, i, d) queries of each piece of groups start:stop in `bounds`."""
+    if not plan.contiguous_queries:
+        return gather(q, plan.q_index, bounds)
     if plan.q_index is None:
-        return rearrange(q, 'b h n d -> b h 1 n d')
-    if plan.info.get('contiguous_queries', False):
+        grouped = rearrange(q, 'b h n d -> b h 1 n d')
+    else:  # a padded view, sliced per piece
         g, i = plan.q_index.shape[-2:]
-        q = F.pad(q, (0, 0, 0, g * i - q.shape[-2]))
-        return rearrange(q, 'b h (g i) d -> b h g i d', g=g)
-    return gather(q, plan.q_index)
+        grouped = rearrange(F.pad(q, (0, 0, 0, g * i - q.shape[-2])), 'b h (g i) d -> b h g i d', g=g)
+    return [grouped[:, :, start:stop] for start, stop in bounds]
 
 
-def gather_keys(t: Tensor, plan: RoutePlan) -> Tensor:
+def gather_keys(t: Tensor, plan: RoutePlan, bounds: list[tuple[int, int]]) -> list[Tensor]:
+    """The (b, h, g, j, d) keys (or values) of each piece of groups start:stop in `bounds`."""
     if plan.kv_index is None:
-        return rearrange(t, 'b h n d -> b h 1 n d')
-    if 'sliding_windows' in plan.info:
+        grouped = rearrange(t, 'b h n d -> b h 1 n d')
+    elif 'sliding_windows' in plan.info:
         # contiguous windows (local attention): a strided view instead of an index gather, whose
         # backward would be a slow scatter-add; slots outside the sequence read zero padding
         window, back, forward = plan.info['sliding_windows']
         padded = F.pad(t, (0, 0, back, forward))
-        return rearrange(padded.unfold(-2, back + window + forward, window), 'b h g d j -> b h g j d')
-    return gather(t, plan.kv_index)
+        grouped = rearrange(padded.unfold(-2, back + window + forward, window), 'b h g d j -> b h g j d')
+    else:
+        return gather(t, plan.kv_index, bounds)
+    return [grouped[:, :, start:stop] for start, stop in bounds]
 
 
 def build_mask(plan: RoutePlan, *, q_len: int, kv_len: int, causal: bool, key_mask: Tensor | None,
@@ -122,19 +127,13 @@ class RoutedAttention(nn.Module):
         the slots, q_pos (b|1, h|1, g, i) and kv_pos (b|1, h|1, g, j) (relative position attention).
         Returns (out (b, h, n, d), weights (b, h, g, i, [m +] j) or None)."""
         q_len, kv_len = q.shape[-2], k.shape[-2]
-        # contiguous queries and sliding windows are views of q / k / v: made once, sliced per piece
-        q_view = gather_queries(q, plan) if plan.contiguous_queries else None
-        kv_views = (gather_keys(k, plan), gather_keys(v, plan)) if (
-            plan.kv_index is None or 'sliding_windows' in plan.info) else None
+        bounds = piece_bounds(plan, q, kv_len)
+        qgs, kgs, vgs = gather_queries(q, plan, bounds), gather_keys(k, plan, bounds), gather_keys(v, plan, bounds)
         need_lse = plan.merge == 'logsumexp'
         pieces = []
-        for start, stop in piece_bounds(plan, q, kv_len):
-            part = slice_groups(plan, start, stop)
-            qg = q_view[:, :, start:stop] if exists(q_view) else gather(q, part.q_index)
-            kg, vg = ((t[:, :, start:stop] for t in kv_views) if exists(kv_views)
-                      else (gather(k, part.kv_index), gather(v, part.kv_index)))
-            pieces.append(self.attend(qg, kg, vg, part, q_len=q_len, kv_len=kv_len, causal=causal,
-                                      key_mask=key_mask, mem_kv=mem_kv, exclude_self=exclude_self,
+        for (start, stop), qg, kg, vg in zip(bounds, qgs, kgs, vgs):
+            pieces.append(self.attend(qg, kg, vg, slice_groups(plan, start, stop), q_len=q_len, kv_len=kv_len,
+                                      causal=causal, key_mask=key_mask, mem_kv=mem_kv, exclude_self=exclude_self,
                                       need_lse=need_lse, need_weights=need_weights, rel_pos=rel_pos))
         out, lse, weights = (None if p[0] is None else torch.cat(p, dim=2) for p in zip(*pieces))
         if need_weights and need_lse:

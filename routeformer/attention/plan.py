@@ -49,20 +49,47 @@ class RoutePlan:
         return RoutePlan(**fields, info={k: move(v) for k, v in self.info.items()})
 
 
-def gather(t: Tensor, index: Tensor) -> Tensor:
-    """(b, h, n, d) gathered by (b|1, h|1, g, j) positions -> (b, h, g, j, d); -1 reads position 0 (masked later)."""
+class _GatherRows(torch.autograd.Function):
+    """Rows of a (rows, d) matrix picked by several index vectors, as one autograd node: its
+    backward adds every piece's gradient into a single buffer, where one index_select per piece
+    would each zero a buffer of the full size."""
+
+    @staticmethod
+    def forward(fctx, flat: Tensor, *rows: Tensor):
+        fctx.set_materialize_grads(False)
+        fctx.save_for_backward(*rows)
+        fctx.shape = flat.shape
+        return tuple(flat.index_select(0, r) for r in rows)
+
+    @staticmethod
+    def backward(fctx, *grads):
+        rows = fctx.saved_tensors
+        grad = None
+        for r, g in zip(rows, grads):
+            if g is not None:
+                grad = g.new_zeros(fctx.shape) if grad is None else grad
+                grad.index_add_(0, r, g)
+        return (grad, *(None for _ in rows))
+
+
+def gather(t: Tensor, index: Tensor, bounds: list[tuple[int, int]] | None = None) -> Tensor | list[Tensor]:
+    """(b, h, n, d) gathered by (b|1, h|1, g, j) positions -> (b, h, g, j, d); -1 reads position 0
+    (masked later). With `bounds`, a list of the gathered groups start:stop for each (start, stop)."""
     index = index.clamp(min=0)
     b, h, _, d = t.shape
+    pieces = [(0, index.shape[-2])] if bounds is None else bounds
     if index.shape[0] == 1 and index.shape[1] == 1:
         # one plan for every sample and head: plain indexing, no expanded index tensor
-        return t[:, :, index[0, 0]]
-    g, j = index.shape[-2:]
+        out = [t[:, :, index[0, 0, start:stop]] for start, stop in pieces]
+        return out[0] if bounds is None else out
     # whole rows by index_select on the flattened sequence: much faster than an element-wise
     # gather over d, forward and backward
     offsets = rearrange(torch.arange(b * h, device=t.device) * t.shape[-2], '(b h) -> b h 1 1', b=b)
-    rows = (index.expand(b, h, g, j) + offsets).flatten()
-    picked = rearrange(t, 'b h n d -> (b h n) d').index_select(0, rows)
-    return rearrange(picked, '(b h g j) d -> b h g j d', b=b, h=h, g=g)
+    rows = index.expand(b, h, -1, -1) + offsets
+    picked = _GatherRows.apply(rearrange(t, 'b h n d -> (b h n) d'),
+                               *(rows[:, :, start:stop].flatten() for start, stop in pieces))
+    out = [rearrange(p, '(b h g j) d -> b h g j d', b=b, h=h, j=index.shape[-1]) for p in picked]
+    return out[0] if bounds is None else out
 
 
 def positions_of(index: Tensor | None, length: int, device) -> Tensor:
