@@ -513,3 +513,32 @@ def test_recorded_weights_in_pieces_equal_one_call(config, monkeypatch):
     assert len(whole) == len(pieces) > 0
     for a, b in zip(whole, pieces):
         torch.testing.assert_close(b['attn'], a['attn'], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize('merge', ['overwrite', 'logsumexp'])
+def test_scatter_in_steps_gradcheck(merge, monkeypatch):
+    """The weighted scatter, run a few rows at a time, against float64 finite differences: group
+    outputs and log-sum-exps, with empty query slots (-1) and positions chosen by several groups."""
+    import routeformer.attention.plan as plan_module
+    from routeformer.attention.plan import scatter
+
+    monkeypatch.setattr(plan_module, 'SCATTER_ROWS', 5)
+    seeded(4)
+    n, g, i = 7, 3, 4
+    if merge == 'overwrite':  # every position in at most one group
+        q_index = torch.tensor([[0, 1, 2, -1], [3, 4, -1, -1], [5, 6, -1, -1]])
+    else:
+        q_index = torch.tensor([[0, 1, 2, 6], [2, 3, 4, -1], [6, 5, 0, -1]])
+    plan = RoutePlan(q_index=q_index.view(1, 1, g, i).expand(B, H, g, i), kv_index=None, merge=merge)
+    out = torch.randn(B, H, g, i, D, dtype=torch.float64, requires_grad=True)
+    lse = torch.randn(B, H, g, i, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda o, l: scatter(o, plan, n, lse=l), (out, lse))
+    # and the forward pass is the plain sum of weighted rows
+    result = scatter(out, plan, n, lse=lse)
+    if merge == 'overwrite':
+        expected = torch.zeros(B, H, n, D, dtype=torch.float64)
+        for gi in range(g):
+            for slot in range(i):
+                if q_index[gi, slot] >= 0:
+                    expected[:, :, q_index[gi, slot]] += out[:, :, gi, slot]
+        torch.testing.assert_close(result, expected)

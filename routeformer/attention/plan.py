@@ -116,6 +116,39 @@ def merge_shares(plan: RoutePlan, lse: Tensor, seq_len: int) -> Tensor:
     return rearrange(weights, 'b h (g i) -> b h g i', g=g)
 
 
+# rows per step of the weighted scatter: its temporaries stay a few MiB, which the allocator reuses,
+# instead of several (b, h, g * i, d) tensors page-faulted in afresh in every pass
+SCATTER_ROWS = 16384
+
+
+class _WeightedRowSum(torch.autograd.Function):
+    """result[rows[r]] += weights[r] * src[r] over the rows of src (R, d), into (n_rows, d), in
+    steps of SCATTER_ROWS rows, forward and backward."""
+
+    @staticmethod
+    def forward(fctx, src: Tensor, weights: Tensor, rows: Tensor, n_rows: int):
+        fctx.save_for_backward(src, weights, rows)
+        result = src.new_zeros(n_rows, src.shape[-1])
+        for start in range(0, src.shape[0], SCATTER_ROWS):
+            part = slice(start, start + SCATTER_ROWS)
+            result.index_add_(0, rows[part], src[part] * weights[part, None])
+        return result
+
+    @staticmethod
+    def backward(fctx, grad: Tensor):
+        src, weights, rows = fctx.saved_tensors
+        grad_src = torch.empty_like(src) if fctx.needs_input_grad[0] else None
+        grad_weights = torch.empty_like(weights) if fctx.needs_input_grad[1] else None
+        for start in range(0, src.shape[0], SCATTER_ROWS):
+            part = slice(start, start + SCATTER_ROWS)
+            picked = grad.index_select(0, rows[part])
+            if grad_weights is not None:
+                grad_weights[part] = torch.linalg.vecdot(picked, src[part])
+            if grad_src is not None:
+                torch.mul(picked, weights[part, None], out=grad_src[part])
+        return grad_src, grad_weights, None, None
+
+
 def scatter(out: Tensor, plan: RoutePlan, seq_len: int, lse: Tensor | None = None) -> Tensor:
     """Group outputs (b, h, g, i, d) back to (b, h, n, d).
 
@@ -131,17 +164,15 @@ def scatter(out: Tensor, plan: RoutePlan, seq_len: int, lse: Tensor | None = Non
         out = rearrange(out, 'b h g i d -> b h (g i) d')
         return out[:, :, :seq_len]
 
-    index = rearrange(plan.q_index.expand(b, h, g, i), 'b h g i -> b h (g i)')
+    index = plan.q_index.expand(b, h, g, i)
     valid = index >= 0
-    index = index.clamp(min=0)
-    out = rearrange(out, 'b h g i d -> b h (g i) d')
-
     if plan.merge == 'overwrite':
-        out = out * rearrange(valid, '... -> ... 1')
-        result = out.new_zeros(b, h, seq_len, d)
-        return result.scatter_add(2, rearrange(index, '... -> ... 1').expand(-1, -1, -1, d), out)
-
-    weights = rearrange(merge_shares(plan, lse, seq_len), 'b h g i -> b h (g i)')
-    weighted = out * rearrange(weights, '... -> ... 1').to(out.dtype)
-    result = out.new_zeros(b, h, seq_len, d)
-    return result.scatter_add(2, rearrange(index, '... -> ... 1').expand(-1, -1, -1, d), weighted)
+        weights = valid.to(out.dtype)
+    else:
+        weights = merge_shares(plan, lse, seq_len).to(out.dtype).masked_fill(~valid, 0.)
+    # rows of the flattened (b h n) output that each gathered query adds to
+    offsets = rearrange(torch.arange(b * h, device=out.device) * seq_len, '(b h) -> b h 1 1', b=b)
+    rows = (index.clamp(min=0) + offsets).flatten()
+    result = _WeightedRowSum.apply(rearrange(out, 'b h g i d -> (b h g i) d'), weights.flatten(), rows,
+                                   b * h * seq_len)
+    return rearrange(result, '(b h n) d -> b h n d', b=b, h=h)
