@@ -517,8 +517,9 @@ def test_recorded_weights_in_pieces_equal_one_call(config, monkeypatch):
 
 @pytest.mark.parametrize('merge', ['overwrite', 'logsumexp'])
 def test_scatter_in_steps_gradcheck(merge, monkeypatch):
-    """The weighted scatter, run a few rows at a time, against float64 finite differences: group
-    outputs and log-sum-exps, with empty query slots (-1) and positions chosen by several groups."""
+    """The weighted scatter, run a few rows at a time, whole or in pieces, against float64 finite
+    differences: group outputs and log-sum-exps, with empty query slots (-1) and positions chosen by
+    several groups."""
     import routeformer.attention.plan as plan_module
     from routeformer.attention.plan import scatter
 
@@ -533,8 +534,11 @@ def test_scatter_in_steps_gradcheck(merge, monkeypatch):
     out = torch.randn(B, H, g, i, D, dtype=torch.float64, requires_grad=True)
     lse = torch.randn(B, H, g, i, dtype=torch.float64, requires_grad=True)
     torch.autograd.gradcheck(lambda o, l: scatter(o, plan, n, lse=l), (out, lse))
+    # the executor's pieces (consecutive along the group axis) as they are
+    torch.autograd.gradcheck(lambda o, l: scatter(list(o.split([1, 2], dim=2)), plan, n, lse=l), (out, lse))
     # and the forward pass is the plain sum of weighted rows
     result = scatter(out, plan, n, lse=lse)
+    torch.testing.assert_close(scatter(list(out.split([2, 1], dim=2)), plan, n, lse=lse), result)
     if merge == 'overwrite':
         expected = torch.zeros(B, H, n, D, dtype=torch.float64)
         for gi in range(g):

@@ -74,6 +74,18 @@ def _with_column(t: Tensor, value: float) -> Tensor:
     return torch.cat((t, t.new_full((*t.shape[:-1], 1), value)), dim=-1)
 
 
+def additive_mask(mask: Tensor | None, bias: Tensor | None, dtype, shape) -> Tensor | None:
+    """The float mask of the flash kernel, ((b h)|1, g, i, j), from a bool mask and an additive
+    bias, each broadcastable to `shape` (b, h, g, i, j); None when there is neither."""
+    if mask is None and bias is None:
+        return None
+    b, h, g, i, j = shape
+    attn_mask = bias.to(dtype) if exists(bias) else torch.zeros((), dtype=dtype, device=mask.device)
+    if exists(mask):
+        attn_mask = attn_mask.masked_fill(~mask, float('-inf'))
+    return fold_mask(attn_mask.expand(*attn_mask.shape[:2], g, i, j), b, h)
+
+
 class _FlashLSE(torch.autograd.Function):
     """Fused attention returning (out, lse), differentiable in both. The kernel's backward takes
     no gradient for the log-sum-exp, and uses `out` only through delta = rowsum(d out * out); as
@@ -84,30 +96,34 @@ class _FlashLSE(torch.autograd.Function):
     ones whose output gradient is g (and an output column of zeros) does the same. Exact."""
 
     @staticmethod
-    def forward(fctx, q, k, v, attn_mask, scale):
+    def forward(fctx, q, k, v, mask, bias, scale, shape):
+        # the float mask is four times the size of the bool one: it is saved as the bool mask and
+        # the bias, and rebuilt in the backward pass
+        attn_mask = additive_mask(mask, bias, q.dtype, shape)
         out, lse = _flash_cpu(q, k, v, 0.0, False, attn_mask=attn_mask, scale=scale)
-        fctx.save_for_backward(q, k, v, attn_mask, out, lse)
-        fctx.scale = scale
+        fctx.save_for_backward(q, k, v, mask, bias, out, lse)
+        fctx.scale, fctx.shape = scale, shape
         return out, lse
 
     @staticmethod
     def backward(fctx, dout, dlse):
-        q, k, v, attn_mask, out, lse = fctx.saved_tensors
+        q, k, v, mask, bias, out, lse = fctx.saved_tensors
+        attn_mask = additive_mask(mask, bias, q.dtype, fctx.shape)
         dout = torch.zeros_like(out) if dout is None else dout.contiguous()
         if dlse is None:
             return (*_flash_cpu_backward(dout, q, k, v, out, lse, 0.0, False, attn_mask=attn_mask,
-                                         scale=fctx.scale), None, None)
+                                         scale=fctx.scale), None, None, None, None)
         precise = torch.promote_types(dout.dtype, torch.float32)
         norm = dout.to(precise).square().sum(dim=-1)
         if not bool(((norm == 0) & (dlse != 0)).any()):
             shift = (dlse.to(precise) / norm.clamp(min=torch.finfo(precise).tiny))[..., None] * dout.to(precise)
             return (*_flash_cpu_backward(dout, q, k, v, (out.to(precise) - shift).to(out.dtype), lse, 0.0, False,
-                                         attn_mask=attn_mask, scale=fctx.scale), None, None)
+                                         attn_mask=attn_mask, scale=fctx.scale), None, None, None, None)
         # the kernel needs one head size for q, k and v: q and k get a zero column (same logits)
         dq, dk, dv = _flash_cpu_backward(
             torch.cat((dout, dlse[..., None].to(dout.dtype)), dim=-1), _with_column(q, 0.), _with_column(k, 0.),
             _with_column(v, 1.), _with_column(out, 0.), lse, 0.0, False, attn_mask=attn_mask, scale=fctx.scale)
-        return dq[..., :-1], dk[..., :-1], dv[..., :-1], None, None
+        return dq[..., :-1], dk[..., :-1], dv[..., :-1], None, None, None, None
 
 
 def flash_lse(q, k, v, mask, *, scale, bias=None, dropout_p=0., causal=False, need_lse=False, need_weights=False):
@@ -122,16 +138,9 @@ def flash_lse(q, k, v, mask, *, scale, bias=None, dropout_p=0., causal=False, ne
     if not need_lse:
         return sdpa(q, k, v, mask, scale=scale, bias=bias, causal=causal)
     b, h, g, i, _ = q.shape
-    j = k.shape[-2]
     k, v = k.to(q.dtype), v.to(q.dtype)
-    attn_mask = None
-    if exists(mask) or exists(bias):
-        attn_mask = torch.zeros((), dtype=q.dtype, device=q.device) if bias is None else bias.to(q.dtype)
-        if exists(mask):
-            attn_mask = attn_mask.masked_fill(~mask, float('-inf'))
-        attn_mask = fold_mask(attn_mask.expand(*attn_mask.shape[:2], g, i, j), b, h)
     q, k, v = (rearrange(t, 'b h g n d -> (b h) g n d') for t in (q, k, v))
-    out, lse = _FlashLSE.apply(q, k, v, attn_mask, scale)
+    out, lse = _FlashLSE.apply(q, k, v, mask, bias, scale, (b, h, g, i, k.shape[-2]))
     return (rearrange(out, '(b h) g n d -> b h g n d', b=b), rearrange(lse, '(b h) g n -> b h g n', b=b), None)
 
 

@@ -135,12 +135,13 @@ class RoutedAttention(nn.Module):
             pieces.append(self.attend(qg, kg, vg, slice_groups(plan, start, stop), q_len=q_len, kv_len=kv_len,
                                       causal=causal, key_mask=key_mask, mem_kv=mem_kv, exclude_self=exclude_self,
                                       need_lse=need_lse, need_weights=need_weights, rel_pos=rel_pos))
-        out, lse, weights = (None if p[0] is None else torch.cat(p, dim=2) for p in zip(*pieces))
+        outs, lses, weights = zip(*pieces)
+        lse, weights = (None if t[0] is None else torch.cat(t, dim=2) for t in (lses, weights))
         if need_weights and need_lse:
             # a query's weights in each group, scaled by the group's share of the merge: summed over
             # groups they are the attention the query really paid
             weights = weights * rearrange(merge_shares(plan, lse, q_len), '... -> ... 1').to(weights.dtype)
-        return scatter(out, plan, q_len, lse=lse), weights
+        return scatter(list(outs), plan, q_len, lse=lse), weights
 
     def attend(self, qg: Tensor, kg: Tensor, vg: Tensor, plan: RoutePlan, *, q_len: int, kv_len: int,
                causal: bool, key_mask, mem_kv, exclude_self: bool, need_lse: bool, need_weights: bool,

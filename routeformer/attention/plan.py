@@ -122,57 +122,72 @@ SCATTER_ROWS = 16384
 
 
 class _WeightedRowSum(torch.autograd.Function):
-    """result[rows[r]] += weights[r] * src[r] over the rows of src (R, d), into (n_rows, d), in
-    steps of SCATTER_ROWS rows, forward and backward."""
+    """result[rows[r]] += weights[r] * src[r] over the rows of several (R_p, d) sources, each with
+    its own rows and weights, into (n_rows, d), in steps of SCATTER_ROWS rows forward and backward.
+    The sources are the executor's pieces as they are, so nothing is concatenated or copied."""
 
     @staticmethod
-    def forward(fctx, src: Tensor, weights: Tensor, rows: Tensor, n_rows: int):
-        fctx.save_for_backward(src, weights, rows)
-        result = src.new_zeros(n_rows, src.shape[-1])
-        for start in range(0, src.shape[0], SCATTER_ROWS):
-            part = slice(start, start + SCATTER_ROWS)
-            result.index_add_(0, rows[part], src[part] * weights[part, None])
+    def forward(fctx, n_rows: int, rows: list[Tensor], *weights_and_srcs: Tensor):
+        weights, srcs = weights_and_srcs[:len(rows)], weights_and_srcs[len(rows):]
+        fctx.set_materialize_grads(False)
+        fctx.save_for_backward(*rows, *weights, *srcs)
+        result = srcs[0].new_zeros(n_rows, srcs[0].shape[-1])
+        for r, w, src in zip(rows, weights, srcs):
+            for start in range(0, src.shape[0], SCATTER_ROWS):
+                part = slice(start, start + SCATTER_ROWS)
+                result.index_add_(0, r[part], src[part] * w[part, None])
         return result
 
     @staticmethod
-    def backward(fctx, grad: Tensor):
-        src, weights, rows = fctx.saved_tensors
-        grad_src = torch.empty_like(src) if fctx.needs_input_grad[0] else None
-        grad_weights = torch.empty_like(weights) if fctx.needs_input_grad[1] else None
-        for start in range(0, src.shape[0], SCATTER_ROWS):
-            part = slice(start, start + SCATTER_ROWS)
-            picked = grad.index_select(0, rows[part])
-            if grad_weights is not None:
-                grad_weights[part] = torch.linalg.vecdot(picked, src[part])
-            if grad_src is not None:
-                torch.mul(picked, weights[part, None], out=grad_src[part])
-        return grad_src, grad_weights, None, None
+    def backward(fctx, grad: Tensor | None):
+        saved = fctx.saved_tensors
+        k = len(saved) // 3
+        rows, weights, srcs = saved[:k], saved[k:2 * k], saved[2 * k:]
+        grad_weights = [None] * k
+        grad_srcs = [None] * k
+        if grad is not None:
+            for p, (r, w, src) in enumerate(zip(rows, weights, srcs)):
+                if fctx.needs_input_grad[2 + p]:
+                    grad_weights[p] = torch.empty_like(w)
+                if fctx.needs_input_grad[2 + k + p]:
+                    grad_srcs[p] = torch.empty_like(src)
+                for start in range(0, src.shape[0], SCATTER_ROWS):
+                    part = slice(start, start + SCATTER_ROWS)
+                    picked = grad.index_select(0, r[part])
+                    if grad_weights[p] is not None:
+                        grad_weights[p][part] = torch.linalg.vecdot(picked, src[part])
+                    if grad_srcs[p] is not None:
+                        torch.mul(picked, w[part, None], out=grad_srcs[p][part])
+        return None, None, *grad_weights, *grad_srcs
 
 
-def scatter(out: Tensor, plan: RoutePlan, seq_len: int, lse: Tensor | None = None) -> Tensor:
-    """Group outputs (b, h, g, i, d) back to (b, h, n, d).
+def scatter(out: Tensor | list[Tensor], plan: RoutePlan, seq_len: int, lse: Tensor | None = None) -> Tensor:
+    """Group outputs (b, h, g, i, d), or a list of consecutive pieces of them along g, back to
+    (b, h, n, d).
 
     'overwrite': every position is the query of at most one group. 'logsumexp': a position that
     is the query of several groups (LSH rounds, overlapping clusters) gets the average of its
     group outputs weighted by each group's softmax normaliser, which is exactly attention over
     the union of the keys it saw. Positions no group chose get zeros.
     """
-    b, h, g, i, d = out.shape
-    if plan.q_index is None:
-        return rearrange(out, 'b h 1 n d -> b h n d')
-    if plan.info.get('contiguous_queries', False):
-        out = rearrange(out, 'b h g i d -> b h (g i) d')
-        return out[:, :, :seq_len]
+    pieces = [out] if isinstance(out, Tensor) else list(out)
+    if plan.q_index is None or plan.info.get('contiguous_queries', False):
+        out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
+        return rearrange(out, 'b h g i d -> b h (g i) d')[:, :, :seq_len]
 
-    index = plan.q_index.expand(b, h, g, i)
+    b, h, _, i, d = pieces[0].shape
+    index = plan.q_index.expand(b, h, -1, i)
     valid = index >= 0
     if plan.merge == 'overwrite':
-        weights = valid.to(out.dtype)
+        weights = valid.to(pieces[0].dtype)
     else:
-        weights = merge_shares(plan, lse, seq_len).to(out.dtype).masked_fill(~valid, 0.)
+        weights = merge_shares(plan, lse, seq_len).to(pieces[0].dtype).masked_fill(~valid, 0.)
     # rows of the flattened (b h n) output that each gathered query adds to
-    offsets = rearrange(torch.arange(b * h, device=out.device) * seq_len, '(b h) -> b h 1 1', b=b)
-    rows = (index.clamp(min=0) + offsets).flatten()
-    result = _WeightedRowSum.apply(rearrange(out, 'b h g i d -> (b h g i) d'), weights.flatten(), rows,
-                                   b * h * seq_len)
+    offsets = rearrange(torch.arange(b * h, device=index.device) * seq_len, '(b h) -> b h 1 1', b=b)
+    rows = index.clamp(min=0) + offsets
+    bounds = torch.tensor([0] + [p.shape[2] for p in pieces]).cumsum(0).tolist()
+    cuts = list(zip(bounds[:-1], bounds[1:]))
+    result = _WeightedRowSum.apply(b * h * seq_len, [rows[:, :, s:e].flatten() for s, e in cuts],
+                                   *(weights[:, :, s:e].flatten() for s, e in cuts),
+                                   *(rearrange(p, 'b h g i d -> (b h g i) d') for p in pieces))
     return rearrange(result, '(b h n) d -> b h n d', b=b, h=h)
