@@ -1,5 +1,5 @@
 """The one executor: gather q/k/v by a RoutePlan, build the mask, attend inside every group in
-one batched call, and scatter back.
+batched calls (one per piece of groups), and scatter back.
 
 Axes: b batch, h heads, n sequence, d head dim, g groups, i queries per group, j keys per group,
 m memory key/values.
@@ -82,8 +82,8 @@ def build_mask(plan: RoutePlan, *, q_len: int, kv_len: int, causal: bool, key_ma
 # float (i, j) logits. The pieces' gathered keys, masks and kernel buffers are then small enough for
 # the C allocator to reuse their memory from one piece to the next, where one call over all groups
 # would page-fault every large buffer in afresh (a Reformer training step at 16k tokens on a CPU
-# runs about 1.4x faster in pieces), and the transient memory of a call stays bounded. Contiguous windows are views
-# with a mask shared by every head, so they gain nothing from pieces and stay one call.
+# runs about 1.4x faster in pieces), and the transient memory of a call stays bounded. Contiguous
+# windows are views with a mask shared by every head: they gain nothing from pieces, one call.
 PIECE_BYTES = 8 * 2 ** 20
 
 

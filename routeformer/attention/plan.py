@@ -175,7 +175,7 @@ def scatter(out: Tensor | list[Tensor], plan: RoutePlan, seq_len: int, lse: Tens
         out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
         return rearrange(out, 'b h g i d -> b h (g i) d')[:, :, :seq_len]
 
-    b, h, _, i, d = pieces[0].shape
+    b, h, _, i, _ = pieces[0].shape
     index = plan.q_index.expand(b, h, -1, i)
     valid = index >= 0
     if plan.merge == 'overwrite':
