@@ -533,11 +533,11 @@ def test_scatter_in_steps_gradcheck(merge, monkeypatch):
     plan = RoutePlan(q_index=q_index.view(1, 1, g, i).expand(B, H, g, i), kv_index=None, merge=merge)
     out = torch.randn(B, H, g, i, D, dtype=torch.float64, requires_grad=True)
     lse = torch.randn(B, H, g, i, dtype=torch.float64, requires_grad=True)
-    torch.autograd.gradcheck(lambda o, l: scatter(o, plan, n, lse=l), (out, lse))
+    torch.autograd.gradcheck(lambda o, l: scatter([o], plan, n, lse=l), (out, lse))
     # the executor's pieces (consecutive along the group axis) as they are
     torch.autograd.gradcheck(lambda o, l: scatter(list(o.split([1, 2], dim=2)), plan, n, lse=l), (out, lse))
     # and the forward pass is the plain sum of weighted rows
-    result = scatter(out, plan, n, lse=lse)
+    result = scatter([out], plan, n, lse=lse)
     torch.testing.assert_close(scatter(list(out.split([2, 1], dim=2)), plan, n, lse=lse), result)
     if merge == 'overwrite':
         expected = torch.zeros(B, H, n, D, dtype=torch.float64)

@@ -72,24 +72,21 @@ class _GatherRows(torch.autograd.Function):
         return (grad, *(None for _ in rows))
 
 
-def gather(t: Tensor, index: Tensor, bounds: list[tuple[int, int]] | None = None) -> Tensor | list[Tensor]:
-    """(b, h, n, d) gathered by (b|1, h|1, g, j) positions -> (b, h, g, j, d); -1 reads position 0
-    (masked later). With `bounds`, a list of the gathered groups start:stop for each (start, stop)."""
+def gather(t: Tensor, index: Tensor, bounds: list[tuple[int, int]]) -> list[Tensor]:
+    """(b, h, n, d) gathered by (b|1, h|1, g, j) positions: for each (start, stop) in `bounds`,
+    the groups start:stop as (b, h, stop - start, j, d). -1 reads position 0 (masked later)."""
     index = index.clamp(min=0)
-    b, h, _, d = t.shape
-    pieces = [(0, index.shape[-2])] if bounds is None else bounds
+    b, h = t.shape[:2]
     if index.shape[0] == 1 and index.shape[1] == 1:
         # one plan for every sample and head: plain indexing, no expanded index tensor
-        out = [t[:, :, index[0, 0, start:stop]] for start, stop in pieces]
-        return out[0] if bounds is None else out
+        return [t[:, :, index[0, 0, start:stop]] for start, stop in bounds]
     # whole rows by index_select on the flattened sequence: much faster than an element-wise
     # gather over d, forward and backward
     offsets = rearrange(torch.arange(b * h, device=t.device) * t.shape[-2], '(b h) -> b h 1 1', b=b)
     rows = index.expand(b, h, -1, -1) + offsets
     picked = _GatherRows.apply(rearrange(t, 'b h n d -> (b h n) d'),
-                               *(rows[:, :, start:stop].flatten() for start, stop in pieces))
-    out = [rearrange(p, '(b h g j) d -> b h g j d', b=b, h=h, j=index.shape[-1]) for p in picked]
-    return out[0] if bounds is None else out
+                               *(rows[:, :, start:stop].flatten() for start, stop in bounds))
+    return [rearrange(p, '(b h g j) d -> b h g j d', b=b, h=h, j=index.shape[-1]) for p in picked]
 
 
 def positions_of(index: Tensor | None, length: int, device) -> Tensor:
@@ -161,16 +158,15 @@ class _WeightedRowSum(torch.autograd.Function):
         return None, None, *grad_weights, *grad_srcs
 
 
-def scatter(out: Tensor | list[Tensor], plan: RoutePlan, seq_len: int, lse: Tensor | None = None) -> Tensor:
-    """Group outputs (b, h, g, i, d), or a list of consecutive pieces of them along g, back to
-    (b, h, n, d).
+def scatter(pieces: list[Tensor], plan: RoutePlan, seq_len: int, lse: Tensor | None = None) -> Tensor:
+    """Group outputs (b, h, g, i, d), given as consecutive pieces along g (one piece: all of them),
+    back to (b, h, n, d).
 
     'overwrite': every position is the query of at most one group. 'logsumexp': a position that
     is the query of several groups (LSH rounds, overlapping clusters) gets the average of its
     group outputs weighted by each group's softmax normaliser, which is exactly attention over
     the union of the keys it saw. Positions no group chose get zeros.
     """
-    pieces = [out] if isinstance(out, Tensor) else list(out)
     if plan.q_index is None or plan.info.get('contiguous_queries', False):
         out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
         return rearrange(out, 'b h g i d -> b h (g i) d')[:, :, :seq_len]
