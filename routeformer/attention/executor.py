@@ -95,15 +95,15 @@ def slice_groups(plan: RoutePlan, start: int, stop: int) -> RoutePlan:
                    bias=cut(plan.bias), k_gate=cut(plan.k_gate), kv_gate=cut(plan.kv_gate), q_gate=cut(plan.q_gate))
 
 
-def piece_bounds(plan: RoutePlan, q: Tensor, kv_len: int) -> list[tuple[int, int]]:
-    """Group ranges of at most PIECE_BYTES of logits each; one range unless keys are gathered by index."""
+def piece_bounds(plan: RoutePlan, q: Tensor) -> list[tuple[int, int]]:
+    """Group ranges of at most PIECE_BYTES of float32 logits each (b, h, g, i, j); one range unless
+    keys are gathered by index."""
     g = 1 if plan.q_index is None else plan.q_index.shape[-2]
     if plan.q_index is None or plan.kv_index is None or 'sliding_windows' in plan.info:
         return [(0, g)]
     b, h = q.shape[:2]
     i, j = plan.q_index.shape[-1], plan.kv_index.shape[-1]
-    per_group = b * h * i * j * 4
-    pieces = max(1, min(g, per_group * g // PIECE_BYTES))
+    pieces = min(g, -(-b * h * g * i * j * 4 // PIECE_BYTES))
     bounds = [round(p * g / pieces) for p in range(pieces + 1)]
     return list(zip(bounds[:-1], bounds[1:]))
 
@@ -127,7 +127,7 @@ class RoutedAttention(nn.Module):
         the slots, q_pos (b|1, h|1, g, i) and kv_pos (b|1, h|1, g, j) (relative position attention).
         Returns (out (b, h, n, d), weights (b, h, g, i, [m +] j) or None)."""
         q_len, kv_len = q.shape[-2], k.shape[-2]
-        bounds = piece_bounds(plan, q, kv_len)
+        bounds = piece_bounds(plan, q)
         qgs, kgs, vgs = gather_queries(q, plan, bounds), gather_keys(k, plan, bounds), gather_keys(v, plan, bounds)
         need_lse = plan.merge == 'logsumexp'
         pieces = []
