@@ -29,8 +29,45 @@ def next_multiple(n: int, multiple: int) -> int:
     return math.ceil(n / multiple) * multiple
 
 
-def l2norm(t: Tensor, dim: int = -1) -> Tensor:
-    return F.normalize(t, dim=dim)
+# rows of the last axis normalised per step: the passes of a step stay in cache
+L2NORM_STEP = 1024
+
+
+class _L2Norm(torch.autograd.Function):
+    """F.normalize over the last axis, in steps of L2NORM_STEP along the axis before it, forward
+    and backward (d t = (d y - y <d y, y>) / |t|): a long sequence is read and written once per
+    pass instead of once per elementwise operation."""
+
+    @staticmethod
+    def forward(fctx, t: Tensor, eps: float):
+        out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+        denom = torch.linalg.vector_norm(t, dim=-1, keepdim=True).clamp_(min=eps)
+        for start in range(0, t.shape[-2], L2NORM_STEP):
+            rows = slice(start, start + L2NORM_STEP)
+            torch.div(t[..., rows, :], denom[..., rows, :], out=out[..., rows, :])
+        fctx.save_for_backward(out, denom)
+        fctx.eps = eps
+        return out
+
+    @staticmethod
+    def backward(fctx, grad: Tensor):
+        out, denom = fctx.saved_tensors
+        grad_in = torch.empty_like(out)
+        for start in range(0, out.shape[-2], L2NORM_STEP):
+            rows = slice(start, start + L2NORM_STEP)
+            y, g, d = out[..., rows, :], grad[..., rows, :], denom[..., rows, :]
+            # below eps the norm is a constant: no radial term
+            radial = torch.linalg.vecdot(g, y, dim=-1).unsqueeze(-1).masked_fill_(d <= fctx.eps, 0.)
+            torch.mul(y, radial, out=grad_in[..., rows, :])
+            torch.sub(g, grad_in[..., rows, :], out=grad_in[..., rows, :]).div_(d)
+        return grad_in, None
+
+
+def l2norm(t: Tensor, dim: int = -1, eps: float = 1e-12) -> Tensor:
+    """t / max(|t|, eps) along `dim` (F.normalize)."""
+    if t.ndim < 2 or dim not in (-1, t.ndim - 1) or not t.is_floating_point():
+        return F.normalize(t, dim=dim, eps=eps)
+    return _L2Norm.apply(t, eps)
 
 
 def pad_to_multiple(t: Tensor, multiple: int, *, dim: int = -2, value=0, left: bool = False) -> tuple[Tensor, int]:

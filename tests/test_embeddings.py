@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from routeformer.layers import embeddings
 from routeformer.layers.embeddings import (
     AbsolutePositionalEmbedding,
     AxialPositionalEmbedding,
@@ -86,3 +87,31 @@ def test_apply_rotary_partial_keeps_tail_and_dtype():
     assert torch.allclose(out[..., :8].float().norm(dim=-1), t[..., :8].float().norm(dim=-1), rtol=2e-2)
     with pytest.raises(ValueError, match='dim <= 12'):
         apply_rotary(t, RotaryEmbedding(16)(torch.arange(10)))
+
+
+def rotate_half_reference(t, freqs):
+    """RoFormer's rotate_half formula, written out: t * cos + rotate_half(t) * sin."""
+    r = freqs.shape[-1]
+    rotated, passed = t[..., :r], t[..., r:]
+    first, second = rotated[..., :r // 2], rotated[..., r // 2:]
+    turned = rotated * freqs.cos() + torch.cat((-second, first), dim=-1) * freqs.sin()
+    return torch.cat((turned, passed), dim=-1)
+
+
+@pytest.mark.parametrize('rot_dim', [16, 8])
+@pytest.mark.parametrize('per_sample', [False, True])
+def test_apply_rotary_in_steps_equals_rotate_half_formula(rot_dim, per_sample, monkeypatch):
+    monkeypatch.setattr(embeddings, 'ROTARY_STEP', 3)  # several steps, the last one short
+    torch.manual_seed(0)
+    t = torch.randn(2, 10, 3, 16, dtype=torch.float64).transpose(1, 2).requires_grad_()  # a strided view
+    freqs = RotaryEmbedding(rot_dim)(torch.arange(10)).double()
+    if per_sample:  # (b, 1, n, r) angles, as CoLT5's routed queries have
+        freqs = torch.stack((freqs, freqs.flip(0)))[:, None]
+    out = apply_rotary(t, freqs)
+    assert out.is_contiguous()
+    assert torch.allclose(out, rotate_half_reference(t, freqs), atol=1e-6)
+    assert torch.autograd.gradcheck(lambda x: apply_rotary(x, freqs), (t,))
+    # half precision is rotated in float32 and rounded once
+    low = apply_rotary(t.detach().bfloat16(), freqs)
+    assert low.dtype == torch.bfloat16
+    assert torch.allclose(low.double(), rotate_half_reference(t.detach().bfloat16().double(), freqs), atol=2e-2)

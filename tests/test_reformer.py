@@ -12,6 +12,7 @@ from routeformer import (Autopadder, AutoregressiveWrapper, LSHAttention, LSHRou
                          Reformer, ReformerEncDec, ReformerLM)
 from routeformer.attention import RoutedAttention, backends
 from routeformer.layers.feedforward import FeedForward
+from routeformer.routers import lsh
 from routeformer.routers.lsh import SELF_ATTN_PENALTY, buckets_for_length
 
 NUM_TOKENS, DIM, SEQ, BUCKET = 32, 16, 32, 4
@@ -151,7 +152,10 @@ def test_single_round_matches_reformer_pytorch():
     assert torch.allclose(out[:, 0], out_seed, atol=1e-5)
 
 
-def test_hash_is_argmax_over_rotations_and_their_negation():
+@pytest.mark.parametrize('block', [None, 48])
+def test_hash_is_argmax_over_rotations_and_their_negation(block, monkeypatch):
+    if block is not None:  # hashed a few tokens at a time
+        monkeypatch.setattr(lsh, 'HASH_BLOCK', block)
     router = LSHRouter(bucket_size=4, n_hashes=3, n_buckets=8, random_rotations_per_head=True).eval()
     k = torch.randn(2, 2, 16, 8)
     rot = router.rotations(batch=2, heads=2, dim=8, n_buckets=8, device=k.device, seed=None)
@@ -185,7 +189,10 @@ def test_eval_rotations_are_fixed_and_saved_training_ones_fresh():
     assert torch.equal(b2, router(k, k, causal=True).info['buckets'])
 
 
-def test_rehash_each_round_false_puts_tokens_in_their_best_buckets():
+@pytest.mark.parametrize('block', [None, 16])
+def test_rehash_each_round_false_puts_tokens_in_their_best_buckets(block, monkeypatch):
+    if block is not None:
+        monkeypatch.setattr(lsh, 'HASH_BLOCK', block)
     router = LSHRouter(bucket_size=4, n_hashes=3, n_buckets=8, rehash_each_round=False).eval()
     k = torch.randn(1, 2, 16, 8)
     buckets = router.hash(k, 8)

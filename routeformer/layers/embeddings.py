@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from routeformer.helpers import divisible_by, exists
 
-# n sequence (positions asked for), d feature, r rotary features, j the two rotated halves
+# n sequence (positions asked for), d feature, r rotary features
 
 
 def _check_positions(pos: Tensor, max_seq_len: int, owner: str) -> None:
@@ -120,22 +120,59 @@ class RotaryEmbedding(nn.Module):
         return torch.cat((angles, angles), dim=-1)
 
 
-def _rotate_half(t: Tensor) -> Tensor:
-    first, second = rearrange(t, '... (j r) -> j ... r', j=2)
-    return torch.cat((-second, first), dim=-1)
+# positions rotated per step: the few intermediate passes of a step stay in cache, so a long
+# sequence is read and written once
+ROTARY_STEP = 1024
+
+
+def _rotate(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """t (..., n, d) with its first 2 * r features rotated in pairs (f, f + r) by the angles whose
+    cosines and sines are cos / sin (..., n|1, r), broadcast over t's leading axes; a contiguous
+    copy, written in steps of ROTARY_STEP positions."""
+    half = cos.shape[-1]
+    out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    n = t.shape[-2]
+    for start in range(0, n, ROTARY_STEP):
+        rows = slice(start, start + ROTARY_STEP)
+        first, second = t[..., rows, :half], t[..., rows, half:2 * half]
+        c, s = (f if f.shape[-2] == 1 else f[..., rows, :] for f in (cos, sin))
+        out_first, out_second = out[..., rows, :half], out[..., rows, half:2 * half]
+        torch.mul(first, c, out=out_first).addcmul_(second, s, value=-1.)
+        torch.mul(second, c, out=out_second).addcmul_(first, s)
+        out[..., rows, 2 * half:] = t[..., rows, 2 * half:]
+    return out
+
+
+class _Rotary(torch.autograd.Function):
+    """Rotation by given angles; its gradient is the rotation by the opposite angles, so only the
+    (n, r) cosines and sines are kept for the backward pass."""
+
+    @staticmethod
+    def forward(fctx, t, cos, sin):
+        fctx.save_for_backward(cos, sin)
+        return _rotate(t, cos, sin)
+
+    @staticmethod
+    def backward(fctx, grad):
+        cos, sin = fctx.saved_tensors
+        return _rotate(grad, cos, -sin), None, None
 
 
 def apply_rotary(t: Tensor, freqs: Tensor) -> Tensor:
-    """Rotates the first r = freqs.shape[-1] features of t[..., n, d] by the angles freqs[n, r]."""
+    """Rotates the first r = freqs.shape[-1] features of t[..., n, d] by the angles freqs[..., n, r]
+    in the "rotate_half" layout of `RotaryEmbedding` (feature f and f + r / 2 turn together by the
+    angle freqs[..., f], which both halves of freqs hold)."""
     rot_dim = freqs.shape[-1]
     if rot_dim > t.shape[-1]:
         raise ValueError(
             f'apply_rotary: freqs have {rot_dim} features but t has only {t.shape[-1]}; '
             f'build RotaryEmbedding with dim <= {t.shape[-1]}'
         )
-    rotated, passed = t[..., :rot_dim], t[..., rot_dim:]
     # float32 because bf16 angles at large positions lose most of their precision
-    freqs = freqs.to(torch.float32)
-    rotated = rotated.to(torch.float32)
-    rotated = (rotated * freqs.cos() + _rotate_half(rotated) * freqs.sin()).to(t.dtype)
-    return rotated if passed.shape[-1] == 0 else torch.cat((rotated, passed), dim=-1)
+    angles = freqs[..., :rot_dim // 2].to(torch.float32)
+    cos, sin = angles.cos(), angles.sin()
+    if t.dtype in (torch.float32, torch.float64):
+        return _Rotary.apply(t, cos.to(t.dtype), sin.to(t.dtype))
+    # half precision: rotated in float32 and rounded once
+    rotated = _Rotary.apply(t[..., :rot_dim].to(torch.float32), cos, sin).to(t.dtype)
+    return torch.cat((rotated, t[..., rot_dim:]), dim=-1)

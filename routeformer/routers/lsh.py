@@ -31,9 +31,10 @@ from .bucketed import rank_in_bucket, sort_and_chunk
 # representable in half precision)
 SELF_ATTN_PENALTY = -5e4
 
-# elements of the (b, h, r, n, k) rotated tensor hashed at once: bounds the memory of hashing
-# long sequences into many buckets
-HASH_BLOCK = 2 ** 24
+# elements of the (b, h, n, r, k) rotated tensor hashed at once: a block of a few MiB stays in cache
+# between the product and the reductions over it, and bounds the memory of hashing long sequences
+# into many buckets
+HASH_BLOCK = 2 ** 21
 
 
 def buckets_for_length(n: int, bucket_size: int) -> int:
@@ -138,22 +139,22 @@ class LSHRouter(Router):
             gen = torch.Generator(device=k.device).manual_seed(seed + 1)
             k = k * (torch.rand(k.shape, generator=gen, device=k.device) >= self.drop_for_hash_rate)
         rot = self.rotations(batch=b, heads=h, dim=d, n_buckets=n_buckets, device=k.device, seed=seed)
-        half = n_buckets // 2
-        step = max(1, HASH_BLOCK // max(1, b * h * rot.shape[-2] * half))
+        rounds, half = rot.shape[-2:]
+        rot = rearrange(rot, '... d r k -> ... d (r k)')
+        step = max(1, HASH_BLOCK // max(1, b * h * rounds * half))
         pieces = []
         for start in range(0, n, step):
-            rotated = torch.einsum('bhnd,bhdrk->bhrnk', k[:, :, start:start + step], rot)
+            rotated = rearrange(k[:, :, start:start + step] @ rot, 'b h n (r k) -> b h n r k', r=rounds)
             if self.rehash_each_round:
                 # argmax over [xR, -xR] without building it: the largest xR against the largest -xR
-                top, bottom = rotated.argmax(dim=-1), rotated.argmin(dim=-1)
-                negative = -rotated.gather(-1, bottom[..., None]) > rotated.gather(-1, top[..., None])
-                pieces.append(torch.where(negative.squeeze(-1), bottom + half, top))
+                # (max and min with their indices: one pass each, faster than argmax and argmin)
+                top, bottom = rotated.max(dim=-1), rotated.min(dim=-1)
+                pieces.append(torch.where(-bottom.values > top.values, bottom.indices + half, top.indices))
             else:
                 # one rotation; each token goes to its n_hashes best buckets, one per round
                 both = torch.cat((rotated, -rotated), dim=-1)
-                top = topk_first(both, self.n_hashes).indices
-                pieces.append(rearrange(top, 'b h 1 n r -> b h r n'))
-        return torch.cat(pieces, dim=-1)
+                pieces.append(topk_first(both, self.n_hashes).indices.squeeze(-2))
+        return rearrange(torch.cat(pieces, dim=2), 'b h n r -> b h r n')
 
     def draw_seed(self) -> int | None:
         # one draw from the global RNG per training call, also when the plan is replayed, so a
