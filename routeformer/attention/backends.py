@@ -53,12 +53,9 @@ def sdpa(q, k, v, mask, *, scale, bias=None, dropout_p=0., causal=False, need_ls
     and groups as its head axis: a mask shared by every sample and head (local attention) then
     broadcasts instead of being copied per head."""
     assert not (need_lse or need_weights), 'sdpa returns neither the log-sum-exp nor the weights'
-    b, h, g = q.shape[:3]
-    if exists(bias):
-        # a float mask is added to the logits; the executor guarantees every row keeps a finite entry
-        bias = bias.to(q.dtype)
-        mask = bias if mask is None else bias.masked_fill(~mask, float('-inf'))
-    mask = fold_mask(mask, b, h)
+    b, h, g, i, _ = q.shape
+    # with a bias, a float mask added to the logits; the executor guarantees every row keeps an entry
+    mask = additive_mask(mask, bias, q.dtype, (b, h, g, i, k.shape[-2])) if exists(bias) else fold_mask(mask, b, h)
     q, k, v = (rearrange(t, 'b h g n d -> (b h) g n d') for t in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                          is_causal=causal and mask is None, scale=scale)
