@@ -274,7 +274,7 @@ def expected_union(q, k, v, q_groups, kv_groups, causal=False):
     return out, chosen, allowed
 
 
-@pytest.mark.parametrize('backend', ['reference', 'auto'])
+@pytest.mark.parametrize('backend', ['reference', 'auto', 'flash_lse'])
 def test_logsumexp_merge_is_attention_over_union(backend):
     seeded(9)
     n = 8
@@ -343,7 +343,8 @@ def test_sdpa_rejects_logsumexp_plan():
         run(q, k, v, plan, 'sdpa')
 
 
-def test_logsumexp_merge_group_without_admissible_key_contributes_nothing():
+@pytest.mark.parametrize('backend', ['reference', 'flash_lse'])
+def test_logsumexp_merge_group_without_admissible_key_contributes_nothing(backend):
     # causal: query 2 is in group 0 (keys 0-2) and in group 1 whose keys (3-5) are all in its future.
     # Attention over the union of the *admissible* keys is attention over keys 0-2.
     seeded(11)
@@ -351,12 +352,12 @@ def test_logsumexp_merge_group_without_admissible_key_contributes_nothing():
     q, k, v = qkv(n=n)
     q_groups = [[0, 1, 2], [2, 3, 4]]
     kv_groups = [[0, 1, 2], [3, 4, 5]]
-    out = run(q, k, v, overlapping_plan(q_groups, kv_groups), causal=True)
+    out = run(q, k, v, overlapping_plan(q_groups, kv_groups), backend, causal=True)
     expected, chosen, allowed = expected_union(q, k, v, q_groups, kv_groups, causal=True)
     # the leak itself: query 2's output must not depend on the value at its future position 5
     v_future = v.clone()
     v_future[:, :, 5] += 1.
-    out_future = run(q, k, v_future, overlapping_plan(q_groups, kv_groups), causal=True)
+    out_future = run(q, k, v_future, overlapping_plan(q_groups, kv_groups), backend, causal=True)
     assert torch.equal(out_future[:, :, :5], out[:, :, :5])
     rows = chosen & allowed.any(-1)
     assert torch.allclose(out[:, :, rows], expected[:, :, rows], atol=1e-10)
@@ -546,3 +547,88 @@ def test_scatter_in_steps_gradcheck(merge, monkeypatch):
                 if q_index[gi, slot] >= 0:
                     expected[:, :, q_index[gi, slot]] += out[:, :, gi, slot]
         torch.testing.assert_close(result, expected)
+
+
+# ---------------------------------------------------------------- the lean flash path
+
+def lsh_setup(causal, padded, n_mem, seed=15, n=16, window=4, rounds=3):
+    """q, k, v, memory key/values, key mask and an LSH plan (3 rounds, buckets of 4) in float64, all
+    requiring grad. Padding (the last 5 keys of sample 0) leaves queries without an admissible key."""
+    from routeformer.routers.lsh import LSHRouter
+
+    seeded(seed)
+    q, k, v = (t.requires_grad_() for t in qkv(n=n))
+    mem = tuple(torch.randn(H, n_mem, D, dtype=torch.float64, requires_grad=True) for _ in range(2)) if n_mem else None
+    key_mask = trailing_key_mask([n - 5, n], n) if padded else None
+    router = LSHRouter(bucket_size=window, n_hashes=rounds)
+    buckets = router.with_padding_bucket(torch.randint(0, 4, (B, H, rounds, n)), key_mask, 4)
+    return q, k, v, mem, key_mask, router.plan(buckets, causal=causal, dtype=torch.float64)
+
+
+LEAN_CASES = [dict(causal=True, padded=False, n_mem=0), dict(causal=True, padded=True, n_mem=0),
+              dict(causal=True, padded=True, n_mem=2), dict(causal=False, padded=True, n_mem=1)]
+
+
+@pytest.mark.parametrize('case', LEAN_CASES, ids=lambda c: '-'.join(f'{k}{int(v)}' for k, v in c.items()))
+@pytest.mark.parametrize('piece_bytes', [None, 1])
+def test_lean_flash_path_equals_reference(case, piece_bytes, monkeypatch):
+    """Groups gathered by index through the CPU flash kernel as one node (the flash_lse backend)
+    give the reference backend's outputs and gradients, for q, k, v and memory key/values, with
+    key padding, shared-QK self-exclusion and rows without any admissible key."""
+    import routeformer.attention.backends as backends
+    import routeformer.attention.executor as executor
+
+    if piece_bytes:
+        monkeypatch.setattr(executor, 'PIECE_BYTES', piece_bytes)
+    q, k, v, mem, key_mask, plan = lsh_setup(**case)
+    kwargs = dict(causal=case['causal'], key_mask=key_mask, mem_kv=mem, exclude_self=True)
+    inputs = (q, k, v, *(mem or ()))
+    calls = []
+    original = backends.flash_pieces
+    monkeypatch.setattr(backends, 'flash_pieces', lambda source, *a: calls.append(source.count) or original(source, *a))
+
+    results = {}
+    for backend in ('reference', 'flash_lse'):
+        out, _ = RoutedAttention(backend=backend)(q, k, v, plan, **kwargs)
+        grads = torch.autograd.grad((out * torch.linspace(-1, 1, D, dtype=out.dtype)).sum(), inputs)
+        results[backend] = out, grads
+    assert calls and (piece_bytes is None or calls[0] > 1), 'the lean path did not run (in pieces)'
+    (out, grads), (lean_out, lean_grads) = results['reference'], results['flash_lse']
+    torch.testing.assert_close(lean_out, out, atol=1e-10, rtol=1e-10)
+    for name, got, expected in zip(('q', 'k', 'v', 'mem_k', 'mem_v'), lean_grads, grads):
+        torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10, msg=name)
+
+
+def test_lean_flash_path_gradcheck(monkeypatch):
+    """float64 finite differences through the lean path, in pieces: q, k, v and memory key/values."""
+    import routeformer.attention.executor as executor
+
+    monkeypatch.setattr(executor, 'PIECE_BYTES', 2000)
+    q, k, v, mem, key_mask, plan = lsh_setup(causal=True, padded=True, n_mem=1, n=8, window=2)
+    attn = RoutedAttention(backend='flash_lse')
+    torch.autograd.gradcheck(lambda q, k, v, mk, mv: attn(q, k, v, plan, causal=True, key_mask=key_mask,
+                                                         mem_kv=(mk, mv), exclude_self=True)[0],
+                             (q, k, v, *mem))
+
+
+def test_lean_flash_path_keeps_nothing_gathered():
+    """What the lean path keeps for the backward pass is q, k, v and the group outputs: a fraction
+    of what autograd keeps through the gathered copies and masks (the point of the path)."""
+    q, k, v, _, _, plan = lsh_setup(causal=True, padded=False, n_mem=0, n=64, window=8)
+
+    def saved_bytes(backend):
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            RoutedAttention(backend=backend)(q, k, v, plan, causal=True, exclude_self=True)
+        return sum(storages.values())
+
+    rounds = plan.q_index.shape[2] * plan.q_index.shape[3] // q.shape[2]
+    q_bytes, row_bytes = q.numel() * q.element_size(), rounds * q.numel() // D * 8
+    lean = saved_bytes('flash_lse')
+    # q, k, v and every round's outputs; per gathered row a few scalars (log-sum-exps, scatter rows, shares)
+    assert lean <= (3 + rounds) * q_bytes + 12 * row_bytes
+    assert lean < saved_bytes('reference') / 3

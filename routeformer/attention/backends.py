@@ -94,14 +94,32 @@ def additive_mask(mask: Tensor | None, bias: Tensor | None, dtype, shape) -> Ten
     return fold_mask(attn_mask.expand(*attn_mask.shape[:2], g, i, j), b, h)
 
 
+def flash_lse_backward(dout: Tensor | None, dlse: Tensor | None, q, k, v, out, lse, attn_mask, scale):
+    """(dq, dk, dv) of the CPU flash kernel's (out, lse) given gradients on both (either may be
+    None). The kernel's backward takes no gradient for the log-sum-exp, and uses `out` only through
+    delta = rowsum(d out * out); as d lse / d logits are the attention weights, a gradient g on the
+    log-sum-exp is exactly a delta lowered by g. So the kernel gets out - g * d out / |d out|^2 in
+    place of out (bounded where g comes through a log-sum-exp merge, since g is then proportional
+    to d out), and where a row has a gradient on its log-sum-exp but none on its output, a value
+    column of ones whose output gradient is g (and an output column of zeros) does the same. Exact."""
+    dout = torch.zeros_like(out) if dout is None else dout.contiguous()
+    if dlse is None:
+        return _flash_cpu_backward(dout, q, k, v, out, lse, 0.0, False, attn_mask=attn_mask, scale=scale)[:3]
+    precise = torch.promote_types(dout.dtype, torch.float32)
+    norm = dout.to(precise).square().sum(dim=-1)
+    if not bool(((norm == 0) & (dlse != 0)).any()):
+        shift = (dlse.to(precise) / norm.clamp(min=torch.finfo(precise).tiny))[..., None] * dout.to(precise)
+        return _flash_cpu_backward(dout, q, k, v, (out.to(precise) - shift).to(out.dtype), lse, 0.0, False,
+                                   attn_mask=attn_mask, scale=scale)[:3]
+    # the kernel needs one head size for q, k and v: q and k get a zero column (same logits)
+    dq, dk, dv = _flash_cpu_backward(
+        torch.cat((dout, dlse[..., None].to(dout.dtype)), dim=-1), _with_column(q, 0.), _with_column(k, 0.),
+        _with_column(v, 1.), _with_column(out, 0.), lse, 0.0, False, attn_mask=attn_mask, scale=scale)[:3]
+    return dq[..., :-1], dk[..., :-1], dv[..., :-1]
+
+
 class _FlashLSE(torch.autograd.Function):
-    """Fused attention returning (out, lse), differentiable in both. The kernel's backward takes
-    no gradient for the log-sum-exp, and uses `out` only through delta = rowsum(d out * out); as
-    d lse / d logits are the attention weights, a gradient g on the log-sum-exp is exactly a
-    delta lowered by g. So the backward hands the kernel out - g * d out / |d out|^2 in place of
-    out (bounded where g comes through a log-sum-exp merge, since g is then proportional to d out),
-    and where a row has a gradient on its log-sum-exp but none on its output, a value column of
-    ones whose output gradient is g (and an output column of zeros) does the same. Exact."""
+    """Fused attention returning (out, lse), differentiable in both (`flash_lse_backward`)."""
 
     @staticmethod
     def forward(fctx, q, k, v, mask, bias, scale, shape):
@@ -117,29 +135,72 @@ class _FlashLSE(torch.autograd.Function):
     def backward(fctx, dout, dlse):
         q, k, v, mask, bias, out, lse = fctx.saved_tensors
         attn_mask = additive_mask(mask, bias, q.dtype, fctx.shape)
-        dout = torch.zeros_like(out) if dout is None else dout.contiguous()
-        if dlse is None:
-            return (*_flash_cpu_backward(dout, q, k, v, out, lse, 0.0, False, attn_mask=attn_mask,
-                                         scale=fctx.scale), None, None, None, None)
-        precise = torch.promote_types(dout.dtype, torch.float32)
-        norm = dout.to(precise).square().sum(dim=-1)
-        if not bool(((norm == 0) & (dlse != 0)).any()):
-            shift = (dlse.to(precise) / norm.clamp(min=torch.finfo(precise).tiny))[..., None] * dout.to(precise)
-            return (*_flash_cpu_backward(dout, q, k, v, (out.to(precise) - shift).to(out.dtype), lse, 0.0, False,
-                                         attn_mask=attn_mask, scale=fctx.scale), None, None, None, None)
-        # the kernel needs one head size for q, k and v: q and k get a zero column (same logits)
-        dq, dk, dv = _flash_cpu_backward(
-            torch.cat((dout, dlse[..., None].to(dout.dtype)), dim=-1), _with_column(q, 0.), _with_column(k, 0.),
-            _with_column(v, 1.), _with_column(out, 0.), lse, 0.0, False, attn_mask=attn_mask, scale=fctx.scale)
-        return dq[..., :-1], dk[..., :-1], dv[..., :-1], None, None, None, None
+        return (*flash_lse_backward(dout, dlse, q, k, v, out, lse, attn_mask, fctx.scale), None, None, None, None)
+
+
+class _FlashPieces(torch.autograd.Function):
+    """The CPU flash kernel over consecutive pieces of groups whose inputs `source` builds from the
+    ungathered q, k, v and memory key/values (executor.GatheredPieces), as one autograd node. It
+    keeps only those and each piece's output and log-sum-exp: the backward pass gathers every
+    piece and builds its mask again, where autograd would keep all gathered copies and masks of a
+    layer alive (with look-one-back and 4 hash rounds, 5x the size of q, k and v, and the masks).
+    Rows without any admissible key (`empty`) output zeros and a log-sum-exp of -inf."""
+
+    @staticmethod
+    def forward(fctx, source, q, k, v, *mem):
+        outs, lses, kernel_lses = [], [], []
+        for p in range(source.count):
+            qg, kg, vg, attn_mask, empty = source.inputs(p, q, k, v, mem)
+            out, lse = _flash_cpu(qg, kg, vg, 0.0, False, attn_mask=attn_mask, scale=source.scale)
+            kernel_lses.append(lse)  # finite, as the kernel's backward needs it
+            if exists(empty):
+                out.masked_fill_(empty, 0.)
+                lse = lse.masked_fill(empty.squeeze(-1), float('-inf'))
+            outs.append(out)
+            lses.append(lse)
+        fctx.source, fctx.n_mem = source, len(mem)
+        fctx.save_for_backward(q, k, v, *mem, *outs, *kernel_lses)
+        return (*outs, *lses)
+
+    @staticmethod
+    def backward(fctx, *grads):
+        source, count = fctx.source, fctx.source.count
+        saved = fctx.saved_tensors
+        (q, k, v), mem = saved[:3], saved[3:3 + fctx.n_mem]
+        outs, lses = saved[3 + fctx.n_mem:3 + fctx.n_mem + count], saved[3 + fctx.n_mem + count:]
+        douts, dlses = grads[:count], grads[count:]
+        dq, dk, dv = (torch.zeros_like(t) for t in (q, k, v))
+        dmem = [torch.zeros_like(t) for t in mem]
+        for p in range(count):
+            dout, dlse = douts[p], dlses[p]
+            if dout is None and dlse is None:
+                continue
+            qg, kg, vg, attn_mask, empty = source.inputs(p, q, k, v, mem)
+            if exists(empty):  # their outputs were set, not computed
+                dout = None if dout is None else dout.masked_fill(empty, 0.)
+                dlse = None if dlse is None else dlse.masked_fill(empty.squeeze(-1), 0.)
+            grads_p = flash_lse_backward(dout, dlse, qg, kg, vg, outs[p], lses[p], attn_mask, source.scale)
+            source.accumulate(p, grads_p, dq, dk, dv, dmem)
+        return None, dq, dk, dv, *dmem
+
+
+def flash_pieces(source, q: Tensor, k: Tensor, v: Tensor, mem: tuple[Tensor, ...]) -> tuple[list, list]:
+    """(outputs, log-sum-exps) of every piece of `source` (see _FlashPieces)."""
+    results = _FlashPieces.apply(source, q, k, v, *mem)
+    return list(results[:source.count]), list(results[source.count:])
+
+
+def flash_usable(q: Tensor, *, dropout_p: float, need_weights: bool) -> bool:
+    """Whether the CPU flash kernel can do the job: it has neither dropout nor weights to return."""
+    return exists(_flash_cpu_backward) and q.device.type == 'cpu' and dropout_p == 0. and not need_weights
 
 
 def flash_lse(q, k, v, mask, *, scale, bias=None, dropout_p=0., causal=False, need_lse=False, need_weights=False):
     """The CPU flash kernel with a differentiable log-sum-exp (multi-group merges): no (i, j)
     weights are kept for the backward pass. Falls back to the reference path where the kernel does
     not apply (other devices, dropout, weights asked for, a bias that needs a gradient)."""
-    usable = (exists(_flash_cpu_backward) and q.device.type == 'cpu' and dropout_p == 0. and not need_weights
-              and not causal and not (exists(bias) and bias.requires_grad))
+    usable = (flash_usable(q, dropout_p=dropout_p, need_weights=need_weights) and not causal
+              and not (exists(bias) and bias.requires_grad))
     if not usable:
         return reference(q, k, v, mask, scale=scale, bias=bias, dropout_p=dropout_p, causal=causal,
                          need_lse=need_lse, need_weights=need_weights)

@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange, repeat
+from einops import rearrange, reduce, repeat
 from torch import Tensor, nn
 
 from ..helpers import exists
@@ -78,6 +78,27 @@ def build_mask(plan: RoutePlan, *, q_len: int, kv_len: int, causal: bool, key_ma
     return mask
 
 
+def admit_memory(mask: Tensor | None, bias: Tensor | None, n_mem: int) -> tuple[Tensor | None, Tensor | None]:
+    """Memory key/values come first on the key axis: every query may attend them, with no bias."""
+    if exists(mask):
+        mask = F.pad(mask, (n_mem, 0), value=True)
+    if exists(bias):
+        bias = F.pad(bias, (n_mem, 0), value=0.)
+    return mask, bias
+
+
+def open_empty_rows(mask: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """A row with no admissible key (a padded query, a routed query whose cluster holds no earlier
+    key) would be undefined: the kernel sees all of it, and the caller zeroes its output, so that it
+    contributes nothing and sees no later key. Returns (mask, empty rows (..., i, 1) or None)."""
+    if mask is None:
+        return None, None
+    empty = ~mask.any(dim=-1, keepdim=True)
+    if not bool(empty.any()):
+        return mask, None
+    return mask | empty, empty
+
+
 # Groups whose keys are gathered by index are attended in pieces of at most this many bytes of
 # float (i, j) logits. The pieces' gathered keys, masks and kernel buffers are then small enough for
 # the C allocator to reuse their memory from one piece to the next, where one call over all groups
@@ -108,6 +129,52 @@ def piece_bounds(plan: RoutePlan, q: Tensor) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
+class GatheredPieces:
+    """The kernel inputs of every piece of a plan whose queries and keys are gathered by index, built
+    from the ungathered q (b h n, d), k and v (b h n_kv, d) and memory key/values (h, m, d) by
+    `inputs`, alike in the forward and the backward pass of backends.flash_pieces, which therefore
+    keeps no gathered rows and no masks; `accumulate` adds a piece's gradients back by the same rows.
+    Pieces are ((b h), g, i|j, d), the layout of the flash kernel (groups on its head axis)."""
+
+    def __init__(self, plan: RoutePlan, bounds: list[tuple[int, int]], *, b: int, h: int, q_len: int, kv_len: int,
+                 n_mem: int, scale: float, **mask_args):
+        def rows(index, length):  # rows of the flattened (b h n) sequence
+            offsets = rearrange(torch.arange(b * h, device=index.device) * length, '(b h) -> b h 1 1', b=b)
+            rows = index.clamp(min=0).expand(b, h, -1, -1) + offsets
+            return [rows[:, :, start:stop].flatten() for start, stop in bounds]
+
+        self.q_rows, self.kv_rows = rows(plan.q_index, q_len), rows(plan.kv_index, kv_len)
+        self.plans = [slice_groups(plan, start, stop) for start, stop in bounds]
+        self.count, self.scale, self.b, self.h, self.n_mem = len(bounds), scale, b, h, n_mem
+        self.i, self.j = plan.q_index.shape[-1], plan.kv_index.shape[-1]
+        self.mask_args = dict(q_len=q_len, kv_len=kv_len, has_memory=n_mem > 0, **mask_args)
+
+    def inputs(self, p: int, q: Tensor, k: Tensor, v: Tensor, mem: tuple[Tensor, ...]):
+        """(qg, kg, vg, float mask or None, empty rows or None) of piece p."""
+        b, h, d = self.b, self.h, q.shape[-1]
+        qg = q.index_select(0, self.q_rows[p]).view(b * h, -1, self.i, d)
+        kg, vg = (t.index_select(0, self.kv_rows[p]).view(b * h, -1, self.j, d) for t in (k, v))
+        plan, g = self.plans[p], qg.shape[1]
+        mask, bias = build_mask(plan, **self.mask_args, device=q.device), plan.bias
+        if self.n_mem:
+            mk, mv = (repeat(t, 'h m d -> (b h) g m d', b=b, g=g) for t in mem)
+            kg, vg = torch.cat((mk, kg), dim=-2), torch.cat((mv, vg), dim=-2)
+            mask, bias = admit_memory(mask, bias, self.n_mem)
+        mask, empty = open_empty_rows(mask)
+        attn_mask = backends.additive_mask(mask, bias, q.dtype, (b, h, g, self.i, kg.shape[-2]))
+        return qg, kg, vg, attn_mask, backends.fold_mask(empty, b, h)
+
+    def accumulate(self, p: int, grads: tuple[Tensor, Tensor, Tensor], dq: Tensor, dk: Tensor, dv: Tensor,
+                   dmem: list[Tensor]) -> None:
+        dqg, dkg, dvg = grads
+        m, d = self.n_mem, dq.shape[-1]
+        dq.index_add_(0, self.q_rows[p], dqg.reshape(-1, d))
+        for full, grad, dm in zip((dk, dv), (dkg, dvg), dmem or (None, None)):
+            if m:
+                dm += reduce(grad[..., :m, :], '(b h) g m d -> h m d', 'sum', b=self.b)
+            full.index_add_(0, self.kv_rows[p], grad[..., m:, :].reshape(-1, d))
+
+
 class RoutedAttention(nn.Module):
     """gather -> attend inside groups -> scatter back. Groups are attended piece by piece
     (PIECE_BYTES), each piece gathering only its own queries and keys."""
@@ -128,8 +195,20 @@ class RoutedAttention(nn.Module):
         Returns (out (b, h, n, d), weights (b, h, g, i, [m +] j) or None)."""
         q_len, kv_len = q.shape[-2], k.shape[-2]
         bounds = piece_bounds(plan, q)
-        qgs, kgs, vgs = gather_queries(q, plan, bounds), gather_keys(k, plan, bounds), gather_keys(v, plan, bounds)
         need_lse = plan.merge == 'logsumexp'
+        if self.lean(plan, q, need_weights=need_weights, rel_pos=rel_pos):
+            b, h, d = q.shape[0], q.shape[1], q.shape[-1]
+            source = GatheredPieces(plan, bounds, b=b, h=h, q_len=q_len, kv_len=kv_len, scale=d ** -0.5,
+                                    n_mem=0 if mem_kv is None else mem_kv[0].shape[-2], causal=causal,
+                                    key_mask=key_mask, exclude_self=exclude_self)
+            flat = [rearrange(t.to(q.dtype), 'b h n d -> (b h n) d') for t in (q, k, v)]
+            mem = () if mem_kv is None else tuple(t.to(q.dtype) for t in mem_kv)
+            outs, lses = backends.flash_pieces(source, *flat, mem)
+            outs = [rearrange(o, '(b h) g i d -> b h g i d', b=b) for o in outs]
+            lse = rearrange(torch.cat(lses, dim=1), '(b h) g i -> b h g i', b=b) if need_lse else None
+            return scatter(outs, plan, q_len, lse=lse), None
+
+        qgs, kgs, vgs = gather_queries(q, plan, bounds), gather_keys(k, plan, bounds), gather_keys(v, plan, bounds)
         pieces = []
         for (start, stop), qg, kg, vg in zip(bounds, qgs, kgs, vgs):
             pieces.append(self.attend(qg, kg, vg, slice_groups(plan, start, stop), q_len=q_len, kv_len=kv_len,
@@ -142,6 +221,16 @@ class RoutedAttention(nn.Module):
             # groups they are the attention the query really paid
             weights = weights * rearrange(merge_shares(plan, lse, q_len), '... -> ... 1').to(weights.dtype)
         return scatter(list(outs), plan, q_len, lse=lse), weights
+
+    def lean(self, plan: RoutePlan, q: Tensor, *, need_weights: bool, rel_pos) -> bool:
+        """Whether groups gathered by index go through the CPU flash kernel as one node that keeps
+        nothing gathered (GatheredPieces): what the flash_lse backend does, without gates or
+        relative positions to differentiate."""
+        return (self.backend == 'flash_lse' and exists(plan.q_index) and exists(plan.kv_index)
+                and not plan.contiguous_queries and 'sliding_windows' not in plan.info and rel_pos is None
+                and all(t is None for t in (plan.k_gate, plan.kv_gate, plan.q_gate))
+                and not (exists(plan.bias) and plan.bias.requires_grad)
+                and backends.flash_usable(q, dropout_p=self.dropout if self.training else 0., need_weights=need_weights))
 
     def attend(self, qg: Tensor, kg: Tensor, vg: Tensor, plan: RoutePlan, *, q_len: int, kv_len: int,
                causal: bool, key_mask, mem_kv, exclude_self: bool, need_lse: bool, need_weights: bool,
@@ -174,18 +263,9 @@ class RoutedAttention(nn.Module):
                 i, j = qg.shape[-2], kg.shape[-2] - mk.shape[-2]
                 mask = torch.ones(1, 1, 1, i, j, dtype=torch.bool, device=device).tril()
                 kernel_causal = False
-            if exists(mask):
-                mask = F.pad(mask, (mk.shape[-2], 0), value=True)
-            if exists(bias):
-                bias = F.pad(bias, (mk.shape[-2], 0), value=0.)
+            mask, bias = admit_memory(mask, bias, mk.shape[-2])
 
-        empty = None
-        if exists(mask):
-            # a row with no admissible key (a padded query, a routed query whose cluster holds no
-            # earlier key) would be undefined: the kernel sees all of it, and its output is zeroed
-            # below, so that it contributes nothing and sees no later key
-            empty = ~mask.any(dim=-1, keepdim=True)
-            mask = mask | empty
+        mask, empty = open_empty_rows(mask)
 
         attend = backends.select(self.backend, need_lse=need_lse, need_weights=need_weights)
         out, lse, weights = attend(qg, kg, vg, mask, scale=qg.shape[-1] ** -0.5, bias=bias,
