@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from routeformer.attention import RoutedAttention
+from routeformer.attention import RoutedAttention, RoutePlan
 from routeformer.routers.bucketed import rank_in_bucket, sort_and_chunk, sort_and_chunk_pairs
 
 
@@ -33,10 +33,15 @@ def recent_keys_of_bucket(q_buckets, k_buckets, window):
 
 
 def plan_as_dense(plan, n):
-    """(b, h, n, n) bool: the (query, key) pairs the plan admits."""
+    """(b, h, n, n) bool: the (query, key) pairs the plan admits (its mask, or its key spans)."""
     b, h, g, i = plan.q_index.shape
     out = torch.zeros(b, h, n, n, dtype=torch.bool)
-    for bi, hi, gi, ii, ji in plan.mask.nonzero().tolist():
+    if plan.span is not None:
+        slots = torch.arange(plan.kv_index.shape[-1])
+        admitted = (slots >= plan.span[..., :1]) & (slots < plan.span[..., 1:])
+    else:
+        admitted = plan.mask
+    for bi, hi, gi, ii, ji in admitted.nonzero().tolist():
         q, k = plan.q_index[bi, hi, gi, ii], plan.kv_index[bi, hi, gi, ji]
         if q >= 0 and k >= 0:
             out[bi, hi, q, k] = True
@@ -63,6 +68,25 @@ def test_pairs_plan_admits_the_recent_keys_of_the_query_bucket(pattern, window):
     # every query appears exactly once
     q = plan.q_index[plan.q_index >= 0]
     assert q.numel() == b * h * n and torch.equal(q.view(b, h, n).sort(-1).values, torch.arange(n).expand(b, h, n))
+
+
+@pytest.mark.parametrize('window,num_buckets', [(4, 3), (4, 1), (2, 5)])
+def test_causal_spans_admit_the_recent_tokens_of_the_bucket(window, num_buckets):
+    """Every round's key spans hold exactly the last `window` tokens of the query's bucket up to
+    the query itself, and the query's own key ends its span."""
+    g = torch.Generator().manual_seed(window)
+    b, h, r, n = 2, 2, 3, 24
+    buckets = torch.randint(0, num_buckets, (b, h, r, n), generator=g)
+    plan = sort_and_chunk(buckets, window, causal=True)
+    assert plan.mask is None and plan.span is not None
+    c = n // window
+    for rnd in range(r):
+        groups = slice(rnd * c, (rnd + 1) * c)
+        round_plan = RoutePlan(q_index=plan.q_index[:, :, groups], kv_index=plan.kv_index[:, :, groups],
+                               span=plan.span[:, :, groups])
+        assert torch.equal(plan_as_dense(round_plan, n), recent_same_bucket(buckets[:, :, rnd], window))
+    last = plan.kv_index.gather(-1, plan.span[..., 1] - 1)
+    assert torch.equal(last, plan.q_index)
 
 
 def test_rank_in_bucket():

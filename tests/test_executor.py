@@ -632,3 +632,21 @@ def test_lean_flash_path_keeps_nothing_gathered():
     # q, k, v and every round's outputs; per gathered row a few scalars (log-sum-exps, scatter rows, shares)
     assert lean <= (3 + rounds) * q_bytes + 12 * row_bytes
     assert lean < saved_bytes('reference') / 3
+
+
+@pytest.mark.parametrize('backend', ['reference', 'flash_lse'])
+@pytest.mark.parametrize('padded', [False, True])
+@pytest.mark.parametrize('n_mem', [0, 2])
+@pytest.mark.parametrize('exclude_self', [False, True])
+def test_key_spans_equal_the_same_keys_as_a_mask(backend, padded, n_mem, exclude_self):
+    """A causal plan's key spans (the arithmetic path: self-exclusion as the span's last slot) give
+    what the same admitted keys give as a router mask under the positional predicates."""
+    from routeformer.attention.executor import in_span, span_bounds
+
+    q, k, v, mem, key_mask, plan = lsh_setup(causal=True, padded=padded, n_mem=n_mem)
+    as_mask = RoutePlan(q_index=plan.q_index, kv_index=plan.kv_index, bias=plan.bias, merge=plan.merge,
+                        mask=in_span(*span_bounds(plan.span), plan.kv_index.shape[-1]))
+    kwargs = dict(causal=True, key_mask=key_mask, mem_kv=mem, exclude_self=exclude_self)
+    attn = RoutedAttention(backend=backend)
+    torch.testing.assert_close(attn(q, k, v, plan, **kwargs)[0], attn(q, k, v, as_mask, **kwargs)[0],
+                               atol=1e-12, rtol=1e-12)

@@ -46,10 +46,47 @@ def gather_keys(t: Tensor, plan: RoutePlan, bounds: list[tuple[int, int]]) -> li
     return [grouped[:, :, start:stop] for start, stop in bounds]
 
 
+def span_bounds(span: Tensor, *, exclude_self: bool = False, has_memory: bool = False) -> tuple[Tensor, Tensor]:
+    """(lo, hi), each (b|1, h|1, g, i, 1), of key spans (b|1, h|1, g, i, 2): a query attends slots
+    lo <= slot < hi. With `exclude_self`, its own key, which ends its span (RoutePlan.span), is
+    dropped when anything else is visible, memory key/values included."""
+    lo, hi = (rearrange(t, '... i -> ... i 1') for t in span.unbind(dim=-1))
+    if exclude_self:
+        hi = hi - 1 if has_memory else hi - (hi - lo > 1).long()
+    return lo, hi
+
+
+def in_span(lo: Tensor, hi: Tensor, j: int) -> Tensor:
+    """(b|1, h|1, g, i, j) bool: key slot in [lo, hi), two comparisons per pair (the positional
+    predicates of `masked_positions` take several passes over gathered positions)."""
+    slots = torch.arange(j, device=lo.device)
+    return (slots >= lo) & (slots < hi)
+
+
 def build_mask(plan: RoutePlan, *, q_len: int, kv_len: int, causal: bool, key_mask: Tensor | None,
-               exclude_self: bool, has_memory: bool, device) -> Tensor | None:
-    """The admissibility mask of every gathered (query, key) pair, None when everything is allowed.
-    Written once, as predicates over the original positions of the gathered slots."""
+               exclude_self: bool, has_memory: bool, device) -> tuple[Tensor | None, Tensor | None]:
+    """The admissibility mask of every gathered (query, key) pair, None when everything is allowed:
+    the plan's key spans, or predicates over the original positions of the gathered slots.
+
+    A row with no admissible key (a padded query, a routed query whose cluster holds no earlier
+    key) would be undefined: the mask opens it in full, and it is returned in `empty` (..., i, 1)
+    (None when there is none, as always with memory key/values) for the caller to zero its output,
+    so that it contributes nothing and sees no later key. Returns (mask, empty)."""
+    if exists(plan.span) and key_mask is None:
+        lo, hi = span_bounds(plan.span, exclude_self=exclude_self, has_memory=has_memory)
+        mask, empty = in_span(lo, hi, plan.kv_index.shape[-1]), lo >= hi
+    else:
+        mask = masked_positions(plan, q_len=q_len, kv_len=kv_len, causal=causal, key_mask=key_mask,
+                                exclude_self=exclude_self, has_memory=has_memory, device=device)
+        empty = None if mask is None or has_memory else ~mask.any(dim=-1, keepdim=True)
+    if empty is None or has_memory or not bool(empty.any()):
+        return mask, None
+    return mask | empty, empty
+
+
+def masked_positions(plan: RoutePlan, *, q_len: int, kv_len: int, causal: bool, key_mask: Tensor | None,
+                     exclude_self: bool, has_memory: bool, device) -> Tensor | None:
+    """`build_mask` as predicates over the original positions of the gathered slots."""
     q_pos = positions_of(plan.q_index, q_len, device) + plan.q_offset
     kv_pos = positions_of(plan.kv_index, kv_len, device)
     q_pos, kv_pos = rearrange(q_pos, '... i -> ... i 1'), rearrange(kv_pos, '... j -> ... 1 j')
@@ -58,9 +95,11 @@ def build_mask(plan: RoutePlan, *, q_len: int, kv_len: int, causal: bool, key_ma
     def both(new):
         return new if mask is None else mask & new
 
-    if exists(plan.kv_index):
+    if exists(plan.span):  # valid and causal slots by construction
+        mask = in_span(*span_bounds(plan.span), plan.kv_index.shape[-1])
+    elif exists(plan.kv_index):
         mask = both(kv_pos >= 0)
-    if causal:
+    if causal and plan.span is None:
         mask = both(q_pos >= kv_pos)
     if exists(key_mask):
         if plan.kv_index is None:
@@ -87,18 +126,6 @@ def admit_memory(mask: Tensor | None, bias: Tensor | None, n_mem: int) -> tuple[
     return mask, bias
 
 
-def open_empty_rows(mask: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
-    """A row with no admissible key (a padded query, a routed query whose cluster holds no earlier
-    key) would be undefined: the kernel sees all of it, and the caller zeroes its output, so that it
-    contributes nothing and sees no later key. Returns (mask, empty rows (..., i, 1) or None)."""
-    if mask is None:
-        return None, None
-    empty = ~mask.any(dim=-1, keepdim=True)
-    if not bool(empty.any()):
-        return mask, None
-    return mask | empty, empty
-
-
 # Groups whose keys are gathered by index are attended in pieces of at most this many bytes of
 # float (i, j) logits. The pieces' gathered keys, masks and kernel buffers are then small enough for
 # the C allocator to reuse their memory from one piece to the next, where one call over all groups
@@ -113,7 +140,8 @@ def slice_groups(plan: RoutePlan, start: int, stop: int) -> RoutePlan:
     def cut(t):
         return t[:, :, start:stop] if isinstance(t, Tensor) and t.ndim >= 3 and t.shape[2] > 1 else t
     return replace(plan, q_index=cut(plan.q_index), kv_index=cut(plan.kv_index), mask=cut(plan.mask),
-                   bias=cut(plan.bias), k_gate=cut(plan.k_gate), kv_gate=cut(plan.kv_gate), q_gate=cut(plan.q_gate))
+                   span=cut(plan.span), bias=cut(plan.bias), k_gate=cut(plan.k_gate), kv_gate=cut(plan.kv_gate),
+                   q_gate=cut(plan.q_gate))
 
 
 def piece_bounds(plan: RoutePlan, q: Tensor) -> list[tuple[int, int]]:
@@ -155,12 +183,11 @@ class GatheredPieces:
         qg = q.index_select(0, self.q_rows[p]).view(b * h, -1, self.i, d)
         kg, vg = (t.index_select(0, self.kv_rows[p]).view(b * h, -1, self.j, d) for t in (k, v))
         plan, g = self.plans[p], qg.shape[1]
-        mask, bias = build_mask(plan, **self.mask_args, device=q.device), plan.bias
+        (mask, empty), bias = build_mask(plan, **self.mask_args, device=q.device), plan.bias
         if self.n_mem:
             mk, mv = (repeat(t, 'h m d -> (b h) g m d', b=b, g=g) for t in mem)
             kg, vg = torch.cat((mk, kg), dim=-2), torch.cat((mv, vg), dim=-2)
             mask, bias = admit_memory(mask, bias, self.n_mem)
-        mask, empty = open_empty_rows(mask)
         attn_mask = backends.additive_mask(mask, bias, q.dtype, (b, h, g, self.i, kg.shape[-2]))
         return qg, kg, vg, attn_mask, backends.fold_mask(empty, b, h)
 
@@ -252,8 +279,8 @@ class RoutedAttention(nn.Module):
         # SDPA takes an additive bias only as a mask, without is_causal)
         kernel_causal = (causal and plan.q_index is None and plan.kv_index is None and plan.q_offset == 0
                          and plan.mask is None and key_mask is None and not exclude_self and bias is None)
-        mask = build_mask(plan, q_len=q_len, kv_len=kv_len, causal=causal and not kernel_causal, key_mask=key_mask,
-                          exclude_self=exclude_self, has_memory=exists(mem_kv), device=device)
+        mask, empty = build_mask(plan, q_len=q_len, kv_len=kv_len, causal=causal and not kernel_causal,
+                                 key_mask=key_mask, exclude_self=exclude_self, has_memory=exists(mem_kv), device=device)
 
         if exists(mem_kv):
             b, h, g = kg.shape[:3]
@@ -264,8 +291,6 @@ class RoutedAttention(nn.Module):
                 mask = torch.ones(1, 1, 1, i, j, dtype=torch.bool, device=device).tril()
                 kernel_causal = False
             mask, bias = admit_memory(mask, bias, mk.shape[-2])
-
-        mask, empty = open_empty_rows(mask)
 
         attend = backends.select(self.backend, need_lse=need_lse, need_weights=need_weights)
         out, lse, weights = attend(qg, kg, vg, mask, scale=qg.shape[-1] ** -0.5, bias=bias,

@@ -22,6 +22,9 @@ class RoutePlan:
     q_index: Tensor | None          # (b|1, h|1, g, i) positions gathered as queries; None = the whole sequence in order
     kv_index: Tensor | None         # (b|1, h|1, g, j) positions gathered as keys/values; -1 = empty slot; None = whole sequence
     mask: Tensor | None = None      # (b|1, h|1, g, i, j) bool, router-specific admissibility (True = may attend)
+    # (b|1, h|1, g, i, 2) long, in place of `mask`: a query may attend key slots lo <= j < hi, all of
+    # them valid and (in causal mode) not later than the query, which itself holds slot hi - 1
+    span: Tensor | None = None
     bias: Tensor | None = None      # (b|1, h|1, g, i, j) added to the logits (LSH duplicate counts)
     k_gate: Tensor | None = None    # (b|1, h|1, g, j) scales gathered keys (CoLT5 multiply_keys_by_score)
     kv_gate: Tensor | None = None   # (b|1, h|1, g, j) scales gathered values: how routers with scores get gradients

@@ -8,7 +8,8 @@ bucket, the key is not later than the query, and fewer than `window` tokens of t
 between them (counted by rank inside the bucket, which depends only on earlier tokens). Every key
 this admits lies in the query's chunk or the one before it, so nothing is dropped, and the
 admitted set depends on nothing after the query: a later token can change which chunk an earlier
-one lands in, but not what it sees.
+one lands in, but not what it sees. In the sorted sequence these keys are one run ending at the
+query, so the plan gives each query a span of key slots (RoutePlan.span) instead of a mask.
 
 `sort_and_chunk_pairs` is the causal plan when queries and keys have buckets of their own (k-means
 routing without shared QK): each query sees the most recent keys of its bucket.
@@ -46,18 +47,6 @@ def look_one_back(t: Tensor, *, cyclic: bool, fill) -> Tensor:
     return torch.cat((previous, t), dim=-1)
 
 
-def band_mask(q_bucket: Tensor, kv_bucket: Tensor, window: int) -> Tensor:
-    """Same bucket, and fewer than `window` items apart in the sorted sequence. Inside a bucket the
-    sorted order is the position order, so two bucket-mates' rank difference is their distance in
-    the sorted sequence: window + i - j for query slot i and key slot j of the look-one-back
-    layout. "Fewer than `window` apart" is then the constant band j > i, no per-token ranks needed
-    (same mask, a fraction of the memory traffic). Keys after the query in the band are the
-    executor's causal mask's to drop."""
-    slots = torch.arange(2 * window, device=q_bucket.device)
-    recent = slots[None, :] > slots[:window, None]
-    return (rearrange(q_bucket, '... i -> ... i 1') == rearrange(kv_bucket, '... j -> ... 1 j')) & recent
-
-
 def sort_and_chunk(buckets: Tensor, window: int, *, causal: bool, same_bucket: bool | None = None) -> RoutePlan:
     """buckets (b, h, r, n) long: the bucket of every token in each of r rounds (ids may repeat
     across rounds). Returns a plan over r * n/window groups, merged by log-sum-exp when r > 1.
@@ -77,23 +66,27 @@ def sort_and_chunk(buckets: Tensor, window: int, *, causal: bool, same_bucket: b
     def chunked(t):
         return rearrange(t, 'b h r (c i) -> b h r c i', i=window)
 
-    q_index, q_bucket = chunked(order), chunked(sorted_buckets)
+    q_index = chunked(order)
     kv_index = look_one_back(q_index, cyclic=not causal, fill=-1)
-    kv_bucket = look_one_back(q_bucket, cyclic=not causal, fill=-1)
-
-    mask = None
-    if causal:
-        mask = band_mask(q_bucket, kv_bucket, window)
-    elif same_bucket:
-        mask = rearrange(q_bucket, '... i -> ... i 1') == rearrange(kv_bucket, '... j -> ... 1 j')
 
     def groups(t):
-        return rearrange(t, 'b h r c ... -> b h (r c) ...')
+        return None if t is None else rearrange(t, 'b h r c ... -> b h (r c) ...')
 
-    return RoutePlan(q_index=groups(q_index), kv_index=groups(kv_index),
-                     mask=groups(mask) if mask is not None else None,
-                     merge='logsumexp' if r > 1 else 'overwrite',
-                     info=dict(buckets=buckets))
+    mask = span = None
+    if causal:
+        # the query of slot i is key slot window + i (look_one_back puts its chunk second), and its
+        # keys are the bucket-mates at most window - 1 places before it in the sorted sequence:
+        # inside a bucket the sorted order is the position order, so that is one run of slots
+        hi = window + 1 + torch.arange(window, device=buckets.device)
+        lo = hi - 1 - chunked(rank_in_bucket(sorted_buckets)).clamp(max=window - 1)
+        span = torch.stack((lo, hi.expand_as(lo)), dim=-1)
+    elif same_bucket:
+        q_bucket = chunked(sorted_buckets)
+        kv_bucket = look_one_back(q_bucket, cyclic=True, fill=-1)
+        mask = rearrange(q_bucket, '... i -> ... i 1') == rearrange(kv_bucket, '... j -> ... 1 j')
+
+    return RoutePlan(q_index=groups(q_index), kv_index=groups(kv_index), mask=groups(mask), span=groups(span),
+                     merge='logsumexp' if r > 1 else 'overwrite', info=dict(buckets=buckets))
 
 
 def sort_and_chunk_pairs(q_buckets: Tensor, k_buckets: Tensor, window: int) -> RoutePlan:
