@@ -57,10 +57,12 @@ def span_bounds(span: Tensor, *, exclude_self: bool = False, has_memory: bool = 
 
 
 def in_span(lo: Tensor, hi: Tensor, j: int) -> Tensor:
-    """(b|1, h|1, g, i, j) bool: key slot in [lo, hi), two comparisons per pair (the positional
-    predicates of `masked_positions` take several passes over gathered positions)."""
-    slots = torch.arange(j, device=lo.device)
-    return (slots >= lo) & (slots < hi)
+    """(b|1, h|1, g, i, j) bool: key slot in [lo, hi), from bounds (b|1, h|1, g, i, 1). Rows of the
+    (j + 1, j) table `slot >= r`: "at least lo and not at least hi" is two row gathers and one
+    comparison, several times faster than comparing every slot with broadcast bounds."""
+    at_least = torch.arange(j, device=lo.device) >= torch.arange(j + 1, device=lo.device)[:, None]
+    rows = (rearrange(t, '... i 1 -> ... i').clamp(0, j) for t in (lo, hi))
+    return torch.gt(*(at_least[r] for r in rows))
 
 
 def build_mask(plan: RoutePlan, *, q_len: int, kv_len: int, causal: bool, key_mask: Tensor | None,
@@ -168,20 +170,42 @@ class GatheredPieces:
                  n_mem: int, scale: float, **mask_args):
         def rows(index, length):  # rows of the flattened (b h n) sequence
             offsets = rearrange(torch.arange(b * h, device=index.device) * length, '(b h) -> b h 1 1', b=b)
-            rows = index.clamp(min=0).expand(b, h, -1, -1) + offsets
-            return [rows[:, :, start:stop].flatten() for start, stop in bounds]
+            return index.clamp(min=0).expand(b, h, -1, -1) + offsets
 
-        self.q_rows, self.kv_rows = rows(plan.q_index, q_len), rows(plan.kv_index, kv_len)
+        q_rows = rows(plan.q_index, q_len)
+        self.q_rows = [q_rows[:, :, start:stop].flatten() for start, stop in bounds]
+        # look-one-back (causal sort-and-chunk): the keys of group g are the queries of groups g - 1
+        # and g, so a piece gathers its groups' rows once, and one group before them (group 0 twice
+        # for the first), and its keys are overlapping windows of those rows: half the gathering.
+        # Where group g - 1 is of another round, or the stand-in, its slots are outside every span.
+        self.look_back = exists(plan.span) and plan.info.get('look_one_back', False)
+        if self.look_back:
+            kv_rows = rows(plan.q_index, kv_len)
+            self.kv_rows = [kv_rows[:, :, max(start - 1, 0):stop] for start, stop in bounds]
+            self.kv_rows = [(torch.cat((r[:, :, :1], r), dim=2) if start == 0 else r).flatten()
+                            for r, (start, _) in zip(self.kv_rows, bounds)]
+        else:
+            kv_rows = rows(plan.kv_index, kv_len)
+            self.kv_rows = [kv_rows[:, :, start:stop].flatten() for start, stop in bounds]
         self.plans = [slice_groups(plan, start, stop) for start, stop in bounds]
         self.count, self.scale, self.b, self.h, self.n_mem = len(bounds), scale, b, h, n_mem
         self.i, self.j = plan.q_index.shape[-1], plan.kv_index.shape[-1]
         self.mask_args = dict(q_len=q_len, kv_len=kv_len, has_memory=n_mem > 0, **mask_args)
 
+    def keys(self, t: Tensor, p: int) -> Tensor:
+        """The keys (or values) of piece p, ((b h), g, j, d)."""
+        picked = t.index_select(0, self.kv_rows[p])
+        bh, d = self.b * self.h, t.shape[-1]
+        if not self.look_back:
+            return picked.view(bh, -1, self.j, d)
+        w = self.i
+        return picked.as_strided((bh, picked.shape[0] // (bh * w) - 1, 2 * w, d), (picked.shape[0] // bh * d, w * d, d, 1))
+
     def inputs(self, p: int, q: Tensor, k: Tensor, v: Tensor, mem: tuple[Tensor, ...]):
         """(qg, kg, vg, float mask or None, empty rows or None) of piece p."""
         b, h, d = self.b, self.h, q.shape[-1]
         qg = q.index_select(0, self.q_rows[p]).view(b * h, -1, self.i, d)
-        kg, vg = (t.index_select(0, self.kv_rows[p]).view(b * h, -1, self.j, d) for t in (k, v))
+        kg, vg = self.keys(k, p), self.keys(v, p)
         plan, g = self.plans[p], qg.shape[1]
         (mask, empty), bias = build_mask(plan, **self.mask_args, device=q.device), plan.bias
         if self.n_mem:
@@ -194,12 +218,16 @@ class GatheredPieces:
     def accumulate(self, p: int, grads: tuple[Tensor, Tensor, Tensor], dq: Tensor, dk: Tensor, dv: Tensor,
                    dmem: list[Tensor]) -> None:
         dqg, dkg, dvg = grads
-        m, d = self.n_mem, dq.shape[-1]
+        m, d, w = self.n_mem, dq.shape[-1], self.i
         dq.index_add_(0, self.q_rows[p], dqg.reshape(-1, d))
         for full, grad, dm in zip((dk, dv), (dkg, dvg), dmem or (None, None)):
             if m:
                 dm += reduce(grad[..., :m, :], '(b h) g m d -> h m d', 'sum', b=self.b)
-            full.index_add_(0, self.kv_rows[p], grad[..., m:, :].reshape(-1, d))
+            grad = grad[..., m:, :]
+            if self.look_back:  # each gathered group of rows was the second half of one window, the first of the next
+                previous, own = grad[:, :, :w], grad[:, :, w:]
+                grad = torch.cat((previous[:, :1], own[:, :-1] + previous[:, 1:], own[:, -1:]), dim=1)
+            full.index_add_(0, self.kv_rows[p], grad.reshape(-1, d))
 
 
 class RoutedAttention(nn.Module):
