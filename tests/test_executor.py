@@ -599,6 +599,44 @@ def test_lean_flash_path_equals_reference(case, piece_bytes, monkeypatch):
         torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10, msg=name)
 
 
+def lean_configs():
+    """Routed models whose groups take the lean path: Sinkhorn scales values by its sort scores
+    (gates) and relative positions add learned logits, both of which the generic path differentiates."""
+    return [(name, factory) for name, factory in piece_configs() if 'sinkhorn' not in name and 'relative' not in name]
+
+
+@pytest.mark.parametrize('factory', [c[1] for c in lean_configs()], ids=[c[0] for c in lean_configs()])
+def test_models_on_the_lean_path_equal_the_generic_path(factory, monkeypatch):
+    """Every routed model gives the same outputs and parameter gradients whether its index-gathered
+    groups take the lean flash path or the generic one (gather, attend, scatter under autograd)."""
+    from test_causality import logits_of, tokens
+
+    import routeformer.attention.backends as backends
+
+    model, context = factory()
+    model.eval()
+    x = tokens(n=getattr(model, 'max_seq_len', 16), vocab=getattr(model, 'num_tokens', 32))
+    kwargs = dict(context=context) if context is not None else {}
+
+    def outputs_and_grads():
+        model.zero_grad(set_to_none=True)
+        out = logits_of(model(x, **kwargs))
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        return out.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    calls = []
+    original = backends.flash_pieces
+    monkeypatch.setattr(backends, 'flash_pieces', lambda *a: calls.append(1) or original(*a))
+    lean, lean_grads = outputs_and_grads()
+    assert calls, 'no attention call took the lean path'
+    monkeypatch.setattr(RoutedAttention, 'lean', lambda *a, **k: False)
+    generic, generic_grads = outputs_and_grads()
+    torch.testing.assert_close(lean, generic, atol=1e-5, rtol=1e-5)
+    assert lean_grads.keys() == generic_grads.keys()
+    for name in generic_grads:
+        torch.testing.assert_close(lean_grads[name], generic_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_lean_flash_path_gradcheck(monkeypatch):
     """float64 finite differences through the lean path, in pieces: q, k, v and memory key/values."""
     import routeformer.attention.executor as executor

@@ -279,9 +279,9 @@ class RoutedAttention(nn.Module):
 
     def lean(self, plan: RoutePlan, q: Tensor, *, need_weights: bool, rel_pos) -> bool:
         """Whether groups gathered by index go through the CPU flash kernel as one node that keeps
-        nothing gathered (GatheredPieces): what the flash_lse backend does, without gates or
-        relative positions to differentiate."""
-        return (self.backend == 'flash_lse' and exists(plan.q_index) and exists(plan.kv_index)
+        nothing gathered (GatheredPieces): what the flash_lse and auto backends do on a CPU, without
+        gates or relative positions to differentiate."""
+        return (self.backend in ('flash_lse', 'auto') and exists(plan.q_index) and exists(plan.kv_index)
                 and not plan.contiguous_queries and 'sliding_windows' not in plan.info and rel_pos is None
                 and all(t is None for t in (plan.k_gate, plan.kv_gate, plan.q_gate))
                 and not (exists(plan.bias) and plan.bias.requires_grad)
