@@ -688,3 +688,21 @@ def test_key_spans_equal_the_same_keys_as_a_mask(backend, padded, n_mem, exclude
     attn = RoutedAttention(backend=backend)
     torch.testing.assert_close(attn(q, k, v, plan, **kwargs)[0], attn(q, k, v, as_mask, **kwargs)[0],
                                atol=1e-12, rtol=1e-12)
+
+
+def test_lean_flash_path_in_bfloat16():
+    """The lean path runs the kernel in the inputs' precision: bfloat16 q, k, v, with float32 memory
+    key/values, give the float32 result to bfloat16 precision, and gradients of every input."""
+    q, k, v, mem, key_mask, plan = lsh_setup(causal=True, padded=True, n_mem=2)
+    kwargs = dict(causal=True, key_mask=key_mask, exclude_self=True)
+    attn = RoutedAttention(backend='flash_lse')
+    expected, _ = attn(q.float(), k.float(), v.float(), plan, mem_kv=tuple(t.float() for t in mem), **kwargs)
+    q16, k16, v16 = (t.detach().bfloat16().requires_grad_() for t in (q, k, v))
+    mem32 = tuple(t.detach().float().requires_grad_() for t in mem)
+    out, _ = attn(q16, k16, v16, plan, mem_kv=mem32, **kwargs)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, atol=3e-2, rtol=3e-2)
+    out.float().sum().backward()
+    for t in (q16, k16, v16, *mem32):
+        assert t.grad is not None and torch.isfinite(t.grad).all()
+    assert mem32[0].grad.dtype == torch.float32

@@ -1,5 +1,7 @@
 """The one executor: gather q/k/v by a RoutePlan, build the mask, attend inside every group in
-batched calls (one per piece of groups), and scatter back.
+batched calls (one per piece of groups), and scatter back. On a CPU, groups gathered by index take
+the lean path: one autograd node over all pieces that gathers and masks each piece again in the
+backward pass instead of keeping the gathered copies (GatheredPieces, backends.flash_pieces).
 
 Axes: b batch, h heads, n sequence, d head dim, g groups, i queries per group, j keys per group,
 m memory key/values.
@@ -181,9 +183,8 @@ class GatheredPieces:
         self.look_back = exists(plan.span) and plan.info.get('look_one_back', False)
         if self.look_back:
             kv_rows = rows(plan.q_index, kv_len)
-            self.kv_rows = [kv_rows[:, :, max(start - 1, 0):stop] for start, stop in bounds]
-            self.kv_rows = [(torch.cat((r[:, :, :1], r), dim=2) if start == 0 else r).flatten()
-                            for r, (start, _) in zip(self.kv_rows, bounds)]
+            kv_rows = torch.cat((kv_rows[:, :, :1], kv_rows), dim=2)  # group g - 1 at g; group 0 as the stand-in
+            self.kv_rows = [kv_rows[:, :, start:stop + 1].flatten() for start, stop in bounds]
         else:
             kv_rows = rows(plan.kv_index, kv_len)
             self.kv_rows = [kv_rows[:, :, start:stop].flatten() for start, stop in bounds]
@@ -198,8 +199,8 @@ class GatheredPieces:
         bh, d = self.b * self.h, t.shape[-1]
         if not self.look_back:
             return picked.view(bh, -1, self.j, d)
-        w = self.i
-        return picked.as_strided((bh, picked.shape[0] // (bh * w) - 1, 2 * w, d), (picked.shape[0] // bh * d, w * d, d, 1))
+        w, rows = self.i, picked.shape[0] // bh
+        return picked.as_strided((bh, rows // w - 1, 2 * w, d), (rows * d, w * d, d, 1))
 
     def inputs(self, p: int, q: Tensor, k: Tensor, v: Tensor, mem: tuple[Tensor, ...]):
         """(qg, kg, vg, float mask or None, empty rows or None) of piece p."""
@@ -224,7 +225,7 @@ class GatheredPieces:
             if m:
                 dm += reduce(grad[..., :m, :], '(b h) g m d -> h m d', 'sum', b=self.b)
             grad = grad[..., m:, :]
-            if self.look_back:  # each gathered group of rows was the second half of one window, the first of the next
+            if self.look_back:  # a gathered group is the second half of one window and the first of the next
                 previous, own = grad[:, :, :w], grad[:, :, w:]
                 grad = torch.cat((previous[:, :1], own[:, :-1] + previous[:, 1:], own[:, -1:]), dim=1)
             full.index_add_(0, self.kv_rows[p], grad.reshape(-1, d))
@@ -285,7 +286,8 @@ class RoutedAttention(nn.Module):
                 and not plan.contiguous_queries and 'sliding_windows' not in plan.info and rel_pos is None
                 and all(t is None for t in (plan.k_gate, plan.kv_gate, plan.q_gate))
                 and not (exists(plan.bias) and plan.bias.requires_grad)
-                and backends.flash_usable(q, dropout_p=self.dropout if self.training else 0., need_weights=need_weights))
+                and backends.flash_usable(q, dropout_p=self.dropout if self.training else 0.,
+                                          need_weights=need_weights))
 
     def attend(self, qg: Tensor, kg: Tensor, vg: Tensor, plan: RoutePlan, *, q_len: int, kv_len: int,
                causal: bool, key_mask, mem_kv, exclude_self: bool, need_lse: bool, need_weights: bool,
