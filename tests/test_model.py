@@ -29,6 +29,21 @@ def tokens(b=2, n=SEQ, seed=1):
 
 # ---------------------------------------------------------------- feed-forward chunking
 
+def test_feedforward_chunks_have_a_floor_of_rows(monkeypatch):
+    """`chunks` is an upper bound: no chunk has fewer than MIN_CHUNK_ROWS rows (batch x positions)."""
+    import routeformer.layers.feedforward as feedforward
+    from routeformer.layers.feedforward import FeedForward
+
+    monkeypatch.setattr(feedforward, 'MIN_CHUNK_ROWS', 8)
+    ff = FeedForward(4, chunks=100)
+    rows = []
+    ff.proj_in.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0] * args[0].shape[1]))
+    for batch, n, expected in ((1, 64, [8] * 8), (2, 64, [8] * 16), (1, 12, [12]), (3, 1, [3])):
+        rows.clear()
+        ff(torch.randn(batch, n, 4))
+        assert rows == expected, (batch, n)
+
+
 @pytest.mark.parametrize('kwargs', [dict(), dict(ff_glu=True), dict(reversible=True)], ids=['plain', 'glu', 'reversible'])
 def test_chunked_feedforward_equals_unchunked(kwargs):
     a = build(ff_chunks=1, **kwargs).double()
