@@ -81,11 +81,16 @@ class Block(nn.Module):
         self.ff = ff
 
     def f(self, x, ctx):
+        # a mixer with nothing to contribute here (cross-attention that runs only with a context) is
+        # skipped, instead of adding its zeros and taking the difference, two passes over x
+        mixers = [m for m in self.mixers if getattr(m, 'contributes', lambda ctx: True)(ctx)]
+        if len(mixers) == 1:
+            return mixers[0](x, ctx)
         h, aux = x, x.new_zeros(())
-        for mixer in self.mixers:
+        for mixer in mixers:
             out, a = mixer(h, ctx)
             h, aux = h + out, aux + a
-        return h - x if len(self.mixers) > 1 else out, aux
+        return h - x, aux
 
     def g(self, x, ctx):
         return self.ff(x, ctx)

@@ -470,7 +470,8 @@ def test_groups_in_pieces_equal_one_call(factory, monkeypatch):
     import routeformer.attention.executor as executor
 
     model, context = factory()
-    model.eval()  # fixed routing; gradients still flow
+    model.double().eval()  # fixed routing; gradients still flow; float64: only the summation order differs
+    context = context.double() if context is not None and context.is_floating_point() else context
     vocab = getattr(model, 'num_tokens', 32)
     x = tokens(n=getattr(model, 'max_seq_len', 16), vocab=vocab)
     kwargs = dict(context=context) if context is not None else {}
@@ -478,7 +479,7 @@ def test_groups_in_pieces_equal_one_call(factory, monkeypatch):
     def outputs_and_grads():
         model.zero_grad(set_to_none=True)
         out = logits_of(model(x, **kwargs))
-        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        (out * torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)).sum().backward()
         grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
         return out.detach(), grads
 
@@ -489,10 +490,10 @@ def test_groups_in_pieces_equal_one_call(factory, monkeypatch):
     monkeypatch.setattr(executor, 'piece_bounds', lambda *a: calls.append(original(*a)) or calls[-1])
     pieces, piece_grads = outputs_and_grads()
     assert max(len(bounds) for bounds in calls) > 1, 'no call was cut into pieces'
-    torch.testing.assert_close(pieces, whole, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pieces, whole, atol=1e-10, rtol=1e-10)
     assert piece_grads.keys() == whole_grads.keys()
     for name in whole_grads:
-        torch.testing.assert_close(piece_grads[name], whole_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(piece_grads[name], whole_grads[name], atol=1e-9, rtol=1e-9, msg=name)
 
 
 @pytest.mark.parametrize('config', ['reformer_4hashes', 'routing_local_heads', 'sinkhorn_top2'])
@@ -614,14 +615,15 @@ def test_models_on_the_lean_path_equal_the_generic_path(factory, monkeypatch):
     import routeformer.attention.backends as backends
 
     model, context = factory()
-    model.eval()
+    model.double().eval()
+    context = context.double() if context is not None and context.is_floating_point() else context
     x = tokens(n=getattr(model, 'max_seq_len', 16), vocab=getattr(model, 'num_tokens', 32))
     kwargs = dict(context=context) if context is not None else {}
 
     def outputs_and_grads():
         model.zero_grad(set_to_none=True)
         out = logits_of(model(x, **kwargs))
-        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        (out * torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)).sum().backward()
         return out.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
     calls = []
@@ -631,10 +633,10 @@ def test_models_on_the_lean_path_equal_the_generic_path(factory, monkeypatch):
     assert calls, 'no attention call took the lean path'
     monkeypatch.setattr(RoutedAttention, 'lean', lambda *a, **k: False)
     generic, generic_grads = outputs_and_grads()
-    torch.testing.assert_close(lean, generic, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lean, generic, atol=1e-10, rtol=1e-10)
     assert lean_grads.keys() == generic_grads.keys()
     for name in generic_grads:
-        torch.testing.assert_close(lean_grads[name], generic_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(lean_grads[name], generic_grads[name], atol=1e-9, rtol=1e-9, msg=name)
 
 
 def test_lean_flash_path_gradcheck(monkeypatch):

@@ -151,7 +151,7 @@ class Attention(nn.Module):
                                            attn=densify(weights, plan, q.shape[-2], k.shape[-2]),
                                            plan=plan.to('cpu')))
 
-        out = rearrange(torch.cat(outs, dim=1), 'b h n d -> b n (h d)')
+        out = rearrange(outs[0] if len(outs) == 1 else torch.cat(outs, dim=1), 'b h n d -> b n (h d)')
         return self.post_attn_dropout(self.to_out(out)), aux
 
     def empty_cache_entry(self, x) -> dict:

@@ -130,8 +130,12 @@ class ContextOptional(nn.Module):
         super().__init__()
         self.fn = fn
 
+    @staticmethod
+    def contributes(ctx: LayerContext) -> bool:
+        return ctx.context is not None
+
     def forward(self, x: Tensor, ctx: LayerContext) -> tuple[Tensor, Tensor]:
-        if ctx.context is None:
+        if not self.contributes(ctx):
             return torch.zeros_like(x), x.new_zeros(())
         return self.fn(x, ctx)
 
