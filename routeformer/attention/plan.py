@@ -163,7 +163,7 @@ class _WeightedRowSum(torch.autograd.Function):
 
 def scatter(pieces: list[Tensor], plan: RoutePlan, seq_len: int, lse: Tensor | None = None) -> Tensor:
     """Group outputs (b, h, g, i, d), given as consecutive pieces along g (one piece: all of them),
-    back to (b, h, n, d).
+    back to (b, h, n, d) (for queries gathered by index, a view of (b, n, h, d) memory).
 
     'overwrite': every position is the query of at most one group. 'logsumexp': a position that
     is the query of several groups (LSH rounds, overlapping clusters) gets the average of its
@@ -181,12 +181,14 @@ def scatter(pieces: list[Tensor], plan: RoutePlan, seq_len: int, lse: Tensor | N
         weights = valid.to(pieces[0].dtype)
     else:
         weights = merge_shares(plan, lse, seq_len).to(pieces[0].dtype).masked_fill(~valid, 0.)
-    # rows of the flattened (b h n) output that each gathered query adds to
-    offsets = rearrange(torch.arange(b * h, device=index.device) * seq_len, '(b h) -> b h 1 1', b=b)
-    rows = index.clamp(min=0) + offsets
+    # rows of the flattened (b n h) output that each gathered query adds to: heads next to each
+    # other, so that the attention layer's (b, n, (h d)) is a view of the result, not a copy
+    batch = rearrange(torch.arange(b, device=index.device), 'b -> b 1 1 1')
+    heads = rearrange(torch.arange(h, device=index.device), 'h -> 1 h 1 1')
+    rows = (batch * seq_len + index.clamp(min=0)) * h + heads
     bounds = torch.tensor([0] + [p.shape[2] for p in pieces]).cumsum(0).tolist()
     cuts = list(zip(bounds[:-1], bounds[1:]))
     result = _WeightedRowSum.apply(b * h * seq_len, [rows[:, :, s:e].flatten() for s, e in cuts],
                                    *(weights[:, :, s:e].flatten() for s, e in cuts),
                                    *(rearrange(p, 'b h g i d -> (b h g i) d') for p in pieces))
-    return rearrange(result, '(b h n) d -> b h n d', b=b, h=h)
+    return rearrange(result, '(b n h) d -> b h n d', b=b, h=h)
