@@ -85,7 +85,8 @@ def sort_and_chunk(buckets: Tensor, window: int, *, causal: bool, same_bucket: b
         kv_bucket = look_one_back(q_bucket, cyclic=True, fill=-1)
         mask = rearrange(q_bucket, '... i -> ... i 1') == rearrange(kv_bucket, '... j -> ... 1 j')
 
-    # look_one_back: the keys of every group are the queries of the group before it and its own
+    # look_one_back (causal plans): the keys of every group are the queries of the group before it in
+    # its round (none for the first) and its own, which the executor gathers once per piece
     return RoutePlan(q_index=groups(q_index), kv_index=groups(kv_index), mask=groups(mask), span=groups(span),
                      merge='logsumexp' if r > 1 else 'overwrite', info=dict(buckets=buckets, look_one_back=causal))
 
