@@ -461,39 +461,48 @@ def piece_configs():
             if any(family in name for family in routed) and 'full_attn' not in name]
 
 
+def outputs_and_grads_of(factory):
+    """A function giving the logits and parameter gradients of the model `factory` builds, in float64
+    (two runs differ only in summation order) and eval mode (fixed routing; gradients still flow)."""
+    from test_causality import logits_of, tokens
+
+    model, context = factory()
+    model.double().eval()
+    context = context.double() if context is not None and context.is_floating_point() else context
+    x = tokens(n=getattr(model, 'max_seq_len', 16), vocab=getattr(model, 'num_tokens', 32))
+    kwargs = dict(context=context) if context is not None else {}
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        out = logits_of(model(x, **kwargs))
+        (out * torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)).sum().backward()
+        return out.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return run
+
+
+def assert_same_outputs_and_grads(got, expected):
+    (out, grads), (expected_out, expected_grads) = got, expected
+    torch.testing.assert_close(out, expected_out, atol=1e-10, rtol=1e-10)
+    assert grads.keys() == expected_grads.keys()
+    for name in expected_grads:
+        torch.testing.assert_close(grads[name], expected_grads[name], atol=1e-9, rtol=1e-9, msg=name)
+
+
 @pytest.mark.parametrize('factory', [c[1] for c in piece_configs()], ids=[c[0] for c in piece_configs()])
 def test_groups_in_pieces_equal_one_call(factory, monkeypatch):
     """Every model, with each group of every routed call attended as a piece of its own, gives the
     outputs and gradients of one call over all groups (tiny models run as one piece by default)."""
-    from test_causality import logits_of, tokens
-
     import routeformer.attention.executor as executor
 
-    model, context = factory()
-    model.double().eval()  # fixed routing; gradients still flow; float64: only the summation order differs
-    context = context.double() if context is not None and context.is_floating_point() else context
-    vocab = getattr(model, 'num_tokens', 32)
-    x = tokens(n=getattr(model, 'max_seq_len', 16), vocab=vocab)
-    kwargs = dict(context=context) if context is not None else {}
-
-    def outputs_and_grads():
-        model.zero_grad(set_to_none=True)
-        out = logits_of(model(x, **kwargs))
-        (out * torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)).sum().backward()
-        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-        return out.detach(), grads
-
-    whole, whole_grads = outputs_and_grads()
+    outputs_and_grads = outputs_and_grads_of(factory)
+    whole = outputs_and_grads()
     monkeypatch.setattr(executor, 'PIECE_BYTES', 1)
     calls = []
     original = executor.piece_bounds
     monkeypatch.setattr(executor, 'piece_bounds', lambda *a: calls.append(original(*a)) or calls[-1])
-    pieces, piece_grads = outputs_and_grads()
+    pieces = outputs_and_grads()
     assert max(len(bounds) for bounds in calls) > 1, 'no call was cut into pieces'
-    torch.testing.assert_close(pieces, whole, atol=1e-10, rtol=1e-10)
-    assert piece_grads.keys() == whole_grads.keys()
-    for name in whole_grads:
-        torch.testing.assert_close(piece_grads[name], whole_grads[name], atol=1e-9, rtol=1e-9, msg=name)
+    assert_same_outputs_and_grads(pieces, whole)
 
 
 @pytest.mark.parametrize('config', ['reformer_4hashes', 'routing_local_heads', 'sinkhorn_top2'])
@@ -610,33 +619,16 @@ def lean_configs():
 def test_models_on_the_lean_path_equal_the_generic_path(factory, monkeypatch):
     """Every routed model gives the same outputs and parameter gradients whether its index-gathered
     groups take the lean flash path or the generic one (gather, attend, scatter under autograd)."""
-    from test_causality import logits_of, tokens
-
     import routeformer.attention.backends as backends
 
-    model, context = factory()
-    model.double().eval()
-    context = context.double() if context is not None and context.is_floating_point() else context
-    x = tokens(n=getattr(model, 'max_seq_len', 16), vocab=getattr(model, 'num_tokens', 32))
-    kwargs = dict(context=context) if context is not None else {}
-
-    def outputs_and_grads():
-        model.zero_grad(set_to_none=True)
-        out = logits_of(model(x, **kwargs))
-        (out * torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)).sum().backward()
-        return out.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-
+    outputs_and_grads = outputs_and_grads_of(factory)
     calls = []
     original = backends.flash_pieces
     monkeypatch.setattr(backends, 'flash_pieces', lambda *a: calls.append(1) or original(*a))
-    lean, lean_grads = outputs_and_grads()
+    lean = outputs_and_grads()
     assert calls, 'no attention call took the lean path'
     monkeypatch.setattr(RoutedAttention, 'lean', lambda *a, **k: False)
-    generic, generic_grads = outputs_and_grads()
-    torch.testing.assert_close(lean, generic, atol=1e-10, rtol=1e-10)
-    assert lean_grads.keys() == generic_grads.keys()
-    for name in generic_grads:
-        torch.testing.assert_close(lean_grads[name], generic_grads[name], atol=1e-9, rtol=1e-9, msg=name)
+    assert_same_outputs_and_grads(lean, outputs_and_grads())
 
 
 def test_lean_flash_path_gradcheck(monkeypatch):

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..helpers import exists
 from . import backends
-from .plan import RoutePlan, gather, merge_shares, positions_of, scatter
+from .plan import RoutePlan, flat_rows, gather, merge_shares, positions_of, scatter
 
 
 def gather_queries(q: Tensor, plan: RoutePlan, bounds: list[tuple[int, int]]) -> list[Tensor]:
@@ -170,11 +170,7 @@ class GatheredPieces:
 
     def __init__(self, plan: RoutePlan, bounds: list[tuple[int, int]], *, b: int, h: int, q_len: int, kv_len: int,
                  n_mem: int, scale: float, **mask_args):
-        def rows(index, length):  # rows of the flattened (b h n) sequence
-            offsets = rearrange(torch.arange(b * h, device=index.device) * length, '(b h) -> b h 1 1', b=b)
-            return index.clamp(min=0).expand(b, h, -1, -1) + offsets
-
-        q_rows = rows(plan.q_index, q_len)
+        q_rows = flat_rows(plan.q_index, b, h, q_len)
         self.q_rows = [q_rows[:, :, start:stop].flatten() for start, stop in bounds]
         # look-one-back (causal sort-and-chunk): the keys of group g are the queries of groups g - 1
         # and g, so a piece gathers its groups' rows once, and one group before them (group 0 twice
@@ -182,11 +178,11 @@ class GatheredPieces:
         # Where group g - 1 is of another round, or the stand-in, its slots are outside every span.
         self.look_back = exists(plan.span) and plan.info.get('look_one_back', False)
         if self.look_back:
-            kv_rows = rows(plan.q_index, kv_len)
+            kv_rows = flat_rows(plan.q_index, b, h, kv_len)
             kv_rows = torch.cat((kv_rows[:, :, :1], kv_rows), dim=2)  # group g - 1 at g; group 0 as the stand-in
             self.kv_rows = [kv_rows[:, :, start:stop + 1].flatten() for start, stop in bounds]
         else:
-            kv_rows = rows(plan.kv_index, kv_len)
+            kv_rows = flat_rows(plan.kv_index, b, h, kv_len)
             self.kv_rows = [kv_rows[:, :, start:stop].flatten() for start, stop in bounds]
         self.plans = [slice_groups(plan, start, stop) for start, stop in bounds]
         self.count, self.scale, self.b, self.h, self.n_mem = len(bounds), scale, b, h, n_mem

@@ -75,6 +75,13 @@ class _GatherRows(torch.autograd.Function):
         return (grad, *(None for _ in rows))
 
 
+def flat_rows(index: Tensor, b: int, h: int, length: int) -> Tensor:
+    """(b, h, g, j): the rows of a flattened (b h n) sequence of `length` that positions (b|1, h|1,
+    g, j) name; -1 names row 0 of its sample and head (masked later)."""
+    offsets = rearrange(torch.arange(b * h, device=index.device) * length, '(b h) -> b h 1 1', b=b)
+    return index.clamp(min=0).expand(b, h, -1, -1) + offsets
+
+
 def gather(t: Tensor, index: Tensor, bounds: list[tuple[int, int]]) -> list[Tensor]:
     """(b, h, n, d) gathered by (b|1, h|1, g, j) positions: for each (start, stop) in `bounds`,
     the groups start:stop as (b, h, stop - start, j, d). -1 reads position 0 (masked later)."""
@@ -85,8 +92,7 @@ def gather(t: Tensor, index: Tensor, bounds: list[tuple[int, int]]) -> list[Tens
         return [t[:, :, index[0, 0, start:stop]] for start, stop in bounds]
     # whole rows by index_select on the flattened sequence: much faster than an element-wise
     # gather over d, forward and backward
-    offsets = rearrange(torch.arange(b * h, device=t.device) * t.shape[-2], '(b h) -> b h 1 1', b=b)
-    rows = index.expand(b, h, -1, -1) + offsets
+    rows = flat_rows(index, b, h, t.shape[-2])
     picked = _GatherRows.apply(rearrange(t, 'b h n d -> (b h n) d'),
                                *(rows[:, :, start:stop].flatten() for start, stop in bounds))
     return [rearrange(p, '(b h g j) d -> b h g j d', b=b, h=h, j=index.shape[-1]) for p in picked]
