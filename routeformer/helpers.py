@@ -40,7 +40,7 @@ class _L2Norm(torch.autograd.Function):
 
     @staticmethod
     def forward(fctx, t: Tensor, eps: float):
-        out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+        out = torch.empty_like(t)  # in t's memory layout: heads-inner q stay heads-inner
         denom = torch.linalg.vector_norm(t, dim=-1, keepdim=True).clamp_(min=eps)
         for start in range(0, t.shape[-2], L2NORM_STEP):
             rows = slice(start, start + L2NORM_STEP)

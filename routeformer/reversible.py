@@ -43,6 +43,29 @@ class RNGState:
         return fork
 
 
+def _reusable(buffer: Tensor, like: Tensor, *others: Tensor) -> bool:
+    """Whether `buffer`, a result the caller no longer needs, may hold a result of `like`'s shape
+    and dtype: it must share memory with neither `like` nor `others` (a branch that returns its
+    input, or a gradient passed through unchanged)."""
+    return (buffer.shape == like.shape and buffer.dtype == like.dtype and buffer.is_contiguous()
+            and all(buffer.untyped_storage().data_ptr() != t.untyped_storage().data_ptr() for t in (like, *others)))
+
+
+# The residual sums and differences below are written into the branch output they consume when it
+# is free to take them: at long lengths every new activation-sized buffer is fresh memory that the
+# kernel maps in page by page (a 64 MiB buffer costs several times its arithmetic), and the
+# branch output is dead once summed.
+
+def _add(x: Tensor, out: Tensor, *others: Tensor) -> Tensor:
+    """x + out (no grad), written into `out` when it is free (see _reusable)."""
+    return out.detach().add_(x) if _reusable(out, x, *others) else x + out
+
+
+def _sub(y: Tensor, out: Tensor, *others: Tensor) -> Tensor:
+    """y - out (no grad), written into `out` when it is free."""
+    return torch.sub(y, out, out=out.detach()) if _reusable(out, y, *others) else y - out
+
+
 def _run(fn, x, ctx, state: RNGState | None):
     if state is None:
         return fn(x, ctx)
@@ -61,10 +84,10 @@ class _ReversibleFunction(torch.autograd.Function):
             for step in run.steps:
                 step['f_state'] = RNGState(x1.device)
                 out, a_f = step['block'].f(x2, step['ctx'])
-                x1 = x1 + out
+                x1 = _add(x1, out, x2)
                 step['g_state'] = RNGState(x1.device)
                 out, a_g = step['block'].g(x1, step['ctx'])
-                x2 = x2 + out
+                x2 = _add(x2, out, x1)
                 aux = aux + a_f + a_g
         fctx.run = run
         fctx.save_for_backward(x1, x2)
@@ -102,15 +125,15 @@ class _ReversibleFunction(torch.autograd.Function):
             with torch.enable_grad(), run.autocast():
                 y1_leaf = y1.detach().requires_grad_()
                 g_out, g_aux = _run(block.g, y1_leaf, ctx, step['g_state'])
-                dy1 = dy1 + backprop((g_out, g_aux), y1_leaf, (dy2, daux))
+                dy1 = _add(dy1, backprop((g_out, g_aux), y1_leaf, (dy2, daux)), dy2)
             with torch.no_grad():
-                x2 = y2 - g_out
+                x2 = _sub(y2, g_out, y1)
             with torch.enable_grad(), run.autocast():
                 x2_leaf = x2.detach().requires_grad_()
                 f_out, f_aux = _run(block.f, x2_leaf, ctx, step['f_state'])
-                dx2 = dy2 + backprop((f_out, f_aux), x2_leaf, (dy1, daux))
+                dx2 = _add(dy2, backprop((f_out, f_aux), x2_leaf, (dy1, daux)), dy1)
             with torch.no_grad():
-                x1 = y1 - f_out
+                x1 = _sub(y1, f_out, x2)
             y1, y2, dy2 = x1, x2, dx2
 
         return dy1, dy2, dcontext, None, *grads

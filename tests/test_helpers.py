@@ -13,6 +13,7 @@ def test_l2norm_in_steps_equals_normalize(shape, monkeypatch):
     t = torch.randn(*shape, dtype=torch.float64)
     t = (t.transpose(1, 2) if t.ndim == 4 else t).requires_grad_()  # a strided view as well
     assert torch.allclose(l2norm(t), F.normalize(t, dim=-1))
+    assert l2norm(t).stride() == t.stride()  # in the input's memory layout
     assert torch.autograd.gradcheck(l2norm, (t,))
     # a zero row stays zero and passes its gradient through the clamped norm, as F.normalize does
     zero = t.detach().clone()

@@ -7,6 +7,7 @@ import torch
 from routeformer import LM, LayerContext, TransformerLM, build_transformer
 from routeformer.attention.plan import RoutePlan
 from routeformer.layers.norms import ReZero
+from routeformer.reversible import reversible_stack
 from routeformer.routers import FullRouter
 
 NUM_TOKENS, DIM, SEQ = 32, 16, 16
@@ -258,3 +259,34 @@ def test_reversible_recompute_under_autocast_matches_plain_autograd():
     for name, expected in grads[False].items():
         rel = ((grads[True][name] - expected).abs().max() / expected.abs().max()).item()
         assert rel < 1e-3, f'{name}: relative grad difference {rel:.3g}'
+
+
+class PassThroughBlock(torch.nn.Module):
+    """Branches that hand back their input (f) or pass gradients through unchanged (g): the
+    residual arithmetic, which reuses the branch outputs' memory, must not write into them."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(0.5, dtype=torch.float64))
+
+    def f(self, x, ctx):
+        return x, x.new_zeros(())
+
+    def g(self, x, ctx):
+        return x * self.w, x.new_zeros(())
+
+
+def test_reversible_branches_that_alias_their_input():
+    block = PassThroughBlock()
+    x = torch.randn(2, 5, 4, dtype=torch.float64)
+    results = {}
+    for recompute in (True, False):
+        leaf = x.clone().requires_grad_()
+        block.zero_grad(set_to_none=True)
+        y1, y2, _ = reversible_stack(leaf, leaf, [(0, block), (1, block)], LayerContext(),
+                                     recompute_in_backward=recompute)
+        ((y1 + y2) * torch.linspace(-1., 1., x.numel(), dtype=x.dtype).view_as(x)).sum().backward()
+        assert torch.equal(leaf.detach(), x)  # the input is untouched
+        results[recompute] = (y1.detach(), y2.detach(), leaf.grad, block.w.grad)
+    for got, expected in zip(results[True], results[False]):
+        assert torch.allclose(got, expected, atol=1e-12)

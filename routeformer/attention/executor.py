@@ -163,7 +163,7 @@ def piece_bounds(plan: RoutePlan, q: Tensor) -> list[tuple[int, int]]:
 
 class GatheredPieces:
     """The kernel inputs of every piece of a plan whose queries and keys are gathered by index, built
-    from the ungathered q (b h n, d), k and v (b h n_kv, d) and memory key/values (h, m, d) by
+    from the ungathered q ((b n h), d), k and v ((b n_kv h), d) and memory key/values (h, m, d) by
     `inputs`, alike in the forward and the backward pass of backends.flash_pieces, which therefore
     keeps no gathered rows and no masks; `accumulate` adds a piece's gradients back by the same rows.
     Pieces are ((b h), g, i|j, d), the layout of the flash kernel (groups on its head axis)."""
@@ -253,7 +253,7 @@ class RoutedAttention(nn.Module):
             source = GatheredPieces(plan, bounds, b=b, h=h, q_len=q_len, kv_len=kv_len, scale=d ** -0.5,
                                     n_mem=0 if mem_kv is None else mem_kv[0].shape[-2], causal=causal,
                                     key_mask=key_mask, exclude_self=exclude_self)
-            flat = [rearrange(t.to(q.dtype), 'b h n d -> (b h n) d') for t in (q, k, v)]
+            flat = [rearrange(t.to(q.dtype), 'b h n d -> (b n h) d') for t in (q, k, v)]
             mem = () if mem_kv is None else tuple(t.to(q.dtype) for t in mem_kv)
             outs, lses = backends.flash_pieces(source, *flat, mem)
             outs = [rearrange(o, '(b h) g i d -> b h g i d', b=b) for o in outs]

@@ -76,10 +76,13 @@ class _GatherRows(torch.autograd.Function):
 
 
 def flat_rows(index: Tensor, b: int, h: int, length: int) -> Tensor:
-    """(b, h, g, j): the rows of a flattened (b h n) sequence of `length` that positions (b|1, h|1,
-    g, j) name; -1 names row 0 of its sample and head (masked later)."""
-    offsets = rearrange(torch.arange(b * h, device=index.device) * length, '(b h) -> b h 1 1', b=b)
-    return index.clamp(min=0).expand(b, h, -1, -1) + offsets
+    """(b, h, g, j): the rows of a (b n h)-flattened sequence of `length` that positions (b|1, h|1,
+    g, j) name; -1 names the row of position 0 (masked later). Heads innermost is the layout the
+    projections produce ((b, n, (h d)) seen as (b, h, n, d)), so flattening q, k and v and
+    the attention output is a view, not a copy."""
+    batch = rearrange(torch.arange(b, device=index.device), 'b -> b 1 1 1')
+    heads = rearrange(torch.arange(h, device=index.device), 'h -> 1 h 1 1')
+    return (batch * length + index.clamp(min=0)) * h + heads
 
 
 def gather(t: Tensor, index: Tensor, bounds: list[tuple[int, int]]) -> list[Tensor]:
@@ -93,7 +96,7 @@ def gather(t: Tensor, index: Tensor, bounds: list[tuple[int, int]]) -> list[Tens
     # whole rows by index_select on the flattened sequence: much faster than an element-wise
     # gather over d, forward and backward
     rows = flat_rows(index, b, h, t.shape[-2])
-    picked = _GatherRows.apply(rearrange(t, 'b h n d -> (b h n) d'),
+    picked = _GatherRows.apply(rearrange(t, 'b h n d -> (b n h) d'),
                                *(rows[:, :, start:stop].flatten() for start, stop in bounds))
     return [rearrange(p, '(b h g j) d -> b h g j d', b=b, h=h, j=index.shape[-1]) for p in picked]
 
@@ -187,11 +190,8 @@ def scatter(pieces: list[Tensor], plan: RoutePlan, seq_len: int, lse: Tensor | N
         weights = valid.to(pieces[0].dtype)
     else:
         weights = merge_shares(plan, lse, seq_len).to(pieces[0].dtype).masked_fill(~valid, 0.)
-    # rows of the flattened (b n h) output that each gathered query adds to: heads next to each
-    # other, so that the attention layer's (b, n, (h d)) is a view of the result, not a copy
-    batch = rearrange(torch.arange(b, device=index.device), 'b -> b 1 1 1')
-    heads = rearrange(torch.arange(h, device=index.device), 'h -> 1 h 1 1')
-    rows = (batch * seq_len + index.clamp(min=0)) * h + heads
+    # the output in (b n h) rows: the attention layer's (b, n, (h d)) is a view of it, not a copy
+    rows = flat_rows(index, b, h, seq_len)
     bounds = torch.tensor([0] + [p.shape[2] for p in pieces]).cumsum(0).tolist()
     cuts = list(zip(bounds[:-1], bounds[1:]))
     result = _WeightedRowSum.apply(b * h * seq_len, [rows[:, :, s:e].flatten() for s, e in cuts],

@@ -127,10 +127,10 @@ ROTARY_STEP = 1024
 
 def _rotate(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """t (..., n, d) with its first 2 * r features rotated in pairs (f, f + r) by the angles whose
-    cosines and sines are cos / sin (..., n|1, r), broadcast over t's leading axes; a contiguous
-    copy, written in steps of ROTARY_STEP positions."""
+    cosines and sines are cos / sin (..., n|1, r), broadcast over t's leading axes; a copy in
+    t's memory layout, written in steps of ROTARY_STEP positions."""
     half = cos.shape[-1]
-    out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    out = torch.empty_like(t)
     n = t.shape[-2]
     for start in range(0, n, ROTARY_STEP):
         rows = slice(start, start + ROTARY_STEP)
