@@ -125,8 +125,9 @@ def merge_shares(plan: RoutePlan, lse: Tensor, seq_len: int) -> Tensor:
     return rearrange(weights, 'b h (g i) -> b h g i', g=g)
 
 
-# rows per step of the weighted scatter: its temporaries stay a few MiB, which the allocator reuses,
-# instead of several (b, h, g * i, d) tensors page-faulted in afresh in every pass
+# rows per step of the weighted scatter: its temporary is one workspace of a few MiB that every step
+# writes into, instead of several (b, h, g * i, d) tensors, or one fresh buffer per step, which at
+# long lengths is new memory page-faulted in each time
 SCATTER_ROWS = 16384
 
 
@@ -141,10 +142,12 @@ class _WeightedRowSum(torch.autograd.Function):
         fctx.set_materialize_grads(False)
         fctx.save_for_backward(*rows, *weights, *srcs)
         result = srcs[0].new_zeros(n_rows, srcs[0].shape[-1])
+        workspace = srcs[0].new_empty(min(SCATTER_ROWS, max(src.shape[0] for src in srcs)), srcs[0].shape[-1])
         for r, w, src in zip(rows, weights, srcs):
             for start in range(0, src.shape[0], SCATTER_ROWS):
                 part = slice(start, start + SCATTER_ROWS)
-                result.index_add_(0, r[part], src[part] * w[part, None])
+                weighted = torch.mul(src[part], w[part, None], out=workspace[:len(r[part])])
+                result.index_add_(0, r[part], weighted)
         return result
 
     @staticmethod
@@ -155,6 +158,8 @@ class _WeightedRowSum(torch.autograd.Function):
         grad_weights = [None] * k
         grad_srcs = [None] * k
         if grad is not None:
+            # the picked rows of grad, and their products with the source (vecdot's own temporary)
+            workspace = grad.new_empty(2, min(SCATTER_ROWS, max(src.shape[0] for src in srcs)), grad.shape[-1])
             for p, (r, w, src) in enumerate(zip(rows, weights, srcs)):
                 if fctx.needs_input_grad[2 + p]:
                     grad_weights[p] = torch.empty_like(w)
@@ -162,9 +167,10 @@ class _WeightedRowSum(torch.autograd.Function):
                     grad_srcs[p] = torch.empty_like(src)
                 for start in range(0, src.shape[0], SCATTER_ROWS):
                     part = slice(start, start + SCATTER_ROWS)
-                    picked = grad.index_select(0, r[part])
+                    picked, product = workspace[:, :len(r[part])]
+                    torch.index_select(grad, 0, r[part], out=picked)
                     if grad_weights[p] is not None:
-                        grad_weights[p][part] = torch.linalg.vecdot(picked, src[part])
+                        torch.sum(torch.mul(picked, src[part], out=product), dim=-1, out=grad_weights[p][part])
                     if grad_srcs[p] is not None:
                         torch.mul(picked, w[part, None], out=grad_srcs[p][part])
         return None, None, *grad_weights, *grad_srcs

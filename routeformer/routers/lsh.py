@@ -17,6 +17,8 @@ Axes: b batch, h heads, r hash rounds, n sequence, d head dim, k rotation direct
 
 from __future__ import annotations
 
+import math
+
 import torch
 from einops import rearrange
 from torch import Tensor
@@ -142,15 +144,21 @@ class LSHRouter(Router):
         rounds, half = rot.shape[-2:]
         rot = rearrange(rot, '... d r k -> ... d (r k)')
         step = max(1, HASH_BLOCK // max(1, b * h * rounds * half))
+        # the rotated block and its magnitudes, written into one workspace by every block: a fresh
+        # buffer of a few MiB per block can be new memory, page-faulted in each time
+        workspace = k.new_empty(2, b * h * min(step, n) * rounds * half)
         pieces = []
         for start in range(0, n, step):
-            rotated = rearrange(k[:, :, start:start + step] @ rot, 'b h n (r k) -> b h n r k', r=rounds)
+            block = k[:, :, start:start + step]
+            shape = (*block.shape[:-1], rounds, half)
+            rotated, magnitude = (w[:math.prod(shape)].view(shape) for w in workspace)
+            torch.matmul(block, rot, out=rearrange(rotated, 'b h n r k -> b h n (r k)'))
             if self.rehash_each_round:
                 # argmax over [xR, -xR] without building it: the direction of largest |xR|, in the
                 # second half when xR is negative there (an exact tie of xR and -xR, of measure zero,
                 # may resolve differently). One argmax over |xR| is about a third faster than a max
                 # and a min with their indices over xR.
-                best = rotated.abs().argmax(dim=-1, keepdim=True)
+                best = torch.abs(rotated, out=magnitude).argmax(dim=-1, keepdim=True)
                 negative = rotated.gather(-1, best) < 0
                 pieces.append(best.add_(negative, alpha=half).squeeze(-1))
             else:
