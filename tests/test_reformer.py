@@ -152,9 +152,9 @@ def test_single_round_matches_reformer_pytorch():
     assert torch.allclose(out[:, 0], out_seed, atol=1e-5)
 
 
-@pytest.mark.parametrize('block', [None, 48])
+@pytest.mark.parametrize('block', [None, 48, 144])
 def test_hash_is_argmax_over_rotations_and_their_negation(block, monkeypatch):
-    if block is not None:  # hashed a few tokens at a time
+    if block is not None:  # hashed one or three tokens at a time (16 = 5 * 3 + a short last block)
         monkeypatch.setattr(lsh, 'HASH_BLOCK', block)
     router = LSHRouter(bucket_size=4, n_hashes=3, n_buckets=8, random_rotations_per_head=True).eval()
     k = torch.randn(2, 2, 16, 8)
