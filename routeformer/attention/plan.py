@@ -131,6 +131,11 @@ def merge_shares(plan: RoutePlan, lse: Tensor, seq_len: int) -> Tensor:
 SCATTER_ROWS = 16384
 
 
+def _scratch(srcs: tuple[Tensor, ...], count: int) -> Tensor:
+    """`count` (rows, d) buffers, rows enough for one step over the largest source."""
+    return srcs[0].new_empty(count, min(SCATTER_ROWS, max(src.shape[0] for src in srcs)), srcs[0].shape[-1])
+
+
 class _WeightedRowSum(torch.autograd.Function):
     """result[rows[r]] += weights[r] * src[r] over the rows of several (R_p, d) sources, each with
     its own rows and weights, into (n_rows, d), in steps of SCATTER_ROWS rows forward and backward.
@@ -142,7 +147,7 @@ class _WeightedRowSum(torch.autograd.Function):
         fctx.set_materialize_grads(False)
         fctx.save_for_backward(*rows, *weights, *srcs)
         result = srcs[0].new_zeros(n_rows, srcs[0].shape[-1])
-        workspace = srcs[0].new_empty(min(SCATTER_ROWS, max(src.shape[0] for src in srcs)), srcs[0].shape[-1])
+        workspace = _scratch(srcs, 1)[0]
         for r, w, src in zip(rows, weights, srcs):
             for start in range(0, src.shape[0], SCATTER_ROWS):
                 part = slice(start, start + SCATTER_ROWS)
@@ -159,7 +164,7 @@ class _WeightedRowSum(torch.autograd.Function):
         grad_srcs = [None] * k
         if grad is not None:
             # the picked rows of grad, and their products with the source (vecdot's own temporary)
-            workspace = grad.new_empty(2, min(SCATTER_ROWS, max(src.shape[0] for src in srcs)), grad.shape[-1])
+            workspace = _scratch(srcs, 2)
             for p, (r, w, src) in enumerate(zip(rows, weights, srcs)):
                 if fctx.needs_input_grad[2 + p]:
                     grad_weights[p] = torch.empty_like(w)
