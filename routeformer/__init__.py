@@ -13,7 +13,7 @@ from .models import (ConditionalRoutedAttention, ConditionalRoutedAutoregressive
                      RoutingTransformerEncDec, RoutingTransformerLM, SinkhornTransformer, SinkhornTransformerEncDec,
                      SinkhornTransformerLM, TransformerEncDec, TransformerLM, build_transformer)
 from .routers import (ROUTERS, CoordinateDescentRouter, FullRouter, KMeansRouter, LocalRouter, LSHRouter, Router,
-                      SinkhornRouter, TopKRouter)
+                      SinkhornRouter, TopKRouter, discard_statistics)
 from .transformer import Block, Sublayer, Transformer
 from .wrappers import Autopadder, AutoregressiveWrapper, EncoderDecoder, Recorder, top_k, top_p
 
@@ -31,5 +31,5 @@ __all__ = [
     'TransformerLM', 'TransformerEncDec', 'build_transformer', 'LM', 'Transformer', 'Block', 'Sublayer', 'Attention',
     'FeedForward', 'LayerContext', 'RoutedAttention', 'RoutePlan',
     'ROUTERS', 'Router', 'FullRouter', 'LocalRouter', 'KMeansRouter', 'LSHRouter', 'SinkhornRouter', 'TopKRouter',
-    'CoordinateDescentRouter',
+    'CoordinateDescentRouter', 'discard_statistics',
 ]

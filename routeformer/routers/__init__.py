@@ -1,4 +1,4 @@
-from .base import Router
+from .base import Router, discard_statistics
 from .full import FullRouter
 from .kmeans import KMeansRouter
 from .local import LocalRouter
@@ -11,4 +11,4 @@ ROUTERS = dict(full=FullRouter, local=LocalRouter, kmeans=KMeansRouter, lsh=LSHR
                topk=TopKRouter)
 
 __all__ = ['ROUTERS', 'CoordinateDescentRouter', 'FullRouter', 'KMeansRouter', 'LSHRouter', 'LocalRouter', 'Router',
-           'SinkhornRouter', 'TopKRouter']
+           'SinkhornRouter', 'TopKRouter', 'discard_statistics']

@@ -52,6 +52,11 @@ class Router(nn.Module):
         extra = dict(q_mask=q_mask) if self.needs_query_mask else {}
         return self(q, k, causal=False, mask=mask, **extra)
 
+    def discard_statistics(self) -> None:
+        """Forgets the running statistics gathered by the training forwards since they were last
+        applied (k-means EMA sums, cluster loads), e.g. of a training step that is skipped because
+        its loss or gradients were not finite. Routers that keep none have nothing to do."""
+
     def check_length(self, n: int) -> None:
         if n % self.multiple_of != 0:
             raise ValueError(f'sequence length {n} is not a multiple of {self.multiple_of}, which '
@@ -59,3 +64,10 @@ class Router(nn.Module):
 
     def extra_repr(self) -> str:
         return f'multiple_of={self.multiple_of}'
+
+
+def discard_statistics(module: nn.Module) -> None:
+    """`Router.discard_statistics` for every router inside `module`."""
+    for m in module.modules():
+        if isinstance(m, Router):
+            m.discard_statistics()

@@ -79,8 +79,10 @@ def cluster_sums(x: Tensor, clusters: Tensor, valid: Tensor | None, num_clusters
     b, h, n, d = x.shape
     weight = torch.ones_like(clusters, dtype=x.dtype) if valid is None else valid.to(x.dtype).expand(b, h, n)
     index = rearrange(clusters, 'b h n -> h (b n)')
+    # where, not a product: an invalid token's vector may be non-finite, and 0 * nan is nan
+    x = torch.where(weight[..., None] > 0, x, 0.)
     sums = x.new_zeros(h, num_clusters, d).scatter_add_(
-        1, repeat(index, 'h N -> h N d', d=d), rearrange(x * weight[..., None], 'b h n d -> h (b n) d'))
+        1, repeat(index, 'h N -> h N d', d=d), rearrange(x, 'b h n d -> h (b n) d'))
     counts = x.new_zeros(h, num_clusters).scatter_add_(1, index, rearrange(weight, 'b h n -> h (b n)'))
     return sums, counts
 
@@ -155,6 +157,15 @@ def groups_by_cluster(clusters: Tensor, take: Tensor, num_clusters: int, size: i
     return rearrange(q_index[..., :-1], 'b h (g i) -> b h g i', i=size), group_cluster[..., :-1]
 
 
+def finite_tokens(x: Tensor, valid: Tensor | None) -> Tensor:
+    """x (b, h, n, d), valid (b|1, 1|h, n) or None -> (b, h, n): the valid tokens whose vector is
+    finite. A non-finite vector (a NaN or inf anywhere upstream) contributes to no statistic: one
+    such token in a cluster's sum would make its centroid NaN, and through the similarities every
+    centroid within a few updates."""
+    finite = torch.isfinite(x).all(dim=-1)
+    return finite if valid is None else finite & valid
+
+
 def unit(t: Tensor) -> Tensor:
     """Unit vectors in at least float32: routing decisions are not made in half precision."""
     return l2norm(t.to(torch.promote_types(t.dtype, torch.float32)))
@@ -226,11 +237,12 @@ class KMeansRouter(Router):
         process 0's draw is everyone's). The global RNG is left as it was (a reversible recompute
         replays the RNG state of the forward pass and must see the same dropout draws)."""
         x, valid = gather_processes(x, valid)
+        # a token must be finite in every head to seed the centroids (one pool for all heads)
+        valid = finite_tokens(x, valid).all(dim=1, keepdim=True)
+        x = torch.where(valid[..., None], x, 0.)
         h, c, d = self.means.shape
         flat = rearrange(x, 'b h n d -> h (b n) d')
-        pool = torch.arange(flat.shape[1], device=x.device)
-        if exists(valid):
-            pool = pool[rearrange(valid.expand(x.shape[0], 1, x.shape[2]), 'b 1 n -> (b n)')]
+        pool = torch.arange(flat.shape[1], device=x.device)[rearrange(valid, 'b 1 n -> (b n)')]
         if pool.numel() == 0:
             return
         with torch.random.fork_rng(devices=[]):
@@ -245,6 +257,8 @@ class KMeansRouter(Router):
 
     @torch.no_grad()
     def accumulate(self, x: Tensor, clusters: Tensor, valid: Tensor | None) -> None:
+        valid = finite_tokens(x, valid)
+        x = torch.where(valid[..., None], x, 0.)
         sums, counts = cluster_sums(x, clusters, valid, self.num_clusters)
         if self._sums is None:
             self._sums, self._counts = sums, counts
@@ -257,10 +271,17 @@ class KMeansRouter(Router):
 
     @torch.no_grad()
     def accumulate_loads(self, clusters: tuple[Tensor, ...]) -> None:
-        """Tokens per cluster of the queries (and keys) of a causal forward, for the balance offsets."""
+        """Tokens per cluster of the queries (and keys) of a causal forward, for the balance offsets
+        (-1: a token that counts nothing, padding or a non-finite vector)."""
         loads = torch.stack([cluster_loads(c, self.num_clusters) for c in clusters])
         loads = F.pad(loads, (0, 0, 0, 0, 0, 2 - loads.shape[0]))
         self._loads = loads if self._loads is None else self._loads + loads
+
+    @torch.no_grad()
+    def discard_statistics(self) -> None:
+        """Forgets the statistics accumulated since the last update: the next update applies none
+        of them."""
+        self._sums = self._counts = self._outliers = self._loads = None
 
     @torch.no_grad()
     def update(self) -> None:
@@ -275,7 +296,7 @@ class KMeansRouter(Router):
         outliers, badness = self._outliers if exists(self._outliers) else (means, means.new_zeros(means.shape[:2]))
         outliers, badness = outliers.to(means.dtype), badness.to(means.dtype)
         loads = self._loads.to(means.dtype) if exists(self._loads) else means.new_zeros(self.balance.shape)
-        self._sums = self._counts = self._outliers = self._loads = None
+        self.discard_statistics()
         initted = self.initted.to(means.dtype).view(1)
         if distributed():
             first = float(dist.get_rank() == 0)
@@ -298,11 +319,14 @@ class KMeansRouter(Router):
         # the first dead centroid takes the worst-served token, the second the next, ...
         slot = (dead.long().cumsum(dim=-1) - 1).clamp(min=0)
         restart = outliers.gather(1, repeat(slot, 'h c -> h c d', d=outliers.shape[-1]))
-        self.means.copy_(torch.where(counts[..., None] > 0, new, torch.where(dead[..., None], restart, means)))
+        new = torch.where(counts[..., None] > 0, new, torch.where(dead[..., None], restart, means))
+        # statistics are finite by construction (accumulate drops non-finite tokens); a centroid that
+        # still is not (another process's data under torch.distributed) keeps its value
+        self.means.copy_(torch.where(torch.isfinite(new).all(dim=-1, keepdim=True), new, self.means))
         self.initted.fill_(bool(initted.item()))
         # a cluster under its share of the tokens gets a higher offset, one over it a lower one
         share = loads.sum(dim=-1, keepdim=True) / self.num_clusters
-        self.balance.add_(self.balance_rate * (share - loads).sign().to(self.balance.dtype))
+        self.balance.add_(self.balance_rate * (share - loads).sign().nan_to_num(0.).to(self.balance.dtype))
 
     def commitment_loss(self, v: Tensor, clusters: Tensor, valid: Tensor | None) -> Tensor:
         """Mean squared distance (per feature) of the unit directions of v (b, h, n, d) to their
@@ -356,8 +380,9 @@ class KMeansRouter(Router):
             if exists(both_valid):
                 clusters = clusters.masked_fill(~both_valid, -1)
             if self.training:
-                self.accumulate(x, clusters.clamp(min=0), clusters >= 0)
-                self.accumulate_loads(clusters.split(n, dim=-1))
+                counted = clusters.masked_fill(~torch.isfinite(x).all(dim=-1), -1)
+                self.accumulate(x, counted.clamp(min=0), counted >= 0)
+                self.accumulate_loads(counted.split(n, dim=-1))
             plan = self.causal_plan(clusters[..., :n], clusters[..., n:] if separate else None)
         plan.aux_loss = self.commitment_loss(directions, clusters.clamp(min=0), clusters >= 0)
         return plan
