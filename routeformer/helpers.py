@@ -17,8 +17,41 @@ def default(val, d):
     return val if exists(val) else d
 
 
+class SingleOutput(Tensor):
+    """The output of a model that returns one tensor, as its seed package's does (the Reformer and
+    Sinkhorn families): a plain tensor (every operation on it gives one), except that it cannot be
+    unpacked. `logits, aux_loss = model(x)`, right for the models that return a pair, would
+    otherwise split a batch of two silently."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    def __iter__(self):
+        raise TypeError(f'{getattr(self, "owner", "this model")} returns one tensor, as its seed package does, not '
+                        f'(output, aux_loss): write `out = model(x)`, and iterate over `out.unbind(0)` to loop over '
+                        f'the batch')
+
+    def __repr__(self, **kwargs):
+        return repr(self.as_subclass(Tensor))
+
+
+def single_output(t: Tensor, owner: str) -> Tensor:
+    """t as a SingleOutput naming `owner` (a plain tensor inside a compiled graph)."""
+    if torch.compiler.is_compiling():
+        return t
+    out = t.as_subclass(SingleOutput)
+    out.owner = owner
+    return out
+
+
 def cast_tuple(val, length: int = 1) -> tuple:
     return tuple(val) if isinstance(val, (tuple, list)) else (val,) * length
+
+
+def check_positive(**values) -> None:
+    """A ValueError naming the first of the keyword arguments that is not a positive integer."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f'{name} must be a positive integer, got {value!r}')
 
 
 def divisible_by(num: int, den: int) -> bool:

@@ -10,16 +10,29 @@ from math import lcm
 import torch
 from torch import Tensor, nn
 
-from .attention.plan import RoutePlan
 from .context import LayerContext
-from .helpers import as_loss, default, exists
+from .helpers import as_loss, check_positive, default, exists, single_output
 from .layers.moe import MoE
 from .transformer import Transformer
 
 
+def check_batch(shape: tuple, what: str) -> None:
+    """A batch of no sequences, or of sequences without a token, has nothing to attend over."""
+    if shape[0] == 0:
+        raise ValueError(f'{what} has batch size 0: give at least one sequence')
+    if shape[1] == 0:
+        raise ValueError(f'{what} has length 0: give at least one token per sequence')
+
+
 def check_mask(mask: Tensor | None, shape: tuple, name: str, like: str) -> Tensor | None:
+    """A padding mask: bool (or 0/1 integers), True = real token. A float mask is refused: an
+    additive one (0 = keep, -inf = drop) would be read the other way round."""
     if mask is None:
         return None
+    if mask.is_floating_point() or mask.is_complex():
+        raise ValueError(f'{name} has dtype {mask.dtype} but must be bool (True = real token, False = padding): '
+                         f'for an additive mask (0 = keep, -inf = drop) pass `{name} == 0`, for a 0/1 mask '
+                         f'`{name}.bool()`')
     if tuple(mask.shape) != tuple(shape):
         raise ValueError(f'{name} has shape {tuple(mask.shape)} but must be {tuple(shape)}, the shape of {like} '
                          f'(True = real token)')
@@ -45,6 +58,7 @@ class LM(nn.Module):
                  tie_embedding: bool = False, return_embeddings: bool = False, final_norm: nn.Module | None = None,
                  causal: bool = False, return_aux: bool = True):
         super().__init__()
+        check_positive(num_tokens=num_tokens, max_seq_len=max_seq_len)
         emb_dim = default(emb_dim, dim)
         self.num_tokens, self.dim, self.max_seq_len, self.causal = num_tokens, dim, max_seq_len, causal
         self.token_emb = nn.Embedding(num_tokens, emb_dim)
@@ -69,10 +83,14 @@ class LM(nn.Module):
         routers = [r for m in self.modules() if hasattr(m, 'routers') and not m.cross_attend for r in m.routers]
         return lcm(1, *(r.multiple_of for r in routers))
 
-    def check_input(self, x: Tensor, offset: int):
+    def check_shape(self, x: Tensor) -> None:
         if x.ndim != 2 or x.dtype not in (torch.long, torch.int, torch.int16, torch.uint8):
             raise ValueError(f'expected token ids of shape (batch, seq_len) and an integer dtype, got shape '
                              f'{tuple(x.shape)} and dtype {x.dtype}')
+        check_batch(x.shape, 'the input')
+
+    def check_input(self, x: Tensor, offset: int):
+        self.check_shape(x)
         if x.numel() and (int(x.min()) < 0 or int(x.max()) >= self.num_tokens):
             bad = int(x.max()) if int(x.max()) >= self.num_tokens else int(x.min())
             raise ValueError(f'token id {bad} is out of range: ids must be in [0, {self.num_tokens}) '
@@ -110,8 +128,7 @@ class LM(nn.Module):
             cache['offset'] = offset + n
 
         h, aux = self.norm(h), as_loss(aux)
-        if default(return_embeddings, self.return_embeddings):
-            return (h, aux) if self.return_aux else h
-        h = self.project_out(h)
-        logits = h @ self.token_emb.weight.t() if self.to_logits is None else self.to_logits(h)
-        return (logits, aux) if self.return_aux else logits
+        if not default(return_embeddings, self.return_embeddings):
+            h = self.project_out(h)
+            h = h @ self.token_emb.weight.t() if self.to_logits is None else self.to_logits(h)
+        return (h, aux) if self.return_aux else single_output(h, type(self).__name__)

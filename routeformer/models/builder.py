@@ -10,7 +10,7 @@ from typing import Callable
 
 from torch import nn
 
-from ..helpers import cast_tuple, default, exists
+from ..helpers import cast_tuple, check_positive, default, exists
 from ..layers.attention import Attention
 from ..layers.embeddings import (AbsolutePositionalEmbedding, AxialPositionalEmbedding, FixedPositionalEmbedding,
                                  RotaryEmbedding)
@@ -44,6 +44,7 @@ def build_transformer(*, dim: int, depth: int, heads: int = 8, dim_head: int | N
     projection; `max_relative_position` adds relative position logits (Shaw et al.) to every
     self-attention head. `twin_attention` makes both branches of every block self-attention (the
     feed-forward becomes a second attention; Reformer)."""
+    check_positive(dim=dim, heads=heads, **({} if dim_head is None else dict(dim_head=dim_head)))
     dim_head = default(dim_head, dim // heads)
     if twin_attention and (pkm_layers or moe_layers):
         raise ValueError('twin_attention replaces every feed-forward by attention: it cannot be combined with '

@@ -26,10 +26,10 @@ from torch.utils.checkpoint import checkpoint
 from ..attention.executor import RoutedAttention
 from ..attention.plan import RoutePlan
 from ..context import LayerContext
-from ..helpers import default, exists, l2norm
+from ..helpers import check_positive, default, exists, l2norm, single_output
 from ..layers.attention import Attention, densify
 from ..layers.embeddings import apply_rotary
-from ..lm import LM, check_mask
+from ..lm import LM, check_batch, check_mask
 from ..routers import FullRouter, LocalRouter
 from ..routers.lsh import LSHRouter, buckets_for_length
 from ..transformer import Transformer
@@ -169,6 +169,7 @@ def build_reformer(*, dim: int, depth: int, max_seq_len: int | None, heads: int,
     """Reformer's flat keyword arguments -> a Transformer of shared-QK LSH attention layers (local
     attention in the first `n_local_attn_heads` heads, window 2 * bucket_size). Any other keyword
     argument of `build_transformer` passes through."""
+    check_positive(heads=heads, bucket_size=bucket_size)
     if dim_head is None and dim % heads != 0:
         raise ValueError(f'dim ({dim}) is not divisible by heads ({heads}): set dim_head')
     if attn_chunks is not None and attn_chunks < 1:
@@ -267,6 +268,7 @@ class Reformer(_ReformerOptions, nn.Module):
                 input_attn_mask: Tensor | None = None, recordings: list | None = None) -> Tensor:
         if x.ndim != 3 or x.shape[-1] != self.dim:
             raise ValueError(f'expected embeddings of shape (batch, seq_len, dim={self.dim}), got {tuple(x.shape)}')
+        check_batch(x.shape, 'the input')
         if exists(self.max_seq_len) and x.shape[1] > self.max_seq_len:
             raise ValueError(f'sequence length {x.shape[1]} is longer than max_seq_len {self.max_seq_len}: '
                              f'truncate the input or build the model with a larger max_seq_len')
@@ -278,7 +280,7 @@ class Reformer(_ReformerOptions, nn.Module):
         self.use_recompute(x.shape[1])
         ctx = LayerContext(mask=input_mask, context=context, context_mask=context_mask, recordings=recordings)
         out, _ = self.transformer(x, ctx)
-        return out
+        return single_output(out, type(self).__name__)
 
 
 class NormalizedTiedLogits(nn.Module):
@@ -348,10 +350,11 @@ class ReformerLM(_ReformerOptions, LM):
                 input_attn_mask: Tensor | None = None, cache: dict | None = None, recordings: list | None = None,
                 return_embeddings: bool | None = None) -> Tensor:
         no_input_attn_mask(input_attn_mask)
+        self.check_shape(x)
         self.use_recompute(x.shape[1])
         out, _ = super().forward(x, input_mask, context_of(context, keys), context_mask, cache=cache,
                                  recordings=recordings, return_embeddings=return_embeddings)
-        return out
+        return single_output(out, type(self).__name__)
 
 
 class ReformerEncDec(EncoderDecoder):
@@ -388,6 +391,7 @@ class LSHSelfAttention(nn.Module):
                  post_attn_dropout=0., dropout=0., n_local_attn_heads=0, *, rehash_each_round: bool = True,
                  drop_for_hash_rate: float = 0., n_buckets: int | None = None):
         super().__init__()
+        check_positive(heads=heads, bucket_size=bucket_size)
         if dim_head is None and dim % heads != 0:
             raise ValueError(f'dim ({dim}) is not divisible by heads ({heads}): set dim_head')
         dim_head = default(dim_head, dim // heads)

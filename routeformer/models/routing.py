@@ -23,8 +23,8 @@ from torch import Tensor, nn
 from torch.autograd import Variable
 
 from ..context import LayerContext
-from ..helpers import as_loss, cast_tuple, default, exists, pop_unknown_kwargs
-from ..lm import LM, check_mask
+from ..helpers import as_loss, cast_tuple, check_positive, default, exists, pop_unknown_kwargs
+from ..lm import LM, check_batch, check_mask
 from ..routers.kmeans import KMeansRouter
 from ..wrappers import Autopadder, AutoregressiveWrapper, EncoderDecoder  # noqa: F401  (seed imports them from here)
 from .builder import TRANSFORMER_KWARGS, build_pos_emb, build_transformer
@@ -91,8 +91,7 @@ def build_routing_transformer(*, dim: int, depth: int, max_seq_len: int, heads: 
     keyword arguments go to `build_transformer` unchanged; unknown ones are an error."""
     # positions come from `rel_pos_emb` (rotary) here, routers from the k-means options
     pop_unknown_kwargs({k: v for k, v in kwargs.items() if k not in TRANSFORMER_KWARGS - {'rotary'}}, owner)
-    if window_size < 1:
-        raise ValueError(f'window_size must be a positive integer, got {window_size}')
+    check_positive(heads=heads, window_size=window_size)
     num_clusters = default(num_clusters, max_seq_len // window_size)
     if num_clusters < 1:
         raise ValueError(f'max_seq_len ({max_seq_len}) // window_size ({window_size}) gives no cluster: '
@@ -141,6 +140,7 @@ class RoutingTransformer(KMeansUpdates, nn.Module):
                 context_mask: Tensor | None = None):
         if x.ndim != 3 or x.shape[-1] != self.dim:
             raise ValueError(f'expected features of shape (batch, seq_len, dim={self.dim}), got {tuple(x.shape)}')
+        check_batch(x.shape, 'the input')
         b, n, _ = x.shape
         input_mask = check_mask(input_mask, (b, n), 'input_mask', 'the input (batch, seq_len)')
         if exists(context):

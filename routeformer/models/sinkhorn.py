@@ -38,12 +38,19 @@ import math
 from torch import Tensor, nn
 
 from ..context import LayerContext
-from ..helpers import cast_tuple, default, exists, next_multiple, pop_unknown_kwargs
-from ..lm import LM, check_mask, reject_aux_layers
+from ..helpers import cast_tuple, check_positive, default, exists, next_multiple, pop_unknown_kwargs, single_output
+from ..lm import LM, check_batch, check_mask, reject_aux_layers
 from ..routers.sinkhorn import SinkhornRouter
 from ..transformer import Transformer
 from ..wrappers import EncoderDecoder
 from .builder import TRANSFORMER_KWARGS, build_pos_emb, build_transformer
+
+
+def bucketed_length(max_seq_len: int, bucket_size: int, kv_bucket_size: int | None) -> int:
+    """max_seq_len rounded up to a whole number of query and key buckets."""
+    kv_bucket_size = default(kv_bucket_size, bucket_size)
+    check_positive(bucket_size=bucket_size, kv_bucket_size=kv_bucket_size)
+    return next_multiple(max_seq_len, math.lcm(bucket_size, kv_bucket_size))
 
 
 def build_sinkhorn_transformer(*, dim: int, depth: int, heads: int, dim_head: int | None, bucket_size: int,
@@ -55,6 +62,7 @@ def build_sinkhorn_transformer(*, dim: int, depth: int, heads: int, dim_head: in
     """The seed's flat keyword arguments -> a Transformer with sinkhorn-routed heads. The other
     keyword arguments go to `build_transformer` unchanged; unknown ones are an error."""
     pop_unknown_kwargs({k: v for k, v in kwargs.items() if k not in TRANSFORMER_KWARGS - {'rotary'}}, owner)
+    check_positive(heads=heads, bucket_size=bucket_size)
     if dim_head is None:
         if dim % heads != 0:
             raise ValueError(f'dim ({dim}) must be divisible by heads ({heads}) when dim_head is not given')
@@ -103,7 +111,7 @@ class SinkhornTransformer(nn.Module):
                  pkm_layers: tuple = (), pkm_num_keys: int = 128, **kwargs):
         super().__init__()
         if exists(max_seq_len):
-            max_seq_len = next_multiple(max_seq_len, math.lcm(bucket_size, default(kv_bucket_size, bucket_size)))
+            max_seq_len = bucketed_length(max_seq_len, bucket_size, kv_bucket_size)
         self.dim, self.max_seq_len, self.causal = dim, max_seq_len, causal
         self.transformer = build_sinkhorn_transformer(
             dim=dim, depth=depth, heads=heads, dim_head=dim_head, bucket_size=bucket_size,
@@ -122,6 +130,7 @@ class SinkhornTransformer(nn.Module):
                 context_mask: Tensor | None = None):
         if x.ndim != 3 or x.shape[-1] != self.dim:
             raise ValueError(f'expected features of shape (batch, seq_len, dim={self.dim}), got {tuple(x.shape)}')
+        check_batch(x.shape, 'the input')
         b, n, _ = x.shape
         if exists(self.max_seq_len) and n > self.max_seq_len:
             raise ValueError(f'sequence length {n} is longer than max_seq_len {self.max_seq_len}: truncate the '
@@ -133,7 +142,7 @@ class SinkhornTransformer(nn.Module):
         elif exists(context_mask):
             raise ValueError('context_mask was given without a context')
         x, _ = self.transformer(x, LayerContext(mask=input_mask, context=context, context_mask=context_mask))
-        return x
+        return single_output(x, type(self).__name__)
 
 
 class SinkhornTransformerLM(LM):
@@ -156,7 +165,7 @@ class SinkhornTransformerLM(LM):
                  n_local_attn_heads: int | tuple = 0, use_rezero: bool = False, n_top_buckets: int = 2,
                  pkm_layers: tuple = (), pkm_num_keys: int = 128, pos_emb: str | None = 'axial',
                  axial_position_shape: tuple | None = None, tie_embedding: bool = False, **kwargs):
-        max_seq_len = next_multiple(max_seq_len, math.lcm(bucket_size, default(kv_bucket_size, bucket_size)))
+        max_seq_len = bucketed_length(max_seq_len, bucket_size, kv_bucket_size)
         transformer = build_sinkhorn_transformer(
             dim=dim, depth=depth, heads=heads, dim_head=dim_head, bucket_size=bucket_size,
             kv_bucket_size=kv_bucket_size, context_bucket_size=context_bucket_size, causal=causal,

@@ -42,7 +42,7 @@ from einops import rearrange, repeat
 from torch import Tensor
 
 from ..attention.plan import RoutePlan
-from ..helpers import exists, l2norm, topk_first
+from ..helpers import check_positive, exists, l2norm, topk_first
 from .base import Router
 from .bucketed import rank_in_bucket, sort_and_chunk, sort_and_chunk_pairs
 
@@ -196,10 +196,7 @@ class KMeansRouter(Router):
                  shared_qk: bool = False, cross_attention: bool = False, init_iters: int = 10,
                  restart_dead: bool = True, balance_rate: float = 1e-2):
         super().__init__()
-        for name, value in (('heads', heads), ('dim_head', dim_head), ('num_clusters', num_clusters),
-                            ('window_size', window_size)):
-            if value < 1:
-                raise ValueError(f'{name} must be a positive integer, got {value}')
+        check_positive(heads=heads, dim_head=dim_head, num_clusters=num_clusters, window_size=window_size)
         if not 0. <= ema_decay < 1.:
             raise ValueError(f'kmeans_ema_decay must be in [0, 1), got {ema_decay}')
         self.num_clusters, self.window_size = num_clusters, window_size

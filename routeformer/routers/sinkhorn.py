@@ -63,7 +63,7 @@ from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from ..attention.plan import RoutePlan
-from ..helpers import exists, topk_first
+from ..helpers import check_positive, exists, topk_first
 from .base import Router
 
 
@@ -145,10 +145,7 @@ class SinkhornRouter(Router):
                  causal: bool = False, cross: bool = False):
         super().__init__()
         kv_bucket_size = bucket_size if kv_bucket_size is None else kv_bucket_size
-        for name, value in (('bucket_size', bucket_size), ('kv_bucket_size', kv_bucket_size),
-                            ('heads', heads), ('dim_head', dim_head)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f'{name} must be a positive integer, got {value!r}')
+        check_positive(bucket_size=bucket_size, kv_bucket_size=kv_bucket_size, heads=heads, dim_head=dim_head)
         if n_top_buckets < 0 or n_sortcut < 0 or sinkhorn_iter < 0:
             raise ValueError('n_top_buckets, n_sortcut and sinkhorn_iter must be >= 0')
         if temperature <= 0:

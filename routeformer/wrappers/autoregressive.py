@@ -59,6 +59,9 @@ class AutoregressiveWrapper(nn.Module):
         if not return_loss:
             return self.padded(x, **kwargs)
 
+        if x.ndim == 2 and x.shape[1] < 2:
+            raise ValueError(f'return_loss needs sequences of at least 2 tokens (the inputs and their next tokens), '
+                             f'got {x.shape[1]}')
         input_mask = kwargs.pop('input_mask', None)
         if randomly_truncate_sequence:
             # train on all lengths, so that decoding short prefixes is in distribution (seed README)
