@@ -78,6 +78,12 @@ FAMILY_ARGS = {
     'routing': lambda cfg: dict(shared_qk=cfg.data.task == 'recall', kmeans_ema_decay=0.99,
                                 use_absolute_pos_emb=cfg.data.task == 'duplication'),
     'sinkhorn': lambda cfg: dict(use_simple_sort_net=True) if cfg.data.task == 'recall' else {},
+    # MoBA and DSA select by content too: absolute positions let a query find the block (token)
+    # of its copy on duplication. DSA's indexer learns from the main attention's distribution,
+    # which at first covers only the indexer's own random picks: a dense warm-up (the paper's
+    # first stage) shows it the whole sequence before selection starts.
+    'moba': lambda cfg: dict(pos_emb='absolute') if cfg.data.task == 'duplication' else {},
+    'dsa': lambda cfg: dict(dense_warmup_steps=200, **(dict(pos_emb='absolute') if cfg.data.task == 'duplication' else {})),
 }
 
 

@@ -67,6 +67,24 @@ def routeformer_local(cfg: ModelConfig) -> nn.Module:
     return _routeformer_lm(cfg, n_local_attn_heads=cfg.heads, local_attn_window_size=cfg.window)
 
 
+@register('routeformer-moba')
+def routeformer_moba(cfg: ModelConfig) -> nn.Module:
+    # each query: its own block and the 3 best blocks of `window` keys
+    from routeformer import MoBATransformerLM
+    return MoBATransformerLM(num_tokens=cfg.vocab, dim=cfg.dim, depth=cfg.depth, heads=cfg.heads,
+                             dim_head=cfg.dim // cfg.heads, max_seq_len=cfg.seq_len, causal=True,
+                             block_size=cfg.window, top_k=3)
+
+
+@register('routeformer-dsa')
+def routeformer_dsa(cfg: ModelConfig) -> nn.Module:
+    # a lightning indexer of 4 heads of 32 picks 2 * window tokens per query
+    from routeformer import DSATransformerLM
+    return DSATransformerLM(num_tokens=cfg.vocab, dim=cfg.dim, depth=cfg.depth, heads=cfg.heads,
+                            dim_head=cfg.dim // cfg.heads, max_seq_len=cfg.seq_len, causal=True,
+                            index_n_heads=4, index_head_dim=32, index_topk=2 * cfg.window)
+
+
 @register('x-transformers')
 def x_transformers_decoder(cfg: ModelConfig) -> nn.Module:
     # full causal attention through torch SDPA: the reference point

@@ -12,6 +12,8 @@ from .models import (ConditionalRoutedAttention, ConditionalRoutedAutoregressive
                      LSHAttention, LSHSelfAttention, Reformer, ReformerEncDec, ReformerLM, RoutingTransformer,
                      RoutingTransformerEncDec, RoutingTransformerLM, SinkhornTransformer, SinkhornTransformerEncDec,
                      SinkhornTransformerLM, TransformerEncDec, TransformerLM, build_transformer)
+from .models import DSATransformerLM, MoBATransformerLM
+from .routers import DSARouter, MoBARouter
 from .routers import (ROUTERS, CoordinateDescentRouter, FullRouter, KMeansRouter, LocalRouter, LSHRouter, Router,
                       SinkhornRouter, TopKRouter, discard_statistics)
 from .transformer import Block, Sublayer, Transformer
@@ -32,4 +34,6 @@ __all__ = [
     'FeedForward', 'LayerContext', 'RoutedAttention', 'RoutePlan',
     'ROUTERS', 'Router', 'FullRouter', 'LocalRouter', 'KMeansRouter', 'LSHRouter', 'SinkhornRouter', 'TopKRouter',
     'CoordinateDescentRouter', 'discard_statistics',
+    # today's routers
+    'MoBATransformerLM', 'MoBARouter', 'DSATransformerLM', 'DSARouter',
 ]

@@ -47,6 +47,11 @@ def cast_tuple(val, length: int = 1) -> tuple:
     return tuple(val) if isinstance(val, (tuple, list)) else (val,) * length
 
 
+def precise(t: Tensor) -> Tensor:
+    """t in at least float32: routing decisions and their losses are not made in half precision."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def check_positive(**values) -> None:
     """A ValueError naming the first of the keyword arguments that is not a positive integer."""
     for name, value in values.items():

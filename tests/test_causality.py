@@ -196,6 +196,36 @@ CAUSAL_CONFIGS += [
     ('reformer_own_cross_attention', reformer_lm(context=True, receives_context=True, n_local_attn_heads=1)),
 ]
 
+
+def selection_lm(cls_name, **kwargs):
+    """Today's block and token selectors on TransformerLM: MoBA (blocks of 4, top 2) and DSA (a
+    lightning indexer picking 5 tokens). Trained once, so that the DSA indexer's scores are not
+    those of its initialisation only."""
+    def factory():
+        import routeformer
+        torch.manual_seed(0)
+        cfg = dict(num_tokens=NUM_TOKENS, dim=DIM, depth=2, max_seq_len=SEQ, heads=2, dim_head=8, causal=True)
+        cfg.update(dict(block_size=4, top_k=2) if cls_name == 'MoBATransformerLM' else
+                   dict(index_n_heads=2, index_head_dim=4, index_topk=5))
+        cfg.update(kwargs)
+        model = getattr(routeformer, cls_name)(**cfg)
+        logits, aux = model(tokens(seed=7))
+        (logits.mean() + aux).backward()
+        return model, None
+    return factory
+
+
+CAUSAL_CONFIGS += [
+    (f'{name}{suffix}', selection_lm(cls, **kwargs))
+    for name, cls in (('moba', 'MoBATransformerLM'), ('dsa', 'DSATransformerLM'))
+    for suffix, kwargs in (('', {}),
+                           ('_local_heads', dict(n_local_attn_heads=1, local_attn_window_size=4)),
+                           ('_mem_kv_shift', dict(num_mem_kv=2, shift_tokens=True)),
+                           ('_reversible', dict(reversible=True)),
+                           ('_shared_qk', dict(shared_qk=True)),
+                           ('_absolute_positions', dict(pos_emb='absolute')))
+] + [('dsa_dense_warmup', selection_lm('DSATransformerLM', dense_warmup_steps=5))]
+
 def logits_of(out):
     return out[0] if isinstance(out, tuple) else out
 

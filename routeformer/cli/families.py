@@ -69,6 +69,13 @@ register('colt5', 'ConditionalRoutedTransformerLM',
                         heavy_heads=c.heads, heavy_dim_head=head_dim(c), num_heavy_attn_tokens_q=max(1, c.window // 2),
                         num_heavy_attn_tokens_kv=max(1, c.seq_len // 4), num_heavy_ff_tokens=max(1, c.window // 2)),
          takes_local_heads=False)
+# today's selectors; each query attends about as many keys as a local window with look-back and more
+register('moba', 'MoBATransformerLM',
+         'MoBA: each query attends its own block and the 3 blocks of --window tokens whose mean key it scores best',
+         lambda c: common(c, block_size=c.window, top_k=3, **local_heads(c)))
+register('dsa', 'DSATransformerLM',
+         'DSA: a lightning indexer (4 heads of 32) picks 2 x --window earlier tokens for each query',
+         lambda c: common(c, index_n_heads=4, index_head_dim=32, index_topk=2 * c.window, **local_heads(c)))
 
 
 def family_class(name: str) -> type[nn.Module]:

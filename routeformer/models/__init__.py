@@ -5,6 +5,8 @@ from .colt5 import (ConditionalRoutedAttention, ConditionalRoutedCrossAttention,
                     ConditionalRoutedImageAttention, ConditionalRoutedTransformerBlock)
 from .colt5_decoder import ConditionalRoutedAutoregressiveAttention, ConditionalRoutedTransformerLM
 from .colt5_vit import ConditionalRoutedViT
+from .dsa import DSATransformerLM
+from .moba import MoBATransformerLM
 from .reformer import LSHAttention, LSHSelfAttention, Reformer, ReformerEncDec, ReformerLM
 from .routing import RoutingTransformer, RoutingTransformerEncDec, RoutingTransformerLM
 from .sinkhorn import SinkhornTransformer, SinkhornTransformerEncDec, SinkhornTransformerLM
@@ -13,7 +15,7 @@ from .transformer_lm import TransformerEncDec, TransformerLM
 __all__ = [
     'ConditionalRoutedAttention', 'ConditionalRoutedAutoregressiveAttention', 'ConditionalRoutedCrossAttention',
     'ConditionalRoutedFeedForward', 'ConditionalRoutedImageAttention', 'ConditionalRoutedTransformerBlock',
-    'ConditionalRoutedTransformerLM', 'ConditionalRoutedViT', 'LSHAttention', 'LSHSelfAttention', 'Reformer',
+    'ConditionalRoutedTransformerLM', 'ConditionalRoutedViT', 'LSHAttention', 'MoBATransformerLM', 'DSATransformerLM', 'LSHSelfAttention', 'Reformer',
     'ReformerEncDec', 'ReformerLM', 'RoutingTransformer', 'RoutingTransformerEncDec', 'RoutingTransformerLM',
     'SinkhornTransformer', 'SinkhornTransformerEncDec', 'SinkhornTransformerLM', 'TransformerEncDec', 'TransformerLM',
     'build_pos_emb', 'build_transformer',

@@ -1,14 +1,16 @@
 from .base import Router, discard_statistics
+from .dsa import DSARouter
 from .full import FullRouter
 from .kmeans import KMeansRouter
 from .local import LocalRouter
 from .lsh import LSHRouter
+from .moba import MoBARouter
 from .sinkhorn import SinkhornRouter
 from .topk import CoordinateDescentRouter, TopKRouter
 
 # name -> class, for configuration files and the command line
 ROUTERS = dict(full=FullRouter, local=LocalRouter, kmeans=KMeansRouter, lsh=LSHRouter, sinkhorn=SinkhornRouter,
-               topk=TopKRouter)
+               topk=TopKRouter, moba=MoBARouter, dsa=DSARouter)
 
-__all__ = ['ROUTERS', 'CoordinateDescentRouter', 'FullRouter', 'KMeansRouter', 'LSHRouter', 'LocalRouter', 'Router',
+__all__ = ['ROUTERS', 'CoordinateDescentRouter', 'DSARouter', 'FullRouter', 'KMeansRouter', 'LSHRouter', 'LocalRouter', 'MoBARouter', 'Router',
            'SinkhornRouter', 'TopKRouter', 'discard_statistics']
