@@ -49,10 +49,20 @@ def moba_reference(q, k, block_size, top_k, causal, mask=None):
     return allowed
 
 
+@pytest.fixture(params=['union', 'per_query'])
+def moba_layout(request, monkeypatch):
+    """Both plans MoBA builds: a group per query block over the union of its queries' blocks, and
+    a group per query (UNION_RATIO 0 forces it)."""
+    import routeformer.routers.moba as moba
+    if request.param == 'per_query':
+        monkeypatch.setattr(moba, 'UNION_RATIO', 0)
+    return request.param
+
+
 @pytest.mark.parametrize('causal', [True, False])
 @pytest.mark.parametrize('padded', [False, True])
 @pytest.mark.parametrize('block_size,top_k', [(4, 2), (5, 1), (8, 10)])
-def test_moba_equals_the_dense_reference(causal, padded, block_size, top_k):
+def test_moba_equals_the_dense_reference(causal, padded, block_size, top_k, moba_layout):
     q, k, v = qkv()
     mask = None
     if padded:
@@ -60,6 +70,7 @@ def test_moba_equals_the_dense_reference(causal, padded, block_size, top_k):
         mask[0, :6] = False  # left padding: a whole block and part of one
     router = MoBARouter(block_size=block_size, top_k=top_k)
     plan = router(q, k, causal=causal, mask=mask)
+    assert (plan.q_index.shape[-1] == 1) == (moba_layout == 'per_query')
     out, _ = RoutedAttention(backend='reference')(q, k, v, plan, causal=causal, key_mask=mask)
     allowed = moba_reference(q, k, block_size, top_k, causal, mask)
     rows = allowed.any(-1, keepdim=True)  # a padded query with no real key before it gets zeros
@@ -67,7 +78,7 @@ def test_moba_equals_the_dense_reference(causal, padded, block_size, top_k):
     assert torch.allclose(out, expected, atol=1e-12)
 
 
-def test_moba_gradcheck():
+def test_moba_gradcheck(moba_layout):
     q, k, v = (t[:1, :1, :10].requires_grad_() for t in qkv())
     plan = MoBARouter(block_size=3, top_k=1)(q, k, causal=True)
     executor = RoutedAttention()
@@ -101,7 +112,7 @@ DECODE_CONFIGS = {
 
 
 @pytest.mark.parametrize('make', DECODE_CONFIGS.values(), ids=DECODE_CONFIGS.keys())
-def test_cached_step_logits_equal_the_full_forward(make):
+def test_cached_step_logits_equal_the_full_forward(make, moba_layout):
     """Distinct tokens: a repeated token scores exactly as its earlier copy in the full pass, and
     the projections of one cached row round differently from those of the whole sequence, so
     which of two tied tokens wins the last slot may differ (DSA's top-k over tokens)."""

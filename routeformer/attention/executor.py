@@ -149,14 +149,15 @@ def slice_groups(plan: RoutePlan, start: int, stop: int) -> RoutePlan:
 
 
 def piece_bounds(plan: RoutePlan, q: Tensor) -> list[tuple[int, int]]:
-    """Group ranges of at most PIECE_BYTES of float32 logits each (b, h, g, i, j); one range unless
-    keys are gathered by index."""
+    """Group ranges of at most PIECE_BYTES of float32 logits (b, h, g, i, j), or of gathered keys
+    (b, h, g, j, d) where groups have fewer queries than a head has features (one query per group:
+    MoBA, DSA), each; one range unless keys are gathered by index."""
     g = 1 if plan.q_index is None else plan.q_index.shape[-2]
     if plan.q_index is None or plan.kv_index is None or 'sliding_windows' in plan.info:
         return [(0, g)]
     b, h = q.shape[:2]
     i, j = plan.q_index.shape[-1], plan.kv_index.shape[-1]
-    pieces = min(g, -(-b * h * g * i * j * 4 // PIECE_BYTES))
+    pieces = min(g, -(-b * h * g * max(i, q.shape[-1]) * j * 4 // PIECE_BYTES))
     bounds = [round(p * g / pieces) for p in range(pieces + 1)]
     return list(zip(bounds[:-1], bounds[1:]))
 
