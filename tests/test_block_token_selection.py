@@ -49,20 +49,23 @@ def moba_reference(q, k, block_size, top_k, causal, mask=None):
     return allowed
 
 
-@pytest.fixture(params=['union', 'per_query'])
-def moba_layout(request, monkeypatch):
-    """Both plans MoBA builds: a group per query block over the union of its queries' blocks, and
-    a group per query (UNION_RATIO 0 forces it)."""
+@pytest.fixture(params=['compact', 'per_query'])
+def layout(request, monkeypatch):
+    """Both plans of each selector: the compact one for these short sequences (MoBA: a group per
+    query block over the union of its queries' blocks; DSA: one dense group masked to the
+    selections) and a group per query, which long sequences take (forced by ratios of 0)."""
     import routeformer.routers.moba as moba
+    import routeformer.routers.selection as selection
     if request.param == 'per_query':
         monkeypatch.setattr(moba, 'UNION_RATIO', 0)
+        monkeypatch.setattr(selection, 'DENSE_RATIO', 0)
     return request.param
 
 
 @pytest.mark.parametrize('causal', [True, False])
 @pytest.mark.parametrize('padded', [False, True])
 @pytest.mark.parametrize('block_size,top_k', [(4, 2), (5, 1), (8, 10)])
-def test_moba_equals_the_dense_reference(causal, padded, block_size, top_k, moba_layout):
+def test_moba_equals_the_dense_reference(causal, padded, block_size, top_k, layout):
     q, k, v = qkv()
     mask = None
     if padded:
@@ -70,7 +73,7 @@ def test_moba_equals_the_dense_reference(causal, padded, block_size, top_k, moba
         mask[0, :6] = False  # left padding: a whole block and part of one
     router = MoBARouter(block_size=block_size, top_k=top_k)
     plan = router(q, k, causal=causal, mask=mask)
-    assert (plan.q_index.shape[-1] == 1) == (moba_layout == 'per_query')
+    assert (plan.q_index.shape[-1] == 1) == (layout == 'per_query')
     out, _ = RoutedAttention(backend='reference')(q, k, v, plan, causal=causal, key_mask=mask)
     allowed = moba_reference(q, k, block_size, top_k, causal, mask)
     rows = allowed.any(-1, keepdim=True)  # a padded query with no real key before it gets zeros
@@ -78,7 +81,7 @@ def test_moba_equals_the_dense_reference(causal, padded, block_size, top_k, moba
     assert torch.allclose(out, expected, atol=1e-12)
 
 
-def test_moba_gradcheck(moba_layout):
+def test_moba_gradcheck(layout):
     q, k, v = (t[:1, :1, :10].requires_grad_() for t in qkv())
     plan = MoBARouter(block_size=3, top_k=1)(q, k, causal=True)
     executor = RoutedAttention()
@@ -112,7 +115,7 @@ DECODE_CONFIGS = {
 
 
 @pytest.mark.parametrize('make', DECODE_CONFIGS.values(), ids=DECODE_CONFIGS.keys())
-def test_cached_step_logits_equal_the_full_forward(make, moba_layout):
+def test_cached_step_logits_equal_the_full_forward(make, layout):
     """Distinct tokens: a repeated token scores exactly as its earlier copy in the full pass, and
     the projections of one cached row round differently from those of the whole sequence, so
     which of two tied tokens wins the last slot may differ (DSA's top-k over tokens)."""
@@ -178,7 +181,7 @@ def dsa_reference(router, q, k, causal, mask=None):
 
 @pytest.mark.parametrize('causal', [True, False])
 @pytest.mark.parametrize('padded', [False, True])
-def test_dsa_equals_the_dense_reference(causal, padded):
+def test_dsa_equals_the_dense_reference(causal, padded, layout):
     q, k, v = qkv()
     mask = None
     if padded:
@@ -186,6 +189,7 @@ def test_dsa_equals_the_dense_reference(causal, padded):
         mask[1, :4] = False
     router = DSARouter(heads=2, dim_head=8, index_n_heads=3, index_head_dim=4, index_topk=5).double().eval()
     plan = router(q, k, causal=causal, mask=mask)
+    assert (plan.kv_index is None) == (layout == 'compact')
     out, _ = RoutedAttention(backend='reference')(q, k, v, plan, causal=causal, key_mask=mask)
     allowed = dsa_reference(router, q, k, causal, mask).expand(2, 2, 23, 23)
     rows = allowed.any(-1, keepdim=True)
@@ -227,8 +231,8 @@ def test_dsa_dense_warmup_attends_everything_then_selects():
     for _ in range(3):
         plan = router(torch.randn(2, 2, 16, 8), torch.randn(2, 2, 16, 8), causal=True)
         plans.append(plan)
-    assert plans[0].kv_index is None and plans[1].kv_index is None  # dense: full causal attention
-    assert plans[2].kv_index.shape[-1] == 2 and int(router.steps) == 3
+    assert plans[0].mask is None and plans[1].mask is None  # dense: full causal attention
+    assert plans[2].info['index'].shape[-1] == 2 and plans[2].mask.sum(-1).max() == 2 and int(router.steps) == 3
     assert all(torch.isfinite(p.aux_loss) for p in plans)
     model(x)  # the model trains through both stages
 

@@ -22,6 +22,8 @@ k selected tokens.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -30,7 +32,7 @@ from torch import Tensor, nn
 from ..attention.plan import RoutePlan
 from ..helpers import check_positive, exists, precise
 from .base import Router
-from .selection import per_query_plan, select_top
+from .selection import select_top, selection_plan
 
 # query rows scored at once: bounds the (b, rows, i, m) indexer products
 SCORE_ELEMENTS = 2 ** 22
@@ -143,29 +145,30 @@ class DSARouter(Router):
         return target / target.sum(dim=-1, keepdim=True).clamp(min=1e-12)
 
     def forward(self, q, k, *, causal, mask=None, cached=None):
-        n, m = q.shape[-2], k.shape[-2]
         iq, w, ik = self.indexer(q, k)
         if exists(cached):  # a reversible recompute: the same selection, the loss with gradients
-            index = cached.info['index']
-            dense = cached.kv_index is None
-        else:
-            dense = self.training and self.warmup > 0 and int(self.steps) < self.warmup
-            if self.training:
-                self.steps += 1
-            with torch.no_grad():
-                if dense:  # warm-up: the indexer learns the distribution over every allowed token
-                    keys = torch.arange(m, device=q.device).expand(n, m)
-                    allowed = (keys <= torch.arange(n, device=q.device)[:, None]) if causal else torch.ones_like(keys, dtype=torch.bool)
-                    index = torch.where(allowed, keys, -1).expand(q.shape[0], n, m)
-                    if exists(mask):
-                        index = index.masked_fill(~mask[:, None, :], -1)
-                else:
-                    index = self.select(iq, w, ik, mask, causal)
-        plan = RoutePlan(q_index=None, kv_index=None) if dense else per_query_plan(rearrange(index, 'b n k -> b 1 n k'))
+            aux = self.index_loss(q, k, cached.info['index'], iq, w, ik) if self.training else None
+            return replace(cached, aux_loss=aux)
+        dense = self.training and self.warmup > 0 and int(self.steps) < self.warmup
+        if self.training:
+            self.steps += 1
+        with torch.no_grad():
+            index = self.every_token(q, mask, causal) if dense else self.select(iq, w, ik, mask, causal)
+        plan = RoutePlan(q_index=None, kv_index=None) if dense else selection_plan(rearrange(index, 'b n k -> b 1 n k'),
+                                                                                   k.shape[-2])
         plan.info.update(index=index, index_keys=ik.detach())
         if self.training:
             plan.aux_loss = self.index_loss(q, k, index, iq, w, ik)
         return plan
+
+    @staticmethod
+    def every_token(q: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
+        """(b, n, m) every key each query may attend, -1 for the others: the dense warm-up's "selection"."""
+        n = q.shape[-2]
+        keys = torch.arange(n, device=q.device).expand(n, n)
+        allowed = keys <= torch.arange(n, device=q.device)[:, None] if causal else torch.ones_like(keys, dtype=torch.bool)
+        index = torch.where(allowed, keys, -1).expand(q.shape[0], n, n)
+        return index if mask is None else index.masked_fill(~mask[:, None, :], -1)
 
     def decode(self, pos, *, q, k, state, mask=None):
         """The new query scores the indexer keys of every position so far (kept in `state`)."""

@@ -25,6 +25,24 @@ def per_query_plan(kv_index: Tensor, **info) -> RoutePlan:
     return RoutePlan(q_index=q_index, kv_index=kv_index, info=dict(contiguous_queries=True, **info))
 
 
+def selection_plan(index: Tensor, length: int, **info) -> RoutePlan:
+    """index (b|1, h|1, n, k) the keys each query selected (-1: none) of a sequence of `length`:
+    per-query groups, or one dense group masked to the selections where they cover so much of the
+    sequence that attending everything masked costs less (short sequences)."""
+    if length > DENSE_RATIO * index.shape[-1]:
+        return per_query_plan(index, **info)
+    b, h, n, _ = index.shape
+    picked = torch.zeros(b, h, n, length + 1, dtype=torch.bool, device=index.device)
+    picked = picked.scatter_(-1, index.masked_fill(index < 0, length), True)[..., :length]
+    return RoutePlan(q_index=None, kv_index=None, mask=rearrange(picked, 'b h n m -> b h 1 n m'), info=info)
+
+
+# a dense masked group computes every key of the sequence for each query, a per-query group only
+# the selected ones but through a gather and one small product per query: dense wins while the
+# sequence is at most this many times the selection (a heuristic bound, not a measured optimum)
+DENSE_RATIO = 8
+
+
 def select_top(scores: Tensor, allowed: Tensor, k: int) -> Tensor:
     """scores (..., c), allowed (..., c) bool -> (..., k) the best allowed candidates, best first,
     ties to the lower index; -1 where fewer than k are allowed. A NaN score never wins."""
