@@ -93,7 +93,11 @@ class AttentionRecord(Mapping):
     """One attention call of a recorded forward pass: the layer, its heads (first, last + 1),
     whether it is cross-attention, the routing `plan` and the group `weights` (GroupWeights), all on
     the CPU, at the size of the groups rather than n x m. `dense(heads, queries)` builds the dense
-    weights; as a mapping, `record['attn']` is `dense()` built anew on each access (never kept)."""
+    weights; as a mapping, `record['attn']` is `dense()` built anew on each access (never kept).
+    Records compare by identity, without building dense weights."""
+    _KEYS = ('layer', 'heads', 'cross', 'plan', 'weights')
+    __eq__, __hash__ = object.__eq__, object.__hash__
+
     layer: int
     heads: tuple[int, int]
     cross: bool
@@ -124,5 +128,3 @@ class AttentionRecord(Mapping):
     def __repr__(self) -> str:
         return (f'AttentionRecord(layer={self.layer}, heads={self.heads}, cross={self.cross}, '
                 f'weights={tuple(self.weights.probs.shape)}, q_len={self.q_len}, kv_len={self.kv_len})')
-
-    _KEYS = ('layer', 'heads', 'cross', 'plan', 'weights')
