@@ -384,9 +384,9 @@ def test_exclude_self_non_causal_and_weights():
     q, k, v = qkv()
     attn = RoutedAttention(backend='reference')
     out, weights = attn(q, k, v, FullRouter()(q, k, causal=False), exclude_self=True, need_weights=True)
-    diag = weights[:, :, 0].diagonal(dim1=-2, dim2=-1)
+    diag = weights.probs[:, :, 0].diagonal(dim1=-2, dim2=-1)
     assert torch.equal(diag, torch.zeros_like(diag))
-    assert torch.allclose(weights.sum(-1), torch.ones(()).double())
+    assert torch.allclose(weights.probs.sum(-1), torch.ones(()).double())
     expected = dense(q, k, v, ~torch.eye(N, dtype=torch.bool).view(1, 1, N, N))
     assert torch.allclose(out, expected, atol=1e-10)
 

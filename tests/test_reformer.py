@@ -365,7 +365,7 @@ def test_readme_examples_as_written():
     model = Reformer(dim=512, depth=12, max_seq_len=8192, heads=8, lsh_dropout=0.1, causal=True)
     with torch.no_grad():
         assert model(torch.randn(1, 8192, 512)).shape == (1, 8192, 512)
-    # the README records at 8192 tokens; dense (t, t) weights of 12 layers x 8 heads would be 26 GB
+    # the README's recording at 8192 tokens, with its peak memory, is a slow test of test_recorder.py
     model = Recorder(model)
     with torch.no_grad():
         model(torch.randn(1, 2048, 512))

@@ -84,9 +84,9 @@ def test_selecting_every_block_is_full_attention_with_gated_values(mode):
     out, weights = attend(q, k, v, plan, need_weights=True)
     seen, gate = dense_gates(plan, 16, 16)
     assert torch.equal(seen, torch.ones_like(seen))  # every key exactly once: no duplicated own block
-    from routeformer.layers.attention import densify
+    from routeformer.attention.recording import dense_weights
     full = ((q @ k.transpose(-1, -2)) * D ** -0.5).softmax(-1)
-    assert torch.allclose(densify(weights, plan, 16, 16).double(), full, atol=1e-6)
+    assert torch.allclose(dense_weights(weights, plan, 16, 16), full, atol=1e-12)
     assert torch.allclose(out, dense_reference(q, k, v, seen, gate), atol=1e-12)
     own = torch.block_diag(*[torch.ones(W, W)] * 4).bool()
     assert torch.all(gate[..., own] == 1)  # the own block has weight 1

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from ..helpers import exists
 from . import backends
 from .plan import RoutePlan, flat_rows, gather, merge_shares, positions_of, scatter
+from .recording import GroupWeights
 
 
 def gather_queries(q: Tensor, plan: RoutePlan, bounds: list[tuple[int, int]]) -> list[Tensor]:
@@ -245,7 +246,8 @@ class RoutedAttention(nn.Module):
         visible to every query. `rel_pos(qg, q_pos, kv_pos)`, when given, returns logits added to
         every gathered pair from the gathered queries (b, h, g, i, d) and the original positions of
         the slots, q_pos (b|1, h|1, g, i) and kv_pos (b|1, h|1, g, j) (relative position attention).
-        Returns (out (b, h, n, d), weights (b, h, g, i, [m +] j) or None)."""
+        Returns (out (b, h, n, d), GroupWeights or None); weights come only with `need_weights`,
+        which runs the reference backend, the one that returns them."""
         q_len, kv_len = q.shape[-2], k.shape[-2]
         bounds = piece_bounds(plan, q)
         need_lse = plan.merge == 'logsumexp'
@@ -267,13 +269,12 @@ class RoutedAttention(nn.Module):
             pieces.append(self.attend(qg, kg, vg, slice_groups(plan, start, stop), q_len=q_len, kv_len=kv_len,
                                       causal=causal, key_mask=key_mask, mem_kv=mem_kv, exclude_self=exclude_self,
                                       need_lse=need_lse, need_weights=need_weights, rel_pos=rel_pos))
-        outs, lses, weights = zip(*pieces)
-        lse, weights = (None if t[0] is None else torch.cat(t, dim=2) for t in (lses, weights))
-        if need_weights and need_lse:
-            # a query's weights in each group, scaled by the group's share of the merge: summed over
-            # groups they are the attention the query really paid
-            weights = weights * rearrange(merge_shares(plan, lse, q_len), '... -> ... 1').to(weights.dtype)
-        return scatter(list(outs), plan, q_len, lse=lse), weights
+        outs, lses, probs = zip(*pieces)
+        lse, probs = (None if t[0] is None else torch.cat(t, dim=2) for t in (lses, probs))
+        # the merge shares, once: the scatter weighs the group outputs by them, the Recorder the weights
+        shares = merge_shares(plan, lse, q_len) if need_lse and not plan.contiguous_queries else None
+        out = scatter(list(outs), plan, q_len, shares=shares)
+        return out, (GroupWeights(probs, shares) if need_weights else None)
 
     def lean(self, plan: RoutePlan, q: Tensor, *, need_weights: bool, rel_pos) -> bool:
         """Whether groups gathered by index go through the CPU flash kernel as one node that keeps
@@ -319,7 +320,8 @@ class RoutedAttention(nn.Module):
                 kernel_causal = False
             mask, bias = admit_memory(mask, bias, mk.shape[-2])
 
-        attend = backends.select(self.backend, need_lse=need_lse, need_weights=need_weights)
+        backend = 'reference' if need_weights else self.backend
+        attend = backends.select(backend, need_lse=need_lse, need_weights=need_weights)
         out, lse, weights = attend(qg, kg, vg, mask, scale=qg.shape[-1] ** -0.5, bias=bias,
                                    dropout_p=self.dropout if self.training else 0.,
                                    causal=kernel_causal, need_lse=need_lse, need_weights=need_weights)

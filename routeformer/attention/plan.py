@@ -181,14 +181,16 @@ class _WeightedRowSum(torch.autograd.Function):
         return None, None, *grad_weights, *grad_srcs
 
 
-def scatter(pieces: list[Tensor], plan: RoutePlan, seq_len: int, lse: Tensor | None = None) -> Tensor:
+def scatter(pieces: list[Tensor], plan: RoutePlan, seq_len: int, lse: Tensor | None = None,
+            shares: Tensor | None = None) -> Tensor:
     """Group outputs (b, h, g, i, d), given as consecutive pieces along g (one piece: all of them),
     back to (b, h, n, d) (for queries gathered by index, a view of (b, n, h, d) memory).
 
     'overwrite': every position is the query of at most one group. 'logsumexp': a position that
     is the query of several groups (LSH rounds, overlapping clusters) gets the average of its
     group outputs weighted by each group's softmax normaliser, which is exactly attention over
-    the union of the keys it saw. Positions no group chose get zeros.
+    the union of the keys it saw (the shares of `merge_shares`, given as `shares` or computed from
+    `lse`). Positions no group chose get zeros.
     """
     if plan.q_index is None or plan.info.get('contiguous_queries', False):
         out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
@@ -200,7 +202,8 @@ def scatter(pieces: list[Tensor], plan: RoutePlan, seq_len: int, lse: Tensor | N
     if plan.merge == 'overwrite':
         weights = valid.to(pieces[0].dtype)
     else:
-        weights = merge_shares(plan, lse, seq_len).to(pieces[0].dtype).masked_fill(~valid, 0.)
+        shares = merge_shares(plan, lse, seq_len) if shares is None else shares
+        weights = shares.to(pieces[0].dtype).masked_fill(~valid, 0.)
     # the output in (b n h) rows: the attention layer's (b, n, (h d)) is a view of it, not a copy
     rows = flat_rows(index, b, h, seq_len)
     bounds = torch.tensor([0] + [p.shape[2] for p in pieces]).cumsum(0).tolist()

@@ -12,7 +12,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..attention.executor import RoutedAttention
-from ..attention.plan import RoutePlan, positions_of
+from ..attention.recording import AttentionRecord
 from ..context import LayerContext
 from ..helpers import default, exists, l2norm
 from ..routers import FullRouter, Router
@@ -147,9 +147,9 @@ class Attention(nn.Module):
                                          rel_pos=self.rel_pos)
             outs.append(out)
             if record:
-                ctx.recordings.append(dict(layer=ctx.layer, heads=(start, end), cross=self.cross_attend,
-                                           attn=densify(weights, plan, q.shape[-2], k.shape[-2]),
-                                           plan=plan.to('cpu')))
+                ctx.recordings.append(AttentionRecord(layer=ctx.layer, heads=(start, end), cross=self.cross_attend,
+                                                      plan=plan.to('cpu'), weights=weights.detach_to('cpu'),
+                                                      q_len=q.shape[-2], kv_len=k.shape[-2]))
 
         out = rearrange(outs[0] if len(outs) == 1 else torch.cat(outs, dim=1), 'b h n d -> b n (h d)')
         return self.post_attn_dropout(self.to_out(out)), aux
@@ -189,20 +189,3 @@ class Attention(nn.Module):
             outs.append(out)
         return torch.cat(outs, dim=1)
 
-
-def densify(weights: Tensor, plan: RoutePlan, q_len: int, kv_len: int) -> Tensor:
-    """Group attention weights (b, h, g, i, [mem +] j) as a dense (b, h, n, m) float32 CPU tensor
-    (memory columns dropped), for inspection with the Recorder."""
-    b, h, g, i, j_all = weights.shape
-    q_pos = positions_of(plan.q_index, q_len, weights.device).expand(b, h, g, i)
-    kv_pos = positions_of(plan.kv_index, kv_len, weights.device)
-    j = kv_pos.shape[-1]
-    kv_pos = kv_pos.expand(b, h, g, j)
-    weights = weights[..., j_all - j:].detach().float()
-    valid = (rearrange(q_pos, '... i -> ... i 1') >= 0) & (rearrange(kv_pos, '... j -> ... 1 j') >= 0) \
-        & (rearrange(q_pos, '... i -> ... i 1') < q_len)
-    flat = rearrange(q_pos, '... i -> ... i 1').clamp(min=0) * kv_len + rearrange(kv_pos, '... j -> ... 1 j').clamp(min=0)
-    dense = weights.new_zeros(b, h, q_len * kv_len)
-    dense.scatter_add_(2, rearrange(flat, 'b h g i j -> b h (g i j)'),
-                       rearrange(weights * valid, 'b h g i j -> b h (g i j)'))
-    return rearrange(dense, 'b h (n m) -> b h n m', n=q_len).cpu()

@@ -25,9 +25,10 @@ from torch.utils.checkpoint import checkpoint
 
 from ..attention.executor import RoutedAttention
 from ..attention.plan import RoutePlan
+from ..attention.recording import cat_weights, dense_weights
 from ..context import LayerContext
 from ..helpers import check_positive, default, exists, l2norm, single_output
-from ..layers.attention import Attention, densify
+from ..layers.attention import Attention
 from ..layers.embeddings import apply_rotary
 from ..lm import LM, check_batch, check_mask
 from ..routers import FullRouter, LocalRouter
@@ -111,7 +112,7 @@ class ChunkedRoutedAttention(nn.Module):
         out = torch.cat([torch.cat(o, dim=1) for o in outs], dim=0)
         if not need_weights:
             return out, None
-        return out, torch.cat([torch.cat(w, dim=1) for w in weights], dim=0)
+        return out, cat_weights([cat_weights(w, dim=1) for w in weights], dim=0)
 
 
 def customise_attention(attn: Attention, *, one_value_head: bool, attn_chunks: int) -> None:
@@ -471,7 +472,8 @@ class LSHAttention(nn.Module):
         out, weights = self.executor(q, k, v, plan, causal=self.causal, key_mask=key_mask, exclude_self=True,
                                      need_weights=self.return_attn)
         query_len = default(query_len, n)
-        attn = densify(weights, plan, n, n)[:, 0, :query_len].to(qk.device) if self.return_attn else qk.new_empty(0)
+        attn = dense_weights(weights, plan, n, n, queries=slice(0, query_len))[:, 0] if self.return_attn \
+            else qk.new_empty(0)
         buckets = plan.info.get('buckets')
         if exists(buckets):
             n_buckets = self.router.buckets_for(n)
