@@ -15,6 +15,8 @@ from .models import (ConditionalRoutedAttention, ConditionalRoutedAutoregressive
 from .routers import (ROUTERS, CoordinateDescentRouter, FullRouter, KMeansRouter, LocalRouter, LSHRouter, Router,
                       SinkhornRouter, TopKRouter, discard_statistics)
 from .transformer import Block, Sublayer, Transformer
+from .models import MoSATransformerLM
+from .routers import MoSARouter
 from .wrappers import Autopadder, AutoregressiveWrapper, EncoderDecoder, Recorder, top_k, top_p
 
 __all__ = [
@@ -33,3 +35,4 @@ __all__ = [
     'ROUTERS', 'Router', 'FullRouter', 'LocalRouter', 'KMeansRouter', 'LSHRouter', 'SinkhornRouter', 'TopKRouter',
     'CoordinateDescentRouter', 'discard_statistics',
 ]
+__all__ += ['MoSATransformerLM', 'MoSARouter']

@@ -12,3 +12,8 @@ ROUTERS = dict(full=FullRouter, local=LocalRouter, kmeans=KMeansRouter, lsh=LSHR
 
 __all__ = ['ROUTERS', 'CoordinateDescentRouter', 'FullRouter', 'KMeansRouter', 'LSHRouter', 'LocalRouter', 'Router',
            'SinkhornRouter', 'TopKRouter', 'discard_statistics']
+
+from .mosa import MoSARouter  # noqa: E402
+
+ROUTERS['mosa'] = MoSARouter
+__all__ += ['MoSARouter']
