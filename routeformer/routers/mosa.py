@@ -91,12 +91,12 @@ class MoSARouter(Router):
     # ------------------------------------------------------------------ scores and thresholds
 
     def scores(self, q: Tensor) -> Tensor:
-        """q (b, h, n, d) -> sigmoid scores (b, e, n) in float32. Products in float64 rounded to
-        float32: a token gets the same score in a batch of n as alone while decoding, so its
-        admission against the threshold is the same in both."""
+        """q (b, h, n, d) -> sigmoid scores (b, e, n) in at least float32. Products in float64,
+        rounded to q's precision: a token gets the same score in a batch of n as alone while
+        decoding, so its admission against the threshold is the same in both."""
         with torch.autocast(q.device.type, enabled=False):
             logits = torch.einsum('b h n d, e h d -> b e n', q.double(), self.weight.double())
-        return torch.sigmoid(logits.float())
+        return torch.sigmoid(logits.to(torch.promote_types(q.dtype, torch.float32)))
 
     def threshold(self) -> Tensor:
         """(h,) the causal admission thresholds."""
