@@ -70,6 +70,9 @@ register('colt5', 'ConditionalRoutedTransformerLM',
                         num_heavy_attn_tokens_kv=max(1, c.seq_len // 4), num_heavy_ff_tokens=max(1, c.window // 2)),
          takes_local_heads=False)
 
+# MoSA: each head takes --window tokens of the sequence (sparsity seq_len / window)
+register('mosa', 'MoSATransformerLM', 'MoSA: every head attends among the --window tokens its router selects',
+         lambda c: common(c, sparsity=max(1, c.seq_len / c.window), **local_heads(c)))
 
 def family_class(name: str) -> type[nn.Module]:
     import routeformer
