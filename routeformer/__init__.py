@@ -17,6 +17,8 @@ from .routers import DSARouter, MoBARouter
 from .routers import (ROUTERS, CoordinateDescentRouter, FullRouter, KMeansRouter, LocalRouter, LSHRouter, Router,
                       SinkhornRouter, TopKRouter, discard_statistics)
 from .transformer import Block, Sublayer, Transformer
+from .models import MoSATransformerLM
+from .routers import MoSARouter
 from .wrappers import Autopadder, AutoregressiveWrapper, EncoderDecoder, Recorder, top_k, top_p
 
 __all__ = [
@@ -37,3 +39,4 @@ __all__ = [
     # today's routers
     'MoBATransformerLM', 'MoBARouter', 'DSATransformerLM', 'DSARouter',
 ]
+__all__ += ['MoSATransformerLM', 'MoSARouter']

@@ -226,6 +226,34 @@ CAUSAL_CONFIGS += [
                            ('_absolute_positions', dict(pos_emb='absolute')))
 ] + [('dsa_dense_warmup', selection_lm('DSATransformerLM', dense_warmup_steps=5))]
 
+
+def mosa_lm(**kwargs):
+    """A causal MoSATransformerLM after one training step, so that its thresholds come from data
+    (about a quarter of the tokens pass) when it is checked in eval mode."""
+    def factory():
+        from routeformer import MoSATransformerLM
+        torch.manual_seed(0)
+        cfg = dict(num_tokens=NUM_TOKENS, dim=DIM, depth=2, max_seq_len=32, heads=2, dim_head=8, causal=True,
+                   sparsity=4, local_attn_window_size=4)
+        cfg.update(kwargs)
+        model = MoSATransformerLM(**cfg)
+        logits, aux = model(tokens(n=32, seed=7))
+        (logits.mean() + aux).backward()
+        return model, None
+    return factory
+
+
+CAUSAL_CONFIGS += [
+    ('mosa', mosa_lm()),
+    ('mosa_capacity_overflow', mosa_lm(capacity_factor=1, sparsity=8)),
+    ('mosa_include_first_shift', mosa_lm(include_first=True, shift_tokens=True)),
+    ('mosa_local_heads', mosa_lm(heads=3, n_local_attn_heads=1)),
+    ('mosa_dense_heads_memkv', mosa_lm(heads=3, num_dense_heads=1, num_mem_kv=2)),
+    ('mosa_reversible_local_memkv', mosa_lm(heads=3, reversible=True, n_local_attn_heads=1, num_mem_kv=1)),
+    ('mosa_weight_tie_shared_qk', mosa_lm(weight_tie=True, shared_qk=True)),
+]
+
+
 def logits_of(out):
     return out[0] if isinstance(out, tuple) else out
 

@@ -77,6 +77,9 @@ register('dsa', 'DSATransformerLM',
          'DSA: a lightning indexer (4 heads of 32) picks 2 x --window earlier tokens for each query',
          lambda c: common(c, index_n_heads=4, index_head_dim=32, index_topk=2 * c.window, **local_heads(c)))
 
+# MoSA: each head takes --window tokens of the sequence (sparsity seq_len / window)
+register('mosa', 'MoSATransformerLM', 'MoSA: every head attends among the --window tokens its router selects',
+         lambda c: common(c, sparsity=max(1, c.seq_len / c.window), **local_heads(c)))
 
 def family_class(name: str) -> type[nn.Module]:
     import routeformer

@@ -20,3 +20,7 @@ __all__ = [
     'SinkhornTransformer', 'SinkhornTransformerEncDec', 'SinkhornTransformerLM', 'TransformerEncDec', 'TransformerLM',
     'build_pos_emb', 'build_transformer',
 ]
+
+from .mosa import MoSATransformerLM  # noqa: E402
+
+__all__ += ['MoSATransformerLM']

@@ -14,3 +14,8 @@ ROUTERS = dict(full=FullRouter, local=LocalRouter, kmeans=KMeansRouter, lsh=LSHR
 
 __all__ = ['ROUTERS', 'CoordinateDescentRouter', 'DSARouter', 'FullRouter', 'KMeansRouter', 'LSHRouter', 'LocalRouter', 'MoBARouter', 'Router',
            'SinkhornRouter', 'TopKRouter', 'discard_statistics']
+
+from .mosa import MoSARouter  # noqa: E402
+
+ROUTERS['mosa'] = MoSARouter
+__all__ += ['MoSARouter']
