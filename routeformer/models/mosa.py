@@ -15,11 +15,9 @@ from torch import nn
 
 from ..helpers import cast_tuple
 from ..layers.attention import Attention
-from ..lm import LM
 from ..routers import FullRouter
 from ..routers.mosa import MoSARouter
-from .builder import build_pos_emb, build_transformer
-from .transformer_lm import TransformerLM, split_kwargs
+from .transformer_lm import TransformerLM
 
 
 def add_dense_heads(transformer: nn.Module, count: int) -> None:
@@ -43,38 +41,29 @@ class MoSATransformerLM(TransformerLM):
     tokens, the earliest when more pass its threshold), `threshold_decay` (EMA decay of the
     causal thresholds), plus every keyword of TransformerLM. Returns `(logits, aux_loss)`."""
 
-    def __init__(self, *, num_tokens: int, dim: int, depth: int, max_seq_len: int, heads: int = 8,
-                 dim_head: int = 64, causal: bool = False, sparsity: float = 16, num_dense_heads: int = 0,
-                 include_first: bool = False, capacity_factor: float = 2., threshold_decay: float = 0.99,
-                 emb_dim: int | None = None, emb_dropout: float = 0., tie_embedding: bool = False,
-                 return_embeddings: bool = False, pos_emb: str | None = 'rotary',
-                 axial_position_shape: tuple | None = None, **kwargs):
-        transformer_kwargs = split_kwargs(kwargs, type(self).__name__)
+    def __init__(self, *, depth: int, max_seq_len: int, heads: int = 8, dim_head: int = 64, sparsity: float = 16,
+                 num_dense_heads: int = 0, include_first: bool = False, capacity_factor: float = 2.,
+                 threshold_decay: float = 0.99, **kwargs):
         if not isinstance(capacity_factor, (int, float)) or isinstance(capacity_factor, bool) or capacity_factor < 1:
             raise ValueError(f'capacity_factor must be a number >= 1, got {capacity_factor!r}')
-        local_heads = cast_tuple(transformer_kwargs.get('n_local_attn_heads', 0), depth)
+        local_heads = cast_tuple(kwargs.get('n_local_attn_heads', 0), depth)
         if isinstance(num_dense_heads, bool) or not isinstance(num_dense_heads, int) or num_dense_heads < 0 or \
                 any(num_dense_heads + n > heads for n in local_heads):
             raise ValueError(f'num_dense_heads must be an integer between 0 and heads - n_local_attn_heads, got '
                              f'{num_dense_heads!r} with heads={heads} and n_local_attn_heads={local_heads}')
         if isinstance(sparsity, (int, float)) and not isinstance(sparsity, bool) and sparsity >= 1:
             # the reference's local hybrid: windows of as many tokens as a MoSA head takes
-            transformer_kwargs.setdefault('local_attn_window_size', max(1, int(max_seq_len // sparsity)))
+            kwargs.setdefault('local_attn_window_size', max(1, int(max_seq_len // sparsity)))
             capacity = min(max_seq_len, math.ceil(capacity_factor * max_seq_len / sparsity))
         else:
             capacity = None  # MoSARouter names the bad sparsity
 
-        def make_router(layer):
-            routed = heads - local_heads[layer] - num_dense_heads
+        def router(layer, routed):
+            routed -= num_dense_heads
             return MoSARouter(heads=routed, dim_head=dim_head, sparsity=sparsity, capacity=capacity,
                               include_first=include_first, threshold_decay=threshold_decay) if routed else None
 
-        transformer = build_transformer(dim=dim, depth=depth, heads=heads, dim_head=dim_head, causal=causal,
-                                        rotary=pos_emb == 'rotary', make_router=make_router, **transformer_kwargs)
+        super().__init__(depth=depth, max_seq_len=max_seq_len, heads=heads, dim_head=dim_head, make_router=router,
+                         **kwargs)
         if num_dense_heads:
-            add_dense_heads(transformer, num_dense_heads)
-        LM.__init__(self, num_tokens=num_tokens, dim=dim, max_seq_len=max_seq_len, transformer=transformer,
-                    emb_dim=emb_dim, emb_dropout=emb_dropout, tie_embedding=tie_embedding,
-                    return_embeddings=return_embeddings, causal=causal,
-                    pos_emb=build_pos_emb(pos_emb, dim=dim, max_seq_len=max_seq_len,
-                                          axial_position_shape=axial_position_shape))
+            add_dense_heads(self.transformer, num_dense_heads)
