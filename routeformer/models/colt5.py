@@ -321,7 +321,7 @@ class ConditionalRoutedAttention(nn.Module):
         self.light_attn = Attention(
             dim, heads=light_heads, dim_head=light_dim_head, n_local_heads=light_heads,
             local_router=LocalRouter(light_window_size // 2, look_backward=1, look_forward=1),
-            backend=backend_for(use_flash_attn)) if has_light_attn else None
+            backend=backend_for(use_flash_attn), out_bias=False) if has_light_attn else None
         self.routed = RoutedBranches(
             dim, num_heavy_tokens_q=num_heavy_tokens_q, num_heavy_tokens_kv=num_heavy_tokens_kv,
             num_routed_kv=num_routed_kv, heavy_dim_head=heavy_dim_head, heavy_heads=heavy_heads,
@@ -374,7 +374,7 @@ class ConditionalRoutedImageAttention(nn.Module):
         self.num_heavy_tokens_q, self.num_heavy_tokens_kv = num_heavy_tokens_q, num_heavy_tokens_kv
         self.light_norm = RMSNorm(dim)
         self.light_attn = Attention(dim, heads=light_heads, dim_head=light_dim_head,
-                                    backend=backend_for(use_flash_attn))
+                                    backend=backend_for(use_flash_attn), out_bias=False)
         self.routed = RoutedBranches(
             dim, num_heavy_tokens_q=num_heavy_tokens_q, num_heavy_tokens_kv=num_heavy_tokens_kv,
             num_routed_kv=num_routed_kv, heavy_dim_head=heavy_dim_head, heavy_heads=heavy_heads,

@@ -189,13 +189,15 @@ def build_reformer(*, dim: int, depth: int, max_seq_len: int | None, heads: int,
         dim=dim, depth=depth, heads=heads, dim_head=dim_head, causal=causal, make_router=make_router,
         n_local_attn_heads=n_local_attn_heads, local_attn_window_size=2 * bucket_size, shared_qk=True,
         num_mem_kv=num_mem_kv, attn_dropout=lsh_dropout, attn_layer_dropout=post_attn_dropout, ff_chunks=ff_chunks,
-        reversible=reversible, rotary=rotary, receives_context=True, backend=BACKEND, **kwargs)
+        reversible=reversible, rotary=rotary, receives_context=True, backend=BACKEND,
+        mem_kv_from_inputs=kwargs.pop('mem_kv_from_inputs', True), **kwargs)
 
-    blocks = list({id(block): block for block in transformer.blocks}.values())  # tied layers once
+    blocks = list({id(block): block for block in transformer.blocks}.values())
+    # tied layers share their attention: customise each attention module once
+    attentions = {id(m): m for block in blocks for m in block.modules() if isinstance(m, Attention)}
+    for module in attentions.values():
+        customise_attention(module, one_value_head=one_value_head, attn_chunks=default(attn_chunks, 1))
     for block in blocks:
-        for module in block.modules():
-            if isinstance(module, Attention):
-                customise_attention(module, one_value_head=one_value_head, attn_chunks=default(attn_chunks, 1))
         if not receives_context:
             tie_cross_attention(block, attn_dropout=lsh_dropout, post_attn_dropout=post_attn_dropout,
                                 attn_chunks=default(attn_chunks, 1))
@@ -336,7 +338,8 @@ class ReformerLM(_ReformerOptions, LM):
         axial_shape = default(axial_position_shape, (math.ceil(max_seq_len / bucket_size), bucket_size))
         super().__init__(num_tokens=num_tokens, dim=dim, max_seq_len=max_seq_len, transformer=transformer,
                          emb_dim=emb_dim, emb_dropout=emb_dropout, return_embeddings=return_embeddings, causal=causal,
-                         pos_emb=build_pos_emb(pos_kind, dim=dim, max_seq_len=max_seq_len,
+                         pos_emb_before_project_in=True,
+                         pos_emb=build_pos_emb(pos_kind, dim=default(emb_dim, dim), max_seq_len=max_seq_len,
                                                axial_position_shape=axial_shape))
         self.reverse_thres, self.bucket_size, self.num_mem_kv = reverse_thres, bucket_size, num_mem_kv
         self.full_attn_thres = full_attn_thres
@@ -399,6 +402,7 @@ class LSHSelfAttention(nn.Module):
         local = LocalRouter(2 * bucket_size, look_backward=1) if n_local_attn_heads > 0 else None
         self.attn = Attention(dim, heads=heads, dim_head=dim_head, causal=causal, router=router, local_router=local,
                               n_local_heads=n_local_attn_heads, shared_qk=True, num_mem_kv=num_mem_kv,
+                              mem_kv_from_inputs=True,
                               dropout=dropout, post_attn_dropout=post_attn_dropout, backend=BACKEND)
         customise_attention(self.attn, one_value_head=one_value_head, attn_chunks=default(attn_chunks, 1))
         self.dim, self.return_attn = dim, return_attn

@@ -111,6 +111,10 @@ def build_routing_transformer(*, dim: int, depth: int, max_seq_len: int, heads: 
         return KMeansRouter(heads=heads, context_window_size=context_window_size, cross_attention=True,
                             shared_qk=kwargs.get('context_shared_qk', False), **router_kwargs)
 
+    # the seed's parameterisation: local heads project with their own biased q/k/v, no output bias
+    kwargs.setdefault('local_qkv', True)
+    kwargs.setdefault('attn_out_bias', False)
+    kwargs.setdefault('context_ff', True)
     return build_transformer(dim=dim, depth=depth, heads=heads, dim_head=dim_head, causal=causal,
                              make_router=make_router, make_context_router=make_context_router,
                              n_local_attn_heads=n_local_attn_heads,
@@ -174,7 +178,7 @@ class RoutingTransformerLM(KMeansUpdates, LM):
                                                 owner=type(self).__name__, **kwargs)
         super().__init__(num_tokens=num_tokens, dim=dim, max_seq_len=max_seq_len, transformer=transformer,
                          emb_dim=emb_dim, tie_embedding=tie_embedding, return_embeddings=return_embeddings,
-                         causal=causal,
+                         causal=causal, norm_after_project_out=True,
                          pos_emb=build_pos_emb('absolute' if use_absolute_pos_emb else None, dim=dim,
                                                max_seq_len=max_seq_len))
         self._kmeans_update_after_backward = _register_kmeans_update

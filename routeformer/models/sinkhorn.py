@@ -78,6 +78,7 @@ def build_sinkhorn_transformer(*, dim: int, depth: int, heads: int, dim_head: in
                               n_sortcut=context_n_sortcut, cross=True, **sort_kwargs)
 
     kwargs.setdefault('local_attn_window_size', bucket_size)  # the seed's local heads: windows of bucket_size
+    kwargs.setdefault('context_ff', True)  # the seed's decoder: a cross-attention layer with its own feed-forward
     return build_transformer(dim=dim, depth=depth, heads=heads, dim_head=dim_head, causal=causal,
                              make_router=make_router, make_context_router=make_context_router,
                              n_local_attn_heads=n_local_attn_heads, receives_context=receives_context,
@@ -172,7 +173,8 @@ class SinkhornTransformerLM(LM):
         super().__init__(num_tokens=num_tokens, dim=dim, max_seq_len=max_seq_len, transformer=transformer,
                          emb_dim=emb_dim, emb_dropout=emb_dropout, tie_embedding=tie_embedding,
                          return_embeddings=return_embeddings, causal=causal, return_aux=False,
-                         pos_emb=build_pos_emb(pos_emb, dim=dim, max_seq_len=max_seq_len,
+                         norm_after_project_out=True, pos_emb_before_project_in=True,
+                         pos_emb=build_pos_emb(pos_emb, dim=default(emb_dim, dim), max_seq_len=max_seq_len,
                                                axial_position_shape=axial_position_shape))
 
 
