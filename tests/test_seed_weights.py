@@ -1,0 +1,162 @@
+"""Seed checkpoints load into our models and give the same outputs (float32, eval, to 1e-5) where
+both compute the same function; the seed README configurations build models with as many
+parameters as the seeds' (or a documented, asserted difference)."""
+
+import warnings
+
+import pytest
+import torch
+
+import routeformer as R
+from routeformer.cli.checkpoint import read_weights
+from routeformer.compat import convert_seed_state_dict, from_seed_state_dict, load_seed_state_dict, save_converted
+
+RT = pytest.importorskip('routing_transformer')
+RF = pytest.importorskip('reformer_pytorch')
+SK = pytest.importorskip('sinkhorn_transformer')
+C5 = pytest.importorskip('colt5_attention')
+
+TOL = dict(atol=1e-5, rtol=1e-4)
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def build(cls, kwargs):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        return cls(**kwargs)
+
+
+def seed_checkpoint(seed_model, tmp_path):
+    path = tmp_path / 'seed.pt'
+    torch.save(seed_model.state_dict(), path)
+    return path
+
+
+def tokens(n, vocab=64, b=2, seed=1):
+    return torch.randint(0, vocab, (b, n), generator=torch.Generator().manual_seed(seed))
+
+
+def features(n, dim, b=2, seed=1):
+    return torch.randn(b, n, dim, generator=torch.Generator().manual_seed(seed))
+
+
+def first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+# ---------------------------------------------------------------- same keywords, same outputs
+
+# (name, seed class, our class, keyword arguments, input): configurations where the seed computes
+# what we compute (see the docstring of routeformer.compat.seed_weights for the others)
+LM = dict(num_tokens=64, dim=32, heads=4, dim_head=8)
+EQUAL_OUTPUT = [
+    # causal local heads (the seed LM's routed heads rotate their values: not compared there),
+    # with the options that shape the parameters: factorised embedding, GLU, PKM, token shift,
+    # reversible, tied layers
+    ('routing_lm_local', RT.RoutingTransformerLM, R.RoutingTransformerLM,
+     dict(**LM, depth=2, max_seq_len=32, window_size=8, n_local_attn_heads=4, causal=True, emb_dim=16, ff_glu=True,
+          pkm_layers=(2,), pkm_num_keys=32, shift_tokens=True, reversible=True), tokens(32)),
+    ('routing_lm_tied', RT.RoutingTransformerLM, R.RoutingTransformerLM,
+     dict(**LM, depth=3, max_seq_len=16, window_size=8, n_local_attn_heads=4, causal=True, weight_tie=True,
+          tie_embedding=True), tokens(16)),
+    # routed heads: every token in the one cluster (max_seq_len == window_size), where the seed
+    # neither leaks nor drops tokens
+    ('routing_trunk', RT.RoutingTransformer, R.RoutingTransformer,
+     dict(dim=32, heads=4, depth=2, max_seq_len=16, window_size=16, rel_pos_emb=False), features(16, 32)),
+    ('routing_trunk_causal_shared_qk', RT.RoutingTransformer, R.RoutingTransformer,
+     dict(dim=32, heads=4, depth=2, max_seq_len=16, window_size=16, rel_pos_emb=False, causal=True, reversible=True),
+     features(16, 32)),
+    # one hash round of two LSH chunks that see each other: full attention, whatever the rotations
+    # (rotary positions included)
+    ('reformer_lm', RF.ReformerLM, R.ReformerLM,
+     dict(**LM, depth=2, max_seq_len=16, bucket_size=8, n_hashes=1, emb_dim=16, ff_chunks=2), tokens(16)),
+    ('lsh_self_attention', RF.LSHSelfAttention, R.LSHSelfAttention,
+     dict(dim=32, heads=4, bucket_size=8, n_hashes=1), features(16, 32)),
+    # causal: below full_attn_thres, where the seed's chunks cannot leak (its full attention drops
+    # rotary positions, so absolute ones), with memory key/values
+    ('reformer_lm_full_attn_causal', RF.ReformerLM, R.ReformerLM,
+     dict(**LM, depth=2, max_seq_len=32, bucket_size=8, causal=True, full_attn_thres=32, absolute_position_emb=True,
+          num_mem_kv=2, ff_glu=True), tokens(30)),
+    # Sinkhorn: local heads (with the axial positions), and sortcut over one bucket (the seed's
+    # default path uses keys as values)
+    ('sinkhorn_lm_local', SK.SinkhornTransformerLM, R.SinkhornTransformerLM,
+     dict(**LM, depth=2, max_seq_len=32, bucket_size=8, n_local_attn_heads=4, reversible=True, weight_tie=True,
+          pkm_layers=(2,), pkm_num_keys=32), tokens(32)),
+    ('sinkhorn_lm_sortcut', SK.SinkhornTransformerLM, R.SinkhornTransformerLM,
+     dict(**LM, depth=2, max_seq_len=32, bucket_size=32, n_sortcut=1, emb_dim=16, ff_glu=True), tokens(32)),
+    # CoLT5: fetch_k_ratio 1, so both keep the k best tokens; a light window that covers the
+    # sequence (the seed's window is exact, ours blockwise)
+    ('colt5_feedforward', C5.ConditionalRoutedFeedForward, R.ConditionalRoutedFeedForward,
+     dict(dim=32, num_heavy_tokens=10, router_kwargs=dict(fetch_k_ratio=1.)), features(40, 32, b=1)),
+    ('colt5_attention', C5.ConditionalRoutedAttention, R.ConditionalRoutedAttention,
+     dict(dim=32, num_heavy_tokens_q=6, num_heavy_tokens_kv=10, light_window_size=32, light_heads=2,
+          light_dim_head=8, heavy_heads=2, heavy_dim_head=8, router_kwargs=dict(fetch_k_ratio=1.)),
+     features(16, 32, b=1)),
+    ('colt5_block', C5.ConditionalRoutedTransformerBlock, R.ConditionalRoutedTransformerBlock,
+     dict(dim=32, num_heavy_attn_tokens_q=6, num_heavy_attn_tokens_kv=10, num_heavy_ff_tokens=8,
+          light_window_size=32, light_heads=2, light_dim_head=8, heavy_heads=2, heavy_dim_head=8,
+          router_kwargs=dict(fetch_k_ratio=1.)), features(16, 32, b=1)),
+]
+
+
+@pytest.mark.parametrize('name,seed_cls,ours_cls,kwargs,x', EQUAL_OUTPUT, ids=[c[0] for c in EQUAL_OUTPUT])
+def test_seed_checkpoint_loads_and_gives_the_same_outputs(name, seed_cls, ours_cls, kwargs, x, tmp_path):
+    seed = build(seed_cls, kwargs).eval()
+    for m in seed.modules():  # centroids as a trained model has them (the seed inits from data otherwise)
+        if type(m).__name__ == 'Kmeans':
+            m.initted.fill_(True)
+    ours = from_seed_state_dict(ours_cls, seed_checkpoint(seed, tmp_path), **kwargs).eval()
+    with torch.no_grad():
+        expected, got = first(seed(x)), first(ours(x))
+    torch.testing.assert_close(got, expected, **TOL)
+
+
+def test_a_loaded_checkpoint_is_written_as_the_cli_writes_weights(tmp_path):
+    kwargs = dict(**LM, depth=1, max_seq_len=16, window_size=8, n_local_attn_heads=2, causal=True)
+    seed = build(RT.RoutingTransformerLM, kwargs)
+    ours = from_seed_state_dict(R.RoutingTransformerLM, seed.state_dict(), **kwargs)
+    save_converted(ours, tmp_path / 'model.safetensors')
+    again = build(R.RoutingTransformerLM, kwargs)
+    again.load_state_dict(read_weights(tmp_path / 'model.safetensors'))
+    for key, value in ours.state_dict().items():
+        assert torch.equal(value, again.state_dict()[key]), key
+
+
+def test_seed_weights_with_no_place_here_are_a_clear_error():
+    kwargs = dict(**LM, depth=1, max_seq_len=16, window_size=8)
+    seed = build(RT.RoutingTransformerLM, kwargs).state_dict()
+    ours = build(R.RoutingTransformerLM, kwargs)
+    with pytest.raises(ValueError, match=r'with no place in RoutingTransformerLM: extra\.weight'):
+        load_seed_state_dict(ours, {**seed, 'extra.weight': torch.zeros(3)})
+    with pytest.raises(ValueError, match=r'does not provide: to_logits\.bias'):
+        load_seed_state_dict(ours, {k: v for k, v in seed.items() if k != 'out.bias'})
+    with pytest.raises(ValueError, match=r'shapes that differ: out\.weight \(64, 16\) -> to_logits\.weight \(64, 32\)'):
+        load_seed_state_dict(ours, {**seed, 'out.weight': torch.zeros(64, 16)})
+    # a seed model built with other keywords
+    with pytest.raises(ValueError, match='keyword arguments the seed model was built with'):
+        load_seed_state_dict(build(R.RoutingTransformerLM, {**kwargs, 'depth': 2}), seed)
+    # weights the seed has and ours cannot hold say why
+    causal_unshared = build(RT.RoutingTransformerLM, {**kwargs, 'causal': True, 'shared_qk': False}).state_dict()
+    with pytest.raises(ValueError, match='memory key/values per k-means cluster'):
+        load_seed_state_dict(build(R.RoutingTransformerLM, {**kwargs, 'causal': True, 'shared_qk': False}),
+                             causal_unshared)
+    with pytest.raises(TypeError, match='not a model of a seed family'):
+        convert_seed_state_dict(build(R.TransformerLM, dict(num_tokens=8, dim=8, depth=1, max_seq_len=8)), seed)
+
+
+def test_a_checkpoint_path_is_read_without_running_code(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (print, ('this must not run',))
+
+    path = tmp_path / 'evil.pt'
+    torch.save({'token_emb.weight': torch.zeros(1), 'x': Payload()}, path)
+    with pytest.raises(Exception, match='Weights only load failed|weights_only'):
+        load_seed_state_dict(build(R.RoutingTransformerLM, dict(**LM, depth=1, max_seq_len=8, window_size=8)), path)
+    with pytest.raises(ValueError, match='expected a state dict'):
+        load_seed_state_dict(build(R.RoutingTransformerLM, dict(**LM, depth=1, max_seq_len=8, window_size=8)),
+                             {'token_emb.weight': 3})
