@@ -160,3 +160,112 @@ def test_a_checkpoint_path_is_read_without_running_code(tmp_path):
     with pytest.raises(ValueError, match='expected a state dict'):
         load_seed_state_dict(build(R.RoutingTransformerLM, dict(**LM, depth=1, max_seq_len=8, window_size=8)),
                              {'token_emb.weight': 3})
+
+
+# ---------------------------------------------------------------- same keywords, same parameters
+
+def routing_memory_difference(seed, ours):
+    """The Routing seed learns num_mem_kv memory key/values per k-means cluster for the routed
+    heads only; ours one set per head, seen from every cluster and by the local heads too."""
+    per_cluster = sum(m.mem_key.numel() + m.mem_value.numel() for m in seed.modules()
+                      if type(m).__name__ == 'KmeansAttention')
+    per_head = sum(m.mem_kv.numel() for m in ours.modules() if isinstance(m, R.Attention) and m.mem_kv is not None)
+    return per_cluster - per_head
+
+
+def context_projections(seed, ours):
+    """The Sinkhorn seed's cross-attention uses the raw context as keys and values (no projection,
+    a known defect); ours projects them."""
+    return -sum(m.to_k.weight.numel() + m.to_v.weight.numel() for m in ours.modules()
+                if isinstance(m, R.Attention) and m.cross_attend)
+
+
+def reformer_cross_attention(seed, ours):
+    """The Reformer seed's decoder concatenates the encoder output into its LSH self-attention
+    (a known defect, keys compete with the decoder's tokens for buckets); ours cross-attends
+    with a sublayer of its own."""
+    return -sum(n_params(block.mixers[1]) for block in ours.decoder.net.transformer.blocks)
+
+
+SMALL = dict(num_tokens=256, dim=64, heads=8)
+# the seed READMEs' configurations, shrunk (width, length, vocabulary), same structure
+README_CONFIGS = [
+    ('routing_lm', RT.RoutingTransformerLM, R.RoutingTransformerLM,
+     dict(**SMALL, depth=7, max_seq_len=256, causal=True, emb_dim=32, weight_tie=False, tie_embedding=False,
+          dim_head=8, attn_dropout=0.1, attn_layer_dropout=0., ff_dropout=0.1, layer_dropout=0., window_size=32,
+          n_local_attn_heads=4, reversible=True, ff_chunks=10, ff_glu=True, pkm_layers=(4, 7), pkm_num_keys=32,
+          moe_layers=(3, 6), moe_num_experts=4, moe_loss_coef=1e-2, num_mem_kv=8, use_scale_norm=False,
+          use_rezero=False, shift_tokens=True), routing_memory_difference),
+    ('routing_transformer', RT.RoutingTransformer, R.RoutingTransformer,
+     dict(dim=64, heads=8, depth=3, max_seq_len=256, window_size=32, n_local_attn_heads=4), None),
+    ('routing_enc_dec', RT.RoutingTransformerEncDec, R.RoutingTransformerEncDec,
+     dict(dim=64, enc_num_tokens=256, enc_depth=2, enc_heads=8, enc_max_seq_len=256, enc_window_size=32,
+          dec_num_tokens=256, dec_depth=2, dec_heads=8, dec_max_seq_len=256, dec_window_size=32, dec_reversible=True),
+     None),
+    ('routing_update_kmeans', RT.RoutingTransformerLM, R.RoutingTransformerLM,
+     dict(**SMALL, depth=2, window_size=32, max_seq_len=256, causal=True, _register_kmeans_update=False), None),
+    ('reformer_lm', RF.ReformerLM, R.ReformerLM,
+     dict(**SMALL, depth=3, max_seq_len=256, lsh_dropout=0.1, emb_dim=32, causal=True, bucket_size=16, n_hashes=4,
+          ff_chunks=20, weight_tie=False, attn_chunks=8, num_mem_kv=16, use_full_attn=False, full_attn_thres=64,
+          use_scale_norm=False), None),
+    ('reformer', RF.Reformer, R.Reformer, dict(dim=64, depth=3, heads=8, lsh_dropout=0.1, causal=True), None),
+    ('lsh_self_attention', RF.LSHSelfAttention, R.LSHSelfAttention,
+     dict(dim=32, heads=8, bucket_size=16, n_hashes=8, causal=False), None),
+    ('reformer_encoder', RF.ReformerLM, R.ReformerLM,
+     dict(**SMALL, emb_dim=32, depth=3, max_seq_len=256, fixed_position_emb=True, return_embeddings=True), None),
+    ('reformer_decoder', RF.ReformerLM, R.ReformerLM,
+     dict(**SMALL, emb_dim=32, depth=3, max_seq_len=256, fixed_position_emb=True, causal=True), None),
+    ('reformer_enc_dec', RF.ReformerEncDec, R.ReformerEncDec,
+     dict(dim=64, enc_num_tokens=256, enc_depth=2, enc_max_seq_len=256, dec_num_tokens=256, dec_depth=2,
+          dec_max_seq_len=256), reformer_cross_attention),
+    ('sinkhorn_lm', SK.SinkhornTransformerLM, R.SinkhornTransformerLM,
+     dict(**SMALL, depth=7, max_seq_len=256, bucket_size=32, causal=False, n_sortcut=2, n_top_buckets=2,
+          ff_chunks=10, reversible=True, emb_dropout=0.1, ff_dropout=0.1, attn_dropout=0.1, attn_layer_dropout=0.1,
+          layer_dropout=0.1, weight_tie=True, emb_dim=32, dim_head=8, ff_glu=True, n_local_attn_heads=2,
+          pkm_layers=(4, 7), pkm_num_keys=32), None),
+    ('sinkhorn_transformer', SK.SinkhornTransformer, R.SinkhornTransformer,
+     dict(dim=64, heads=8, depth=3, bucket_size=32), None),
+    ('sinkhorn_encoder', SK.SinkhornTransformerLM, R.SinkhornTransformerLM,
+     dict(num_tokens=256, dim=64, depth=3, heads=8, bucket_size=32, max_seq_len=256, reversible=True,
+          return_embeddings=True), None),
+    ('sinkhorn_decoder', SK.SinkhornTransformerLM, R.SinkhornTransformerLM,
+     dict(num_tokens=256, dim=64, depth=3, causal=True, bucket_size=32, max_seq_len=256, receives_context=True,
+          context_bucket_size=32, reversible=True), context_projections),
+    ('sinkhorn_simple_sort_net', SK.SinkhornTransformerLM, R.SinkhornTransformerLM,
+     dict(**SMALL, depth=3, bucket_size=32, max_seq_len=256, use_simple_sort_net=True, sinkhorn_iter=7,
+          n_sortcut=2, temperature=0.75, non_permutative=False), None),
+    ('sinkhorn_causal', SK.SinkhornTransformerLM, R.SinkhornTransformerLM,
+     dict(**SMALL, depth=3, bucket_size=25, max_seq_len=400, causal=True), None),
+    ('colt5_feedforward', C5.ConditionalRoutedFeedForward, R.ConditionalRoutedFeedForward,
+     dict(dim=64, light_ff_mult=0.5, heavy_ff_mult=4, num_heavy_tokens=16), None),
+    ('colt5_attention', C5.ConditionalRoutedAttention, R.ConditionalRoutedAttention,
+     dict(dim=64, light_dim_head=8, light_heads=8, light_window_size=16, heavy_dim_head=8, heavy_heads=8,
+          num_heavy_tokens_q=16, num_heavy_tokens_kv=16), None),
+    ('colt5_block', C5.ConditionalRoutedTransformerBlock, R.ConditionalRoutedTransformerBlock,
+     dict(dim=64, light_dim_head=8, light_heads=8, light_window_size=16, heavy_dim_head=8, heavy_heads=8,
+          light_ff_mult=0.5, heavy_ff_mult=4, num_heavy_ff_tokens=16, num_heavy_attn_tokens_q=16,
+          num_heavy_attn_tokens_kv=16), None),
+    ('colt5_cross_attention', C5.ConditionalRoutedCrossAttention, R.ConditionalRoutedCrossAttention,
+     dict(dim=64, dim_head=8, heads=8, num_tokens_q=16, num_tokens_kv=32, kv_routing_tokens=2), None),
+    ('colt5_autoregressive_attention', C5.ConditionalRoutedAutoregressiveAttention,
+     R.ConditionalRoutedAutoregressiveAttention,
+     dict(dim=64, light_dim_head=8, light_heads=8, light_window_size=16, heavy_window_size=16, heavy_dim_head=8,
+          heavy_heads=8, num_heavy_tokens_q=4, num_heavy_tokens_kv=32, num_routed_kv=2), None),
+    ('colt5_image_attention', C5.ConditionalRoutedImageAttention, R.ConditionalRoutedImageAttention,
+     dict(dim=32, light_dim_head=8, light_heads=8, light_window_size=4, channel_first=True, heavy_dim_head=8,
+          heavy_heads=8, num_heavy_tokens_q=16, num_heavy_tokens_kv=16), None),
+    ('colt5_vit', C5.ConditionalRoutedViT, R.ConditionalRoutedViT,
+     dict(image_size=64, patch_size=8, num_classes=10, dim=64, depth=2, attn_num_heavy_tokens_q=16,
+          attn_num_heavy_tokens_kv=16, attn_heavy_dim_head=8, attn_heavy_heads=8, attn_light_window_size=4,
+          attn_light_dim_head=8, attn_light_heads=4, ff_num_heavy_tokens=16, ff_heavy_mult=4, ff_light_mult=2), None),
+]
+
+
+@pytest.mark.parametrize('name,seed_cls,ours_cls,kwargs,difference', README_CONFIGS,
+                         ids=[c[0] for c in README_CONFIGS])
+def test_seed_readme_configurations_have_the_seed_parameter_count(name, seed_cls, ours_cls, kwargs, difference):
+    seed, ours = build(seed_cls, kwargs), build(ours_cls, kwargs)
+    expected = 0 if difference is None else difference(seed, ours)
+    if difference is not None:
+        assert expected != 0, 'the documented difference has vanished: drop it'
+    assert n_params(seed) - n_params(ours) == expected
