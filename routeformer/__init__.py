@@ -16,6 +16,7 @@ from .routers import (ROUTERS, CoordinateDescentRouter, FullRouter, KMeansRouter
                       SinkhornRouter, TopKRouter)
 from .transformer import Block, Sublayer, Transformer
 from .wrappers import Autopadder, AutoregressiveWrapper, EncoderDecoder, Recorder, top_k, top_p
+from .compat import from_seed_state_dict, load_seed_state_dict, save_converted
 
 __all__ = [
     # the seed packages' classes
@@ -32,4 +33,6 @@ __all__ = [
     'FeedForward', 'LayerContext', 'RoutedAttention', 'RoutePlan',
     'ROUTERS', 'Router', 'FullRouter', 'LocalRouter', 'KMeansRouter', 'LSHRouter', 'SinkhornRouter', 'TopKRouter',
     'CoordinateDescentRouter',
+    # seed checkpoints
+    'from_seed_state_dict', 'load_seed_state_dict', 'save_converted',
 ]

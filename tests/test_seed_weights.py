@@ -126,6 +126,18 @@ def test_a_loaded_checkpoint_is_written_as_the_cli_writes_weights(tmp_path):
         assert torch.equal(value, again.state_dict()[key]), key
 
 
+def test_a_sinkhorn_decoder_loads_with_identity_context_projections():
+    """The seed's cross-attention takes the raw context as keys and values: ours gets identity
+    key/value projections there, which compute the same."""
+    kwargs = dict(**LM, depth=2, max_seq_len=32, bucket_size=8, causal=False, receives_context=True)
+    seed = build(SK.SinkhornTransformerLM, kwargs)
+    ours = from_seed_state_dict(R.SinkhornTransformerLM, seed.state_dict(), **kwargs)
+    cross = ours.transformer.blocks[1].mixers[0].fn
+    assert cross.cross_attend and torch.equal(cross.to_k.weight, torch.eye(32)) and torch.equal(cross.to_v.weight,
+                                                                                                torch.eye(32))
+    torch.testing.assert_close(cross.to_q.weight, seed.sinkhorn_transformer.layers.layers[1][0].fn.to_q.weight)
+
+
 def test_seed_weights_with_no_place_here_are_a_clear_error():
     kwargs = dict(**LM, depth=1, max_seq_len=16, window_size=8)
     seed = build(RT.RoutingTransformerLM, kwargs).state_dict()

@@ -121,6 +121,19 @@ NO_COUNTERPART = {
 OURS_ONLY = (r'\.balance$', r'_extra_state$')
 
 
+def identity_context_projection(model, key):
+    """The Sinkhorn seed's cross-attention uses the raw context as keys and values: identity
+    projections compute the same (where the heads span `dim`)."""
+    attn = model.get_submodule(key.split('.to_')[0])
+    weight = getattr(attn, key.split('.')[-2]).weight
+    square = weight.shape[0] == weight.shape[1]
+    return torch.eye(weight.shape[0]) if attn.cross_attend and square else None
+
+
+# our weights the seeds have no tensor for, computed from the ones they do: (pattern, family, fn)
+FILLS = [(r'\.fn\.to_[kv]\.weight$', 'sinkhorn', identity_context_projection)]
+
+
 # ---------------------------------------------------------------- tensor conversions
 
 def split_parts(names: tuple[str, ...]) -> Callable:
@@ -265,6 +278,12 @@ def convert_seed_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor] |
     filled = {storage_view(ours[k]) for k in converted}
     missing = [k for k, v in ours.items() if k not in converted and torch.is_tensor(v)
                and storage_view(v) not in filled and not any(re.search(p, k) for p in OURS_ONLY)]
+    for key in list(missing):
+        fill = next((fn for p, f, fn in FILLS if f == family and re.search(p, key)), None)
+        value = fill(model, key) if fill else None
+        if value is not None:
+            converted[key] = value
+            missing.remove(key)
     problems = []
     if unexpected:
         problems.append(f'seed weights with no place in {type(model).__name__}: {listing(unexpected)}')

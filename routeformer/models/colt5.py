@@ -6,6 +6,8 @@ output is scaled by the routing gates and added back at the routed positions.
 Attention runs on the shared executor: light branches are the shared Attention layer with a local
 (or full, per image window) router; the heavy branch builds a RoutePlan over the routed tokens
 (gates on values/keys, the padded-key mask, one learned null key/value per head as memory).
+The parameters are the seed's, one for one (`routeformer.compat.from_seed_state_dict` loads a
+seed checkpoint); the light attention's window is blockwise (the seed's: exact, |i - j| <= w/2).
 
 Axes: b batch, n sequence, d model dim, h heads, e head dim, r kv routes, g windows,
 i routed queries (per window), j routed keys (per window), c candidates.

@@ -2,11 +2,16 @@
 
 LSH attention is the LSHRouter; everything else (shared-QK attention, memory key/values, local
 heads, reversible blocks, chunked feed-forward, PKM, positions, LM, wrappers) is the package's.
+Same keywords, same parameters as reformer-pytorch (`num_mem_kv` memory slots are learned as
+inputs to each layer's projections, positional embeddings live at `emb_dim`, tied layers keep
+their own norms); a seed checkpoint loads with `routeformer.compat.from_seed_state_dict`.
 What differs from reformer-pytorch 1.4.4, on purpose:
 - causal LSH attention is strictly causal, and eval-mode hashing is deterministic;
 - ReformerLM hashes into a fixed max_seq_len / bucket_size buckets (trax's fixed `n_buckets`), so a
   token's bucket does not depend on the sequence length: cached decoding equals the full pass;
-- `keys=` (encoder output) goes through cross-attention, not into the decoder's LSH buckets;
+- `keys=` (encoder output) goes through cross-attention, not into the decoder's LSH buckets, so
+  ReformerEncDec's decoder has a cross-attention sublayer of its own per layer (more parameters);
+- memory key/values are seen by every query, not hashed into the buckets with the sequence;
 - use_full_attn and short sequences keep their rotary positions; post_attn_dropout is applied;
   attn_chunks splits the attention without touching the routing, so reversible gradients are exact.
 

@@ -4,15 +4,24 @@
 
 Routed heads use `KMeansRouter`; the first `n_local_attn_heads` heads of a layer attend locally.
 Every keyword argument of the seed package has an effect (the seed ignored `ff_mult`,
-`commitment_factor`, `use_absolute_pos_emb` and `context_window_size`). Differences from the seed,
-all deliberate:
+`commitment_factor`, `use_absolute_pos_emb` and `context_window_size`).
+
+Same keywords, same parameters as the seed: the local heads have their own biased q/k/v
+projection, the routed heads bias-free `to_q`/`to_k`/`to_v`, the output projection no bias; a
+decoder's cross-attention is a layer of its own with its own feed-forward; the final norm comes
+after the factorised embedding's projection; tied layers keep their own norms. A seed checkpoint
+loads with `routeformer.compat.from_seed_state_dict`. Differences from the seed, all deliberate:
+- `num_mem_kv` memory key/values are one set per head, seen from every cluster and by the local
+  heads too (the seed: a set per k-means cluster, routed heads only; a different parameter count);
 - causal routing is strictly causal (each token's cluster comes from itself), so the seed's
   `num_mem_kv >= 1` workaround for empty rows is not needed: `num_mem_kv` is what you pass;
 - every query receives output in non-causal routing (the seed left unchosen tokens at zero);
 - cross-attention (`receives_context`) routes each decoder query to its nearest centroid's
   `context_window_size` keys, which keeps the decoder causal;
 - `rel_pos_emb` switches rotary positions for all heads (the seed: local heads only, while its LM
-  always rotated the routed heads); rotary is not applied to values;
+  always rotated the routed heads); rotary is not applied to values, routers see the unrotated
+  queries and keys, and non-causal local heads see true relative positions (the seed's were off
+  by the look-forward windows);
 - centroids update after every backward by default in `RoutingTransformer` too (the seed's
   default there was never), and are all-reduced under torch.distributed.
 """

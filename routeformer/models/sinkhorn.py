@@ -6,7 +6,11 @@ Sinkhorn heads use `SinkhornRouter` (see routeformer/routers/sinkhorn.py for the
 first `n_local_attn_heads` heads of a layer attend locally in windows of `bucket_size`, as in the
 seed. Every keyword argument of the seed package has an effect, with the seed's defaults, which
 differ between `SinkhornTransformer` and `SinkhornTransformerLM` (`non_permutative`,
-`n_top_buckets`, `context_n_sortcut`) as they did there. Differences from the seed, all deliberate:
+`n_top_buckets`, `context_n_sortcut`) as they did there. Same keywords, same parameters as the
+seed (a decoder's cross-attention is a layer of its own with its own feed-forward, positions live
+at `emb_dim`, the final norm comes after the factorised embedding's projection, tied layers keep
+their own norms) except where noted below; a seed checkpoint loads with
+`routeformer.compat.from_seed_state_dict`. Differences from the seed, all deliberate:
 - the selected key blocks contribute their values (the seed used their keys as values in its
   default path), and padding is masked by position for every `n_top_buckets` (the seed's causal
   mask assumed 2 selected blocks);
@@ -15,11 +19,11 @@ differ between `SinkhornTransformer` and `SinkhornTransformerLM` (`non_permutati
 - causal routing decides a block's key blocks from the mean of the `bucket_size` routing queries
   ending at its first token (the seed: a cumulative mean at the first token, plus half of the heads
   rotated by bucket_size - 1); a null candidate that wins leaves its slot empty (the seed attended
-  to copies of a learned null key/value there);
+  to copies of a learned null key/value there, so a causal seed checkpoint does not load);
 - soft permutations (`non_permutative=False`) keep the `n_top_buckets` largest entries of each row
   as block weights instead of mixing every block into every sorted block;
 - cross-attention (`receives_context`) projects the context to keys and values (the seed used the
-  raw context as both), takes a context of any length and of width `dim_context`, and in a causal
+  raw context as both; so more parameters), takes a context of any length and of width `dim_context`, and in a causal
   decoder routes each block from what is known at its first token (the seed's cross-attention
   routed by the whole block, so later tokens of a block steered what earlier ones saw);
 - `use_simple_sort_net` takes any length up to `max_seq_len` (the seed: exactly `max_seq_len`
