@@ -115,6 +115,30 @@ def test_seed_checkpoint_loads_and_gives_the_same_outputs(name, seed_cls, ours_c
     torch.testing.assert_close(got, expected, **TOL)
 
 
+def test_a_routing_encoder_decoder_checkpoint_loads():
+    """Both LMs load; the decoders agree given the same encoder output (their self-attention
+    local, cross-attention routed over one cluster: where the seed is right)."""
+    kwargs = dict(dim=32, enc_num_tokens=64, enc_depth=1, enc_heads=4, enc_dim_head=8, enc_max_seq_len=16,
+                  enc_window_size=16, dec_num_tokens=64, dec_depth=2, dec_heads=4, dec_dim_head=8, dec_max_seq_len=16,
+                  dec_window_size=16, dec_n_local_attn_heads=4)
+    seed = build(RT.RoutingTransformerEncDec, kwargs).eval()
+    for m in seed.modules():
+        if type(m).__name__ == 'Kmeans':
+            m.initted.fill_(True)
+    ours = from_seed_state_dict(R.RoutingTransformerEncDec, seed.state_dict(), **kwargs).eval()
+    assert torch.equal(ours.encoder.net.token_emb.weight, seed.enc.token_emb.weight)
+    context, tgt = features(16, 32), tokens(16)
+    with torch.no_grad():
+        expected, _ = seed.dec.base_net(tgt, context=context)
+        got, _ = ours.decoder.net(tgt, context=context)
+    torch.testing.assert_close(got, expected, **TOL)
+    # the Reformer seed's decoder has no cross-attention weights to load into ours
+    kwargs = dict(dim=32, enc_num_tokens=64, enc_depth=1, enc_max_seq_len=32, dec_num_tokens=64, dec_depth=1,
+                  dec_max_seq_len=32)
+    with pytest.raises(ValueError, match='cross-attends with weights of its own'):
+        from_seed_state_dict(R.ReformerEncDec, build(RF.ReformerEncDec, kwargs).state_dict(), **kwargs)
+
+
 def test_a_loaded_checkpoint_is_written_as_the_cli_writes_weights(tmp_path):
     kwargs = dict(**LM, depth=1, max_seq_len=16, window_size=8, n_local_attn_heads=2, causal=True)
     seed = build(RT.RoutingTransformerLM, kwargs)

@@ -8,7 +8,8 @@ same keyword arguments.
 The name mappings are data: each family is a list of (pattern, replacement) rewrites applied in
 order to every seed key (the replacement may list candidates; the first that names one of our
 keys wins), shared rewrites for the pieces every seed wrote alike (the layer stack, feed-forward),
-and a few tensor conversions where the layouts differ. Seed keys that are derived (rotary tables)
+and a few tensor conversions where the layouts differ; an encoder-decoder's keys are its
+encoder's and decoder's under a prefix. Seed keys that are derived (rotary tables)
 or empty are skipped; our own bookkeeping (k-means balance counters, LSH rotation seeds) keeps its
 initial value. Anything else unmatched is an error that lists it.
 
@@ -23,9 +24,12 @@ known defect or routes differently by design:
   (not loadable unless `num_mem_kv=0`).
 - Reformer: the seed draws fresh random rotations at every call, ours fixed ones; a sequence of
   2 * bucket_size (two chunks that see each other) makes hashing irrelevant. The seed's memory
-  key/values are hashed with the sequence; ours are seen by every query.
-- Sinkhorn: the seed's default non-causal path uses keys as values (and routes with a soft
-  top-k); its causal null bucket (`null_keys`/`null_values`) has no counterpart here.
+  key/values are hashed with the sequence; ours are seen by every query. ReformerEncDec does not
+  load: our decoder cross-attends with weights the seed's (keys put into its LSH buckets) lacks.
+- Sinkhorn: the seed's default non-causal path uses keys as values, and its soft top-k weights
+  differ from ours, so outputs agree with local heads and with sortcut over one bucket; its causal
+  null bucket (`null_keys`/`null_values`) has no counterpart here. Its cross-attention takes the
+  raw context as keys and values: ours loads identity projections there.
 - CoLT5: the seed ranks by saturated coordinate-descent scores (ties at 1); ours by raw score, so
   outputs agree where both pick the same tokens (e.g. `fetch_k_ratio=1`).
 """
@@ -79,10 +83,10 @@ REFORMER: list[Rewrite] = [
     (r'^out\.1\.', 'to_logits.'),
     (r'^pos_emb\.weights\.(\d+)$', r'pos_emb.embs.\1'),
     # LSHSelfAttention on its own
-    (r'^(toqk|tov|to_out|mem_kv)\b', r'attn.\1'),
-    (r'^attn\.toqk\.', 'attn.to_q.'),
-    (r'^attn\.tov\.', 'attn.to_v.'),
-    (r'^attn\.mem_kv$', 'attn.mem_inputs'),
+    (r'^toqk\.', 'attn.to_q.'),
+    (r'^tov\.', 'attn.to_v.'),
+    (r'^to_out\.', 'attn.to_out.'),
+    (r'^mem_kv$', 'attn.mem_inputs'),
 ]
 
 SINKHORN: list[Rewrite] = [
@@ -107,8 +111,15 @@ COLT5: list[Rewrite] = [
 
 FAMILIES: dict[str, list[Rewrite]] = dict(routing=ROUTING, reformer=REFORMER, sinkhorn=SINKHORN, colt5=COLT5)
 
+# encoder-decoders: the seeds' encoder and decoder LMs (bare, or inside their wrappers, which the
+# state dict lists again) -> ours; the family's rewrites apply to the rest of the key
+ENC_DEC: list[tuple[str, str]] = [
+    (r'^enc\.(?:net\.net\.)?', 'encoder.net.'),
+    (r'^dec\.(?:base_net\.|net\.net\.)', 'decoder.net.'),
+]
+
 # seed keys that are functions of the constructor arguments (ours recompute them)
-DERIVED = (r'(^|\.)inv_freq$', r'^sinu_pos_emb\.', r'^layer_pos_emb\.', r'^pos_emb\.inv_freq$')
+DERIVED = (r'(^|\.)inv_freq$', r'(^|\.)sinu_pos_emb\.emb$')
 
 # seed keys that hold weights with no counterpart here, and why
 NO_COUNTERPART = {
@@ -119,6 +130,12 @@ NO_COUNTERPART = {
 
 # our state that the seeds do not have: it keeps its initial value
 OURS_ONLY = (r'\.balance$', r'_extra_state$')
+
+# our weights that a seed checkpoint cannot provide, and why
+NOT_IN_SEED = {
+    r'^decoder\.net\..*\.mixers\.1\.': 'ReformerEncDec\'s decoder cross-attends with weights of its own; the seed '
+                                       'put the encoder output into its LSH self-attention and has none to load',
+}
 
 
 def identity_context_projection(model, key):
@@ -252,10 +269,15 @@ def convert_seed_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor] |
     """The seed state dict as ours for `model` (built with the seed's keyword arguments). Raises a
     ValueError listing every seed weight without a place here, every weight of ours the seed does
     not provide and every shape that differs."""
+    from ..wrappers import EncoderDecoder
     state_dict = read_seed_state_dict(state_dict)
     family = family_of(model)
     rewrites = FAMILIES[family]
     ours = model.state_dict()
+    prefixes = ENC_DEC if isinstance(model, EncoderDecoder) else [('', '')]
+    # our keys under each prefix, without it: what the family's rewrites name
+    below = {ours_prefix: {k[len(ours_prefix):]: v for k, v in ours.items() if k.startswith(ours_prefix)}
+             for _, ours_prefix in prefixes}
     converted, sources, unexpected, mismatched, reasons = {}, {}, [], [], set()
     for seed_key, t in state_dict.items():
         if t.numel() == 0 or any(re.search(p, seed_key) for p in DERIVED):
@@ -265,7 +287,13 @@ def convert_seed_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor] |
             unexpected.append(seed_key)
             reasons.add(why)
             continue
-        for key, value in convert(rename(seed_key, rewrites, ours), t, model, family).items():
+        seed_prefix, ours_prefix = next(((p, o) for p, o in prefixes if re.match(p, seed_key)), ('', None))
+        if ours_prefix is None:
+            unexpected.append(seed_key)
+            continue
+        rest = seed_key[re.match(seed_prefix, seed_key).end():]
+        key = ours_prefix + rename(rest, rewrites, below[ours_prefix])
+        for key, value in convert(key, t, model, family).items():
             if key not in ours:
                 unexpected.append(seed_key)
             elif tuple(ours[key].shape) != tuple(value.shape):
@@ -284,6 +312,7 @@ def convert_seed_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor] |
         if value is not None:
             converted[key] = value
             missing.remove(key)
+    reasons |= {r for p, r in NOT_IN_SEED.items() if any(re.search(p, k) for k in missing)}
     problems = []
     if unexpected:
         problems.append(f'seed weights with no place in {type(model).__name__}: {listing(unexpected)}')

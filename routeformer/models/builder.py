@@ -97,6 +97,9 @@ def build_transformer(*, dim: int, depth: int, heads: int = 8, dim_head: int | N
             return MoE(dim, num_experts=moe_num_experts, loss_coef=moe_loss_coef)
         if number in pkm_layers:
             return PKM(dim, num_keys=pkm_num_keys, topk=min(32, pkm_num_keys))
+        return plain_feedforward()
+
+    def plain_feedforward():
         return FeedForward(dim, mult=ff_mult, dropout=ff_dropout, activation=ff_activation, glu=ff_glu, chunks=ff_chunks)
 
     def layer_blocks(layer):
@@ -105,9 +108,7 @@ def build_transformer(*, dim: int, depth: int, heads: int = 8, dim_head: int | N
             mixers.append(sublayer(attention(layer, cross=True)))
         blocks = [Block(mixers, sublayer(attention(layer) if twin_attention else feedforward(layer)))]
         if receives_context and context_ff:
-            plain_ff = FeedForward(dim, mult=ff_mult, dropout=ff_dropout, activation=ff_activation, glu=ff_glu,
-                                   chunks=ff_chunks)
-            blocks.append(Block([sublayer(attention(layer, cross=True))], sublayer(plain_ff)))
+            blocks.append(Block([sublayer(attention(layer, cross=True))], sublayer(plain_feedforward())))
         return blocks
 
     own_ff = {number - 1 for number in (*pkm_layers, *moe_layers)}
