@@ -30,6 +30,8 @@ known defect or routes differently by design:
   differ from ours, so outputs agree with local heads and with sortcut over one bucket; its causal
   null bucket (`null_keys`/`null_values`) has no counterpart here. Its cross-attention takes the
   raw context as keys and values: ours loads identity projections there.
+- Mixture of experts (`moe_layers`): the weights load, but the seed picks second experts at random
+  in eval too and drops tokens beyond each expert's capacity; ours is deterministic and drops none.
 - CoLT5: the seed ranks by saturated coordinate-descent scores (ties at 1); ours by raw score, so
   outputs agree where both pick the same tokens (e.g. `fetch_k_ratio=1`).
 """
