@@ -140,19 +140,6 @@ NOT_IN_SEED = {
 }
 
 
-def identity_context_projection(model, key):
-    """The Sinkhorn seed's cross-attention uses the raw context as keys and values: identity
-    projections compute the same (where the heads span `dim`)."""
-    attn = model.get_submodule(key.split('.to_')[0])
-    weight = getattr(attn, key.split('.')[-2]).weight
-    square = weight.shape[0] == weight.shape[1]
-    return torch.eye(weight.shape[0]) if attn.cross_attend and square else None
-
-
-# our weights the seeds have no tensor for, computed from the ones they do: (pattern, family, fn)
-FILLS = [(r'\.fn\.to_[kv]\.weight$', 'sinkhorn', identity_context_projection)]
-
-
 # ---------------------------------------------------------------- tensor conversions
 
 def split_parts(names: tuple[str, ...]) -> Callable:
@@ -203,19 +190,31 @@ def rotary_centroids(t, model, key):
     return {'': rotary_layout(t, t.shape[-1], -1)}
 
 
-# per family, (pattern over our key after the rewrites, part names, conversion): a conversion
-# returns its parts by name, '' for the key itself, other names fill the pattern's `{}`
+# per family, (pattern over our key after the rewrites, template, conversion): a conversion
+# returns its parts by name, '' for the key itself, other names fill the template's `{}`
+AXIAL = (r'pos_emb\.embs\.\d+$', None, axial_table)
 CONVERSIONS: dict[str, list[tuple[str, str | None, Callable]]] = dict(
     routing=[(r'\.fn\.to_[qk]\.weight$', None, rotary_rows),
              (r'\.routers\.\d+\.means$', None, rotary_centroids)],
-    reformer=[(r'(\.fn|^attn)\.to_q\.weight$', None, rotary_rows)],
-    sinkhorn=[(r'\.fn\.to_kv\.weight$', '.fn.{}.weight', split_parts(('to_k', 'to_v'))),
-              (r'pos_emb\.embs\.\d+$', None, axial_table)],
+    reformer=[(r'(\.fn|^attn)\.to_q\.weight$', None, rotary_rows), AXIAL],
+    sinkhorn=[(r'\.fn\.to_kv\.weight$', '.fn.{}.weight', split_parts(('to_k', 'to_v'))), AXIAL],
     colt5=[(r'light_attn\.to_qkv\.weight$', 'light_attn.{}.weight', split_parts(('to_q', 'to_k', 'to_v'))),
            (r'heavy_attn\.null_kv$', None, one_null_slot),
            (r'heavy_attn\.to_kv\.weight$', None, colt5_kv)],
 )
-CONVERSIONS['reformer'].append(CONVERSIONS['sinkhorn'][1])  # axial positions
+
+
+def identity_context_projection(model, key):
+    """The Sinkhorn seed's cross-attention uses the raw context as keys and values: identity
+    projections compute the same (where the heads span `dim`)."""
+    attn = attention_of(model, key)
+    weight = getattr(attn, key.split('.')[-2]).weight
+    square = weight.shape[0] == weight.shape[1]
+    return torch.eye(weight.shape[0]) if attn.cross_attend and square else None
+
+
+# our weights the seeds have no tensor for, computed from the ones they do: (pattern, family, fn)
+FILLS = [(r'\.fn\.to_[kv]\.weight$', 'sinkhorn', identity_context_projection)]
 
 
 # ---------------------------------------------------------------- conversion
@@ -256,8 +255,8 @@ def rename(key: str, rewrites: list[Rewrite], ours: Mapping) -> str:
 def convert(key: str, t: Tensor, model: nn.Module, family: str) -> dict[str, Tensor]:
     for pattern, template, fn in CONVERSIONS[family]:
         if re.search(pattern, key):
-            parts = fn(t, model, key)
-            return {(key if name == '' else re.sub(pattern, template.format(name), key)): v for name, v in parts.items()}
+            return {key if name == '' else re.sub(pattern, template.format(name), key): part
+                    for name, part in fn(t, model, key).items()}
     return {key: t}
 
 

@@ -23,9 +23,10 @@ their own norms) except where noted below; a seed checkpoint loads with
 - soft permutations (`non_permutative=False`) keep the `n_top_buckets` largest entries of each row
   as block weights instead of mixing every block into every sorted block;
 - cross-attention (`receives_context`) projects the context to keys and values (the seed used the
-  raw context as both; so more parameters), takes a context of any length and of width `dim_context`, and in a causal
-  decoder routes each block from what is known at its first token (the seed's cross-attention
-  routed by the whole block, so later tokens of a block steered what earlier ones saw);
+  raw context as both: a seed checkpoint loads identity projections there), takes a context of any
+  length and of width `dim_context`, and in a causal decoder routes each block from what is known
+  at its first token (the seed's cross-attention routed by the whole block, so later tokens of a
+  block steered what earlier ones saw);
 - `use_simple_sort_net` takes any length up to `max_seq_len` (the seed: exactly `max_seq_len`
   when not causal);
 - `max_seq_len` is rounded up to a whole number of buckets, so Autopadder can pad any input up to
