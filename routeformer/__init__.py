@@ -20,6 +20,7 @@ from .transformer import Block, Sublayer, Transformer
 from .models import MoSATransformerLM
 from .routers import MoSARouter
 from .wrappers import Autopadder, AutoregressiveWrapper, EncoderDecoder, Recorder, top_k, top_p
+from .compat import from_seed_state_dict, load_seed_state_dict, save_converted
 
 __all__ = [
     # the seed packages' classes
@@ -36,6 +37,8 @@ __all__ = [
     'FeedForward', 'LayerContext', 'RoutedAttention', 'RoutePlan',
     'ROUTERS', 'Router', 'FullRouter', 'LocalRouter', 'KMeansRouter', 'LSHRouter', 'SinkhornRouter', 'TopKRouter',
     'CoordinateDescentRouter', 'discard_statistics',
+    # seed checkpoints
+    'from_seed_state_dict', 'load_seed_state_dict', 'save_converted',
     # today's routers
     'MoBATransformerLM', 'MoBARouter', 'DSATransformerLM', 'DSARouter',
 ]

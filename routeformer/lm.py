@@ -51,12 +51,17 @@ class LM(nn.Module):
     positional embedding, a Transformer, a final norm and the logits (tied to the embedding when
     `tie_embedding`). `forward` returns `(logits, aux_loss)`: the final hidden states instead of the
     logits with `return_embeddings`, the bare tensor without the aux loss with `return_aux=False`
-    (seed APIs whose models return one tensor)."""
+    (seed APIs whose models return one tensor). A model built with `return_embeddings=True` has no
+    logits head (as in the seeds). `norm_after_project_out` puts the final norm after the
+    factorised embedding's projection back to `emb_dim` (Routing Transformer) instead of before;
+    `pos_emb_before_project_in` adds the positional embedding (then `emb_dim` wide) before the
+    projection up to `dim` (Reformer, Sinkhorn) instead of after."""
 
     def __init__(self, *, num_tokens: int, dim: int, max_seq_len: int, transformer: Transformer,
                  emb_dim: int | None = None, pos_emb: nn.Module | None = None, emb_dropout: float = 0.,
                  tie_embedding: bool = False, return_embeddings: bool = False, final_norm: nn.Module | None = None,
-                 causal: bool = False, return_aux: bool = True):
+                 causal: bool = False, return_aux: bool = True, norm_after_project_out: bool = False,
+                 pos_emb_before_project_in: bool = False):
         super().__init__()
         check_positive(num_tokens=num_tokens, max_seq_len=max_seq_len)
         emb_dim = default(emb_dim, dim)
@@ -64,13 +69,16 @@ class LM(nn.Module):
         self.token_emb = nn.Embedding(num_tokens, emb_dim)
         nn.init.normal_(self.token_emb.weight, std=0.02)
         self.pos_emb = pos_emb
+        self.pos_emb_first = pos_emb_before_project_in
         self.emb_dropout = nn.Dropout(emb_dropout)
         # ALBERT factorisation: a small embedding projected up to the model width and back
         self.project_in = nn.Linear(emb_dim, dim) if emb_dim != dim else nn.Identity()
         self.transformer = transformer
-        self.norm = default(final_norm, nn.LayerNorm(dim))
-        self.project_out = nn.Linear(dim, emb_dim) if emb_dim != dim else nn.Identity()
-        self.to_logits = None if tie_embedding else nn.Linear(emb_dim, num_tokens)
+        self.has_head = not return_embeddings
+        self.norm_last = norm_after_project_out and emb_dim != dim and self.has_head
+        self.norm = default(final_norm, nn.LayerNorm(emb_dim if self.norm_last else dim))
+        self.project_out = nn.Linear(dim, emb_dim) if emb_dim != dim and self.has_head else nn.Identity()
+        self.to_logits = nn.Linear(emb_dim, num_tokens) if self.has_head and not tie_embedding else None
         self.return_embeddings = return_embeddings
         # seed APIs whose models return a bare tensor (Reformer, Sinkhorn) have no aux loss to lose
         self.return_aux = return_aux
@@ -116,8 +124,10 @@ class LM(nn.Module):
             raise ValueError('context_mask was given without a context')
 
         h = self.token_emb(x)
+        if exists(self.pos_emb) and self.pos_emb_first:
+            h = h + self.pos_emb(torch.arange(offset, offset + n, device=x.device)).to(h.dtype)
         h = self.project_in(h)
-        if exists(self.pos_emb):
+        if exists(self.pos_emb) and not self.pos_emb_first:
             h = h + self.pos_emb(torch.arange(offset, offset + n, device=x.device)).to(h.dtype)
         h = self.emb_dropout(h)
 
@@ -127,8 +137,13 @@ class LM(nn.Module):
         if exists(cache):
             cache['offset'] = offset + n
 
-        h, aux = self.norm(h), as_loss(aux)
+        aux = as_loss(aux)
+        h = self.norm(self.project_out(h)) if self.norm_last else self.norm(h)
         if not default(return_embeddings, self.return_embeddings):
-            h = self.project_out(h)
+            if not self.has_head:
+                raise ValueError('this model was built with return_embeddings=True and has no logits head: build it '
+                                 'with return_embeddings=False to get logits')
+            if not self.norm_last:
+                h = self.project_out(h)
             h = h @ self.token_emb.weight.t() if self.to_logits is None else self.to_logits(h)
         return (h, aux) if self.return_aux else single_output(h, type(self).__name__)

@@ -32,7 +32,7 @@ def test_pkm_matches_brute_force_over_all_product_keys():
 
     heads, num_keys, topk = 2, 8, 3
     q = pkm.to_queries(x).view(1, 4, 2, heads, 4)
-    q = torch.stack([pkm.norms[0](q[:, :, 0]), pkm.norms[1](q[:, :, 1])], dim=2)
+    q = pkm.norm(q)
     expected = torch.zeros_like(out)
     for t in range(4):
         for h in range(heads):

@@ -599,11 +599,12 @@ def test_structural_keyword_arguments():
     assert not any(isinstance(m, FeedForward) for m in twin.modules())
     assert len(twin.transformer.blocks[0].ff.fn.routers) == 1
     tied = lm(weight_tie=True, depth=3)
-    assert tied.transformer.blocks[0] is tied.transformer.blocks[2]
+    assert tied.transformer.blocks[0].mixers[0].fn is tied.transformer.blocks[2].mixers[0].fn
+    assert tied.transformer.blocks[0].ff.fn is tied.transformer.blocks[2].ff.fn
     assert lm(pkm_layers=(1,), pkm_num_keys=8).transformer.blocks[0].ff.fn.__class__.__name__ == 'PKM'
     assert n_params(lm(emb_dim=8)) < n_params(base)
     assert lm(return_embeddings=True)(tokens()).shape == (2, SEQ, DIM)
-    assert lm(num_mem_kv=3).transformer.blocks[0].mixers[0].fn.mem_kv.shape[-2] == 3
+    assert lm(num_mem_kv=3).transformer.blocks[0].mixers[0].fn.mem_inputs.shape == (1, 3, DIM)
     local = lm(n_local_attn_heads=1).transformer.blocks[0].mixers[0].fn
     assert local.routers[0].window_size == 2 * BUCKET
     assert lm(use_scale_norm=True).transformer.blocks[0].ff.norm.__class__.__name__ == 'ScaleNorm'

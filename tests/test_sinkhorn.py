@@ -459,7 +459,8 @@ def test_encoder_decoder_trains_and_generates_with_a_cache():
     loss, aux = model(src, tgt, return_loss=True, enc_input_mask=src_mask)
     loss.backward()
     assert torch.isfinite(loss)
-    assert model.decoder.net.transformer.blocks[0].mixers[1].fn.routers[0].cross
+    # as in the seed, the cross-attention is a layer of its own after each decoder layer
+    assert model.decoder.net.transformer.blocks[1].mixers[0].fn.routers[0].cross
     cached = model.generate(src, tgt[:, :5], 12, enc_input_mask=src_mask, temperature=0)
     context, _ = model.encode(src, input_mask=src_mask)
     uncached = model.decoder.generate(tgt[:, :5], 12, context=context, context_mask=src_mask, temperature=0,
@@ -500,8 +501,10 @@ def test_seed_defaults():
 def test_weight_tie_with_pkm_layers_shares_all_but_the_memories():
     model = lm(depth=3, weight_tie=True, pkm_layers=(2,), pkm_num_keys=16)
     blocks = model.transformer.blocks
-    assert blocks[0] is blocks[2] and blocks[1] is not blocks[0]
-    assert blocks[1].mixers[0] is blocks[0].mixers[0]
+    # shared attention and feed-forward, each layer with norms of its own (as in the seed)
+    assert blocks[0].ff.fn is blocks[2].ff.fn and blocks[1].ff.fn is not blocks[0].ff.fn
+    assert all(b.mixers[0].fn is blocks[0].mixers[0].fn for b in blocks)
+    assert blocks[0].mixers[0].norm is not blocks[1].mixers[0].norm
     assert type(blocks[1].ff.fn).__name__ == 'PKM'
 
 

@@ -25,29 +25,45 @@ class Attention(nn.Module):
     The first `n_local_heads` heads use `local_router`, the rest `router` (full attention when
     None). With `cross_attend=True` keys and values come from `ctx.context`, masked by
     `ctx.context_mask`. `forward(x, ctx)` returns `(out, aux_loss)`.
+
+    `local_qkv=True` gives the local heads their own query/key/value projection (`local_to_qkv`,
+    with bias, never shared-QK) and leaves `to_q`/`to_k`/`to_v` to the routed heads, the Routing
+    Transformer's parameterisation; by default one projection serves all heads. `out_bias` is the
+    output projection's bias. `mem_kv_from_inputs=True` learns the `num_mem_kv` memory slots as
+    inputs (`mem_inputs`, (1, num_mem_kv, dim)) that go through the layer's own key and value
+    projections (Reformer's parameterisation) instead of as key/value vectors per head.
     """
 
     def __init__(self, dim: int, *, heads: int = 8, dim_head: int = 64, causal: bool = False,
                  router: Router | None = None, local_router: Router | None = None, n_local_heads: int = 0,
                  shared_qk: bool = False, num_mem_kv: int = 0, dropout: float = 0., post_attn_dropout: float = 0.,
                  cross_attend: bool = False, dim_context: int | None = None,
-                 rotary: RotaryEmbedding | None = None, backend: str = 'auto', rel_pos: nn.Module | None = None):
+                 rotary: RotaryEmbedding | None = None, backend: str = 'auto', rel_pos: nn.Module | None = None,
+                 local_qkv: bool = False, out_bias: bool = True, mem_kv_from_inputs: bool = False):
         super().__init__()
         if not 0 <= n_local_heads <= heads:
             raise ValueError(f'n_local_attn_heads ({n_local_heads}) must be between 0 and heads ({heads})')
         if n_local_heads > 0 and local_router is None:
             raise ValueError('n_local_attn_heads > 0 needs a local router')
         self.heads, self.causal, self.cross_attend, self.shared_qk = heads, causal and not cross_attend, cross_attend, shared_qk
+        self.dim_head = dim_head
         inner, dim_kv = heads * dim_head, default(dim_context, dim)
+        # heads [0, n_own) have their own projection, the rest share to_q/to_k/to_v
+        self.n_own = n_local_heads if local_qkv and not cross_attend else 0
+        self.local_to_qkv = nn.Linear(dim, 3 * self.n_own * dim_head) if self.n_own else None
+        shared = (heads - self.n_own) * dim_head
 
-        self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_k = None if shared_qk else nn.Linear(dim_kv, inner, bias=False)
-        self.to_v = nn.Linear(dim_kv, inner, bias=False)
-        self.to_out = nn.Linear(inner, dim)
+        self.to_q = nn.Linear(dim, shared, bias=False) if shared else None
+        self.to_k = None if shared_qk or not shared else nn.Linear(dim_kv, shared, bias=False)
+        self.to_v = nn.Linear(dim_kv, shared, bias=False) if shared else None
+        self.to_out = nn.Linear(inner, dim, bias=out_bias)
         self.post_attn_dropout = nn.Dropout(post_attn_dropout)
 
         # learned key/values every query can see (All-Attention); also guarantees no empty row
-        self.mem_kv = nn.Parameter(torch.randn(2, heads, num_mem_kv, dim_head) * dim_head ** -0.5) if num_mem_kv > 0 else None
+        has_mem, from_inputs = num_mem_kv > 0, mem_kv_from_inputs and not cross_attend
+        self.mem_kv = nn.Parameter(torch.randn(2, heads, num_mem_kv, dim_head) * dim_head ** -0.5) \
+            if has_mem and not from_inputs else None
+        self.mem_inputs = nn.Parameter(torch.randn(1, num_mem_kv, dim)) if has_mem and from_inputs else None
         self.rotary = rotary if not cross_attend else None
         # logits from (query, original positions): relative position attention, self-attention only
         self.rel_pos = rel_pos if not cross_attend else None
@@ -72,19 +88,32 @@ class Attention(nn.Module):
         return lcm(*(r.multiple_of for r in self.routers)) if not self.cross_attend else 1
 
     def project(self, x, kv_input):
+        if not exists(self.to_q):  # every head has its own projection
+            return tuple(rearrange(self.local_to_qkv(x), 'b n (t h d) -> t b h n d', t=3, d=self.dim_head))
         q = self.to_q(x)
         if exists(self.to_k):
             k = self.to_k(kv_input)
         else:  # shared-QK: keys come from the query projection
             k = q if kv_input is x else self.to_q(kv_input)
         v = self.to_v(kv_input)
-        q, k, v = (rearrange(t, 'b n (h d) -> b h n d', h=self.heads) for t in (q, k, v))
+        q, k, v = (rearrange(t, 'b n (h d) -> b h n d', d=self.dim_head) for t in (q, k, v))
         if self.shared_qk:
             # shared-QK: keys are the normalised queries (Reformer)
             k = l2norm(k)
+        if self.n_own:
+            own = rearrange(self.local_to_qkv(x), 'b n (t h d) -> t b h n d', t=3, d=self.dim_head)
+            q, k, v = (torch.cat((o, t), dim=1) for o, t in zip(own, (q, k, v)))
         return q, k, v
 
+    def excludes_self(self, start: int) -> bool:
+        """Shared-QK heads must not attend to their own key, except where it is the only one; heads
+        with their own projection have separate keys."""
+        return self.shared_qk and not self.cross_attend and start >= self.n_own
+
     def mem_slice(self, start, end):
+        if exists(self.mem_inputs):
+            _, k, v = self.project(self.mem_inputs, self.mem_inputs)
+            return k[0, start:end], v[0, start:end]
         return None if self.mem_kv is None else (self.mem_kv[0, start:end], self.mem_kv[1, start:end])
 
     def forward(self, x: Tensor, ctx: LayerContext) -> tuple[Tensor, Tensor]:
@@ -143,7 +172,7 @@ class Attention(nn.Module):
         for plan, (start, end) in zip(plans, self.head_slices):
             out, weights = self.executor(q[:, start:end], k[:, start:end], v[:, start:end], plan, causal=self.causal,
                                          key_mask=key_mask, mem_kv=self.mem_slice(start, end),
-                                         exclude_self=self.shared_qk and not self.cross_attend, need_weights=record,
+                                         exclude_self=self.excludes_self(start), need_weights=record,
                                          rel_pos=self.rel_pos)
             outs.append(out)
             if record:
@@ -155,7 +184,7 @@ class Attention(nn.Module):
         return self.post_attn_dropout(self.to_out(out)), aux
 
     def empty_cache_entry(self, x) -> dict:
-        b, d = x.shape[0], self.to_v.out_features // self.heads
+        b, d = x.shape[0], self.dim_head
         empty = x.new_zeros(b, self.heads, 0, d)
         return dict(k=empty, v=empty, mask=torch.ones(b, 0, dtype=torch.bool, device=x.device),
                     k_route=empty if self.needs_routing_keys else None)
@@ -185,7 +214,7 @@ class Attention(nn.Module):
                                  **extra)
             out, _ = self.executor(q[:, start:end], k[:, start:end], v[:, start:end], plan, causal=self.causal,
                                    key_mask=key_mask, mem_kv=self.mem_slice(start, end),
-                                   exclude_self=self.shared_qk, rel_pos=self.rel_pos)
+                                   exclude_self=self.excludes_self(start), rel_pos=self.rel_pos)
             outs.append(out)
         return torch.cat(outs, dim=1)
 

@@ -22,7 +22,7 @@ class PKM(nn.Module):
         heads: int = 4,
         num_keys: int = 128,
         topk: int = 32,
-        dim_head: int = 256,
+        dim_head: int = 128,
         input_dropout: float = 0.,
         query_dropout: float = 0.,
         value_dropout: float = 0.,
@@ -36,8 +36,8 @@ class PKM(nn.Module):
 
         self.input_dropout = nn.Dropout(input_dropout)
         self.to_queries = nn.Linear(dim, 2 * heads * dim_head, bias=False)
-        # one norm per half: each half is matched against its own key set, so each gets its own scale
-        self.norms = nn.ModuleList([nn.LayerNorm(dim_head) for _ in range(2)])
+        # one norm for both query halves, as in product-key-memory (the seeds' PKM), so its weights load
+        self.norm = nn.LayerNorm(dim_head)
         self.query_dropout = nn.Dropout(query_dropout)
 
         self.keys = nn.Parameter(torch.randn(heads, num_keys, 2, dim_head) * dim_head ** -0.5)
@@ -50,7 +50,7 @@ class PKM(nn.Module):
         x = self.input_dropout(x)
 
         queries = rearrange(self.to_queries(x), 'b n (p h e) -> p b n h e', p=2, h=self.heads)
-        queries = torch.stack([norm(half) for norm, half in zip(self.norms, queries)])
+        queries = self.norm(queries)
         queries = self.query_dropout(queries)
 
         dots = einsum(queries, self.keys, 'p b n h e, h c p e -> b n h p c')

@@ -36,14 +36,21 @@ def build_transformer(*, dim: int, depth: int, heads: int = 8, dim_head: int | N
                       rotary: bool = False, backend: str = 'auto',
                       make_context_router: Callable[[int], Router | None] | None = None,
                       context_shared_qk: bool = False, max_relative_position: int | None = None,
-                      twin_attention: bool = False) -> Transformer:
+                      twin_attention: bool = False, local_qkv: bool = False,
+                      attn_out_bias: bool = True, context_ff: bool = False,
+                      mem_kv_from_inputs: bool = False) -> Transformer:
     """Builds the blocks. Layer indices in `pkm_layers`/`moe_layers` count from 1 (seed convention);
     `n_local_attn_heads` may be one number or one per layer; `make_router(layer)` gives the main
     router of each layer (full attention when it returns None), `make_context_router(layer)` the
     router of its cross-attention. `context_shared_qk` projects the context's keys with the query
     projection; `max_relative_position` adds relative position logits (Shaw et al.) to every
     self-attention head. `twin_attention` makes both branches of every block self-attention (the
-    feed-forward becomes a second attention; Reformer)."""
+    feed-forward becomes a second attention; Reformer). `local_qkv` gives local heads their own
+    projection (Routing Transformer), `attn_out_bias` is the attention output projection's bias.
+    `context_ff` puts each layer's cross-attention in a block of its own, after the layer, with a
+    feed-forward of its own (the Routing and Sinkhorn decoders); by default it is a second mixer of
+    the layer's block. `mem_kv_from_inputs` learns memory key/values as inputs to the layer's
+    projections (Reformer)."""
     check_positive(dim=dim, heads=heads, **({} if dim_head is None else dict(dim_head=dim_head)))
     dim_head = default(dim_head, dim // heads)
     if twin_attention and (pkm_layers or moe_layers):
@@ -77,6 +84,7 @@ def build_transformer(*, dim: int, depth: int, heads: int = 8, dim_head: int | N
                          n_local_heads=n_local, shared_qk=context_shared_qk if cross else shared_qk, num_mem_kv=num_mem_kv,
                          dropout=attn_dropout, post_attn_dropout=attn_layer_dropout, cross_attend=cross,
                          dim_context=dim_context, rotary=rotary_emb, backend=backend,
+                         local_qkv=local_qkv, out_bias=attn_out_bias, mem_kv_from_inputs=mem_kv_from_inputs,
                          rel_pos=None if cross or max_relative_position is None else
                          RelativePositionLogits(dim_head, max_relative_position=max_relative_position))
 
@@ -90,24 +98,36 @@ def build_transformer(*, dim: int, depth: int, heads: int = 8, dim_head: int | N
             return MoE(dim, num_experts=moe_num_experts, loss_coef=moe_loss_coef)
         if number in pkm_layers:
             return PKM(dim, num_keys=pkm_num_keys, topk=min(32, pkm_num_keys))
+        return plain_feedforward()
+
+    def plain_feedforward():
         return FeedForward(dim, mult=ff_mult, dropout=ff_dropout, activation=ff_activation, glu=ff_glu, chunks=ff_chunks)
 
-    def block(layer):
+    def layer_blocks(layer):
         mixers = [sublayer(attention(layer))]
-        if receives_context:
+        if receives_context and not context_ff:
             mixers.append(sublayer(attention(layer, cross=True)))
-        return Block(mixers, sublayer(attention(layer) if twin_attention else feedforward(layer)))
+        blocks = [Block(mixers, sublayer(attention(layer) if twin_attention else feedforward(layer)))]
+        if receives_context and context_ff:
+            blocks.append(Block([sublayer(attention(layer, cross=True))], sublayer(plain_feedforward())))
+        return blocks
 
     own_ff = {number - 1 for number in (*pkm_layers, *moe_layers)}
-    if weight_tie and own_ff:
-        # ALBERT sharing as in the seed: PKM and MoE layers keep their own memory/experts in place
-        # of the shared feed-forward, and share the attention
-        tied = block(next((layer for layer in range(depth) if layer not in own_ff), 0))
-        blocks = [Block(list(tied.mixers), sublayer(feedforward(layer))) if layer in own_ff else tied
-                  for layer in range(depth)]
+    if weight_tie:
+        # ALBERT sharing as in the seeds: every layer shares the attention and feed-forward but has
+        # norms (or ReZero gates) of its own; PKM and MoE layers keep their own memory/experts in
+        # place of the shared feed-forward
+        tied = layer_blocks(next((layer for layer in range(depth) if layer not in own_ff), 0))
+
+        def tied_layer(layer):
+            return [Block([sublayer(m.fn) for m in b.mixers],
+                          sublayer(feedforward(layer) if layer in own_ff and i == 0 else b.ff.fn))
+                    for i, b in enumerate(tied)]
+        per_layer = [tied_layer(layer) for layer in range(depth)]
     else:
-        blocks = [block(0)] * depth if weight_tie else [block(layer) for layer in range(depth)]
-    return Transformer(blocks, reversible=reversible, layer_dropout=layer_dropout)
+        per_layer = [layer_blocks(layer) for layer in range(depth)]
+    return Transformer([b for blocks in per_layer for b in blocks], reversible=reversible,
+                       layer_dropout=layer_dropout)
 
 
 TRANSFORMER_KWARGS = set(inspect.signature(build_transformer).parameters) - {'make_router', 'make_context_router'}

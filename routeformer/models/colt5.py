@@ -6,6 +6,8 @@ output is scaled by the routing gates and added back at the routed positions.
 Attention runs on the shared executor: light branches are the shared Attention layer with a local
 (or full, per image window) router; the heavy branch builds a RoutePlan over the routed tokens
 (gates on values/keys, the padded-key mask, one learned null key/value per head as memory).
+The parameters are the seed's, one for one (`routeformer.compat.from_seed_state_dict` loads a
+seed checkpoint); the light attention's window is blockwise (the seed's: exact, |i - j| <= w/2).
 
 Axes: b batch, n sequence, d model dim, h heads, e head dim, r kv routes, g windows,
 i routed queries (per window), j routed keys (per window), c candidates.
@@ -321,7 +323,7 @@ class ConditionalRoutedAttention(nn.Module):
         self.light_attn = Attention(
             dim, heads=light_heads, dim_head=light_dim_head, n_local_heads=light_heads,
             local_router=LocalRouter(light_window_size // 2, look_backward=1, look_forward=1),
-            backend=backend_for(use_flash_attn)) if has_light_attn else None
+            backend=backend_for(use_flash_attn), out_bias=False) if has_light_attn else None
         self.routed = RoutedBranches(
             dim, num_heavy_tokens_q=num_heavy_tokens_q, num_heavy_tokens_kv=num_heavy_tokens_kv,
             num_routed_kv=num_routed_kv, heavy_dim_head=heavy_dim_head, heavy_heads=heavy_heads,
@@ -374,7 +376,7 @@ class ConditionalRoutedImageAttention(nn.Module):
         self.num_heavy_tokens_q, self.num_heavy_tokens_kv = num_heavy_tokens_q, num_heavy_tokens_kv
         self.light_norm = RMSNorm(dim)
         self.light_attn = Attention(dim, heads=light_heads, dim_head=light_dim_head,
-                                    backend=backend_for(use_flash_attn))
+                                    backend=backend_for(use_flash_attn), out_bias=False)
         self.routed = RoutedBranches(
             dim, num_heavy_tokens_q=num_heavy_tokens_q, num_heavy_tokens_kv=num_heavy_tokens_kv,
             num_routed_kv=num_routed_kv, heavy_dim_head=heavy_dim_head, heavy_heads=heavy_heads,

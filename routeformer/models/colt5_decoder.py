@@ -64,7 +64,7 @@ class ConditionalRoutedAutoregressiveAttention(nn.Module):
         self.light_attn = Attention(
             dim, heads=light_heads, dim_head=light_dim_head, causal=True, n_local_heads=light_heads,
             local_router=LocalRouter(light_window_size, look_backward=1), backend=backend_for(use_flash_attn),
-            rotary=RotaryEmbedding(light_dim_head) if light_rotary_emb else None)
+            rotary=RotaryEmbedding(light_dim_head) if light_rotary_emb else None, out_bias=False)
         self.routed = RoutedBranches(
             dim, num_heavy_tokens_q=num_heavy_tokens_q, num_heavy_tokens_kv=num_heavy_tokens_kv,
             num_routed_kv=num_routed_kv, heavy_dim_head=heavy_dim_head, heavy_heads=heavy_heads,

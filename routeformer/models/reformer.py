@@ -2,11 +2,16 @@
 
 LSH attention is the LSHRouter; everything else (shared-QK attention, memory key/values, local
 heads, reversible blocks, chunked feed-forward, PKM, positions, LM, wrappers) is the package's.
+Same keywords, same parameters as reformer-pytorch (`num_mem_kv` memory slots are learned as
+inputs to each layer's projections, positional embeddings live at `emb_dim`, tied layers keep
+their own norms); a seed checkpoint loads with `routeformer.compat.from_seed_state_dict`.
 What differs from reformer-pytorch 1.4.4, on purpose:
 - causal LSH attention is strictly causal, and eval-mode hashing is deterministic;
 - ReformerLM hashes into a fixed max_seq_len / bucket_size buckets (trax's fixed `n_buckets`), so a
   token's bucket does not depend on the sequence length: cached decoding equals the full pass;
-- `keys=` (encoder output) goes through cross-attention, not into the decoder's LSH buckets;
+- `keys=` (encoder output) goes through cross-attention, not into the decoder's LSH buckets, so
+  ReformerEncDec's decoder has a cross-attention sublayer of its own per layer (more parameters);
+- memory key/values are seen by every query, not hashed into the buckets with the sequence;
 - use_full_attn and short sequences keep their rotary positions; post_attn_dropout is applied;
   attn_chunks splits the attention without touching the routing, so reversible gradients are exact.
 
@@ -191,13 +196,15 @@ def build_reformer(*, dim: int, depth: int, max_seq_len: int | None, heads: int,
         dim=dim, depth=depth, heads=heads, dim_head=dim_head, causal=causal, make_router=make_router,
         n_local_attn_heads=n_local_attn_heads, local_attn_window_size=2 * bucket_size, shared_qk=True,
         num_mem_kv=num_mem_kv, attn_dropout=lsh_dropout, attn_layer_dropout=post_attn_dropout, ff_chunks=ff_chunks,
-        reversible=reversible, rotary=rotary, receives_context=True, backend=BACKEND, **kwargs)
+        reversible=reversible, rotary=rotary, receives_context=True, backend=BACKEND,
+        mem_kv_from_inputs=kwargs.pop('mem_kv_from_inputs', True), **kwargs)
 
-    blocks = list({id(block): block for block in transformer.blocks}.values())  # tied layers once
+    blocks = list({id(block): block for block in transformer.blocks}.values())
+    # tied layers share their attention: customise each attention module once
+    attentions = {id(m): m for block in blocks for m in block.modules() if isinstance(m, Attention)}
+    for module in attentions.values():
+        customise_attention(module, one_value_head=one_value_head, attn_chunks=default(attn_chunks, 1))
     for block in blocks:
-        for module in block.modules():
-            if isinstance(module, Attention):
-                customise_attention(module, one_value_head=one_value_head, attn_chunks=default(attn_chunks, 1))
         if not receives_context:
             tie_cross_attention(block, attn_dropout=lsh_dropout, post_attn_dropout=post_attn_dropout,
                                 attn_chunks=default(attn_chunks, 1))
@@ -339,7 +346,8 @@ class ReformerLM(_ReformerOptions, LM):
         axial_shape = default(axial_position_shape, (math.ceil(max_seq_len / bucket_size), bucket_size))
         super().__init__(num_tokens=num_tokens, dim=dim, max_seq_len=max_seq_len, transformer=transformer,
                          emb_dim=emb_dim, emb_dropout=emb_dropout, return_embeddings=return_embeddings, causal=causal,
-                         pos_emb=build_pos_emb(pos_kind, dim=dim, max_seq_len=max_seq_len,
+                         pos_emb_before_project_in=True,
+                         pos_emb=build_pos_emb(pos_kind, dim=default(emb_dim, dim), max_seq_len=max_seq_len,
                                                axial_position_shape=axial_shape))
         self.reverse_thres, self.bucket_size, self.num_mem_kv = reverse_thres, bucket_size, num_mem_kv
         self.full_attn_thres = full_attn_thres
@@ -404,6 +412,7 @@ class LSHSelfAttention(nn.Module):
         local = LocalRouter(2 * bucket_size, look_backward=1) if n_local_attn_heads > 0 else None
         self.attn = Attention(dim, heads=heads, dim_head=dim_head, causal=causal, router=router, local_router=local,
                               n_local_heads=n_local_attn_heads, shared_qk=True, num_mem_kv=num_mem_kv,
+                              mem_kv_from_inputs=True,
                               dropout=dropout, post_attn_dropout=post_attn_dropout, backend=BACKEND)
         customise_attention(self.attn, one_value_head=one_value_head, attn_chunks=default(attn_chunks, 1))
         self.dim, self.return_attn = dim, return_attn

@@ -4,15 +4,24 @@
 
 Routed heads use `KMeansRouter`; the first `n_local_attn_heads` heads of a layer attend locally.
 Every keyword argument of the seed package has an effect (the seed ignored `ff_mult`,
-`commitment_factor`, `use_absolute_pos_emb` and `context_window_size`). Differences from the seed,
-all deliberate:
+`commitment_factor`, `use_absolute_pos_emb` and `context_window_size`).
+
+Same keywords, same parameters as the seed: the local heads have their own biased q/k/v
+projection, the routed heads bias-free `to_q`/`to_k`/`to_v`, the output projection no bias; a
+decoder's cross-attention is a layer of its own with its own feed-forward; the final norm comes
+after the factorised embedding's projection; tied layers keep their own norms. A seed checkpoint
+loads with `routeformer.compat.from_seed_state_dict`. Differences from the seed, all deliberate:
+- `num_mem_kv` memory key/values are one set per head, seen from every cluster and by the local
+  heads too (the seed: a set per k-means cluster, routed heads only; a different parameter count);
 - causal routing is strictly causal (each token's cluster comes from itself), so the seed's
   `num_mem_kv >= 1` workaround for empty rows is not needed: `num_mem_kv` is what you pass;
 - every query receives output in non-causal routing (the seed left unchosen tokens at zero);
 - cross-attention (`receives_context`) routes each decoder query to its nearest centroid's
   `context_window_size` keys, which keeps the decoder causal;
 - `rel_pos_emb` switches rotary positions for all heads (the seed: local heads only, while its LM
-  always rotated the routed heads); rotary is not applied to values;
+  always rotated the routed heads); rotary is not applied to values, routers see the unrotated
+  queries and keys, and non-causal local heads see true relative positions (the seed's were off
+  by the look-forward windows);
 - centroids update after every backward by default in `RoutingTransformer` too (the seed's
   default there was never), and are all-reduced under torch.distributed.
 """
@@ -110,6 +119,10 @@ def build_routing_transformer(*, dim: int, depth: int, max_seq_len: int, heads: 
         return KMeansRouter(heads=heads, context_window_size=context_window_size, cross_attention=True,
                             shared_qk=kwargs.get('context_shared_qk', False), **router_kwargs)
 
+    # the seed's parameterisation: local heads project with their own biased q/k/v, no output bias
+    kwargs.setdefault('local_qkv', True)
+    kwargs.setdefault('attn_out_bias', False)
+    kwargs.setdefault('context_ff', True)
     return build_transformer(dim=dim, depth=depth, heads=heads, dim_head=dim_head, causal=causal,
                              make_router=make_router, make_context_router=make_context_router,
                              n_local_attn_heads=n_local_attn_heads,
@@ -174,7 +187,7 @@ class RoutingTransformerLM(KMeansUpdates, LM):
                                                 owner=type(self).__name__, **kwargs)
         super().__init__(num_tokens=num_tokens, dim=dim, max_seq_len=max_seq_len, transformer=transformer,
                          emb_dim=emb_dim, tie_embedding=tie_embedding, return_embeddings=return_embeddings,
-                         causal=causal,
+                         causal=causal, norm_after_project_out=True,
                          pos_emb=build_pos_emb('absolute' if use_absolute_pos_emb else None, dim=dim,
                                                max_seq_len=max_seq_len))
         self._kmeans_update_after_backward = _register_kmeans_update

@@ -6,7 +6,11 @@ Sinkhorn heads use `SinkhornRouter` (see routeformer/routers/sinkhorn.py for the
 first `n_local_attn_heads` heads of a layer attend locally in windows of `bucket_size`, as in the
 seed. Every keyword argument of the seed package has an effect, with the seed's defaults, which
 differ between `SinkhornTransformer` and `SinkhornTransformerLM` (`non_permutative`,
-`n_top_buckets`, `context_n_sortcut`) as they did there. Differences from the seed, all deliberate:
+`n_top_buckets`, `context_n_sortcut`) as they did there. Same keywords, same parameters as the
+seed (a decoder's cross-attention is a layer of its own with its own feed-forward, positions live
+at `emb_dim`, the final norm comes after the factorised embedding's projection, tied layers keep
+their own norms) except where noted below; a seed checkpoint loads with
+`routeformer.compat.from_seed_state_dict`. Differences from the seed, all deliberate:
 - the selected key blocks contribute their values (the seed used their keys as values in its
   default path), and padding is masked by position for every `n_top_buckets` (the seed's causal
   mask assumed 2 selected blocks);
@@ -15,13 +19,14 @@ differ between `SinkhornTransformer` and `SinkhornTransformerLM` (`non_permutati
 - causal routing decides a block's key blocks from the mean of the `bucket_size` routing queries
   ending at its first token (the seed: a cumulative mean at the first token, plus half of the heads
   rotated by bucket_size - 1); a null candidate that wins leaves its slot empty (the seed attended
-  to copies of a learned null key/value there);
+  to copies of a learned null key/value there, so a causal seed checkpoint does not load);
 - soft permutations (`non_permutative=False`) keep the `n_top_buckets` largest entries of each row
   as block weights instead of mixing every block into every sorted block;
 - cross-attention (`receives_context`) projects the context to keys and values (the seed used the
-  raw context as both), takes a context of any length and of width `dim_context`, and in a causal
-  decoder routes each block from what is known at its first token (the seed's cross-attention
-  routed by the whole block, so later tokens of a block steered what earlier ones saw);
+  raw context as both: a seed checkpoint loads identity projections there), takes a context of any
+  length and of width `dim_context`, and in a causal decoder routes each block from what is known
+  at its first token (the seed's cross-attention routed by the whole block, so later tokens of a
+  block steered what earlier ones saw);
 - `use_simple_sort_net` takes any length up to `max_seq_len` (the seed: exactly `max_seq_len`
   when not causal);
 - `max_seq_len` is rounded up to a whole number of buckets, so Autopadder can pad any input up to
@@ -86,6 +91,7 @@ def build_sinkhorn_transformer(*, dim: int, depth: int, heads: int, dim_head: in
                               n_sortcut=context_n_sortcut, cross=True, **sort_kwargs)
 
     kwargs.setdefault('local_attn_window_size', bucket_size)  # the seed's local heads: windows of bucket_size
+    kwargs.setdefault('context_ff', True)  # the seed's decoder: a cross-attention layer with its own feed-forward
     return build_transformer(dim=dim, depth=depth, heads=heads, dim_head=dim_head, causal=causal,
                              make_router=make_router, make_context_router=make_context_router,
                              n_local_attn_heads=n_local_attn_heads, receives_context=receives_context,
@@ -181,7 +187,8 @@ class SinkhornTransformerLM(LM):
         super().__init__(num_tokens=num_tokens, dim=dim, max_seq_len=max_seq_len, transformer=transformer,
                          emb_dim=emb_dim, emb_dropout=emb_dropout, tie_embedding=tie_embedding,
                          return_embeddings=return_embeddings, causal=causal, return_aux=False,
-                         pos_emb=build_pos_emb(pos_emb, dim=dim, max_seq_len=max_seq_len,
+                         norm_after_project_out=True, pos_emb_before_project_in=True,
+                         pos_emb=build_pos_emb(pos_emb, dim=default(emb_dim, dim), max_seq_len=max_seq_len,
                                                axial_position_shape=axial_position_shape))
 
 
