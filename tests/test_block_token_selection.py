@@ -196,7 +196,7 @@ def test_dsa_equals_the_dense_reference(causal, padded, layout):
     assert torch.allclose(out, masked_attention(q, k, v, allowed).masked_fill(~rows, 0.), atol=1e-12)
 
 
-def test_dsa_index_loss_is_the_kl_to_the_main_attention_and_trains_only_the_indexer():
+def test_dsa_index_loss_is_the_kl_to_the_main_attention_and_trains_only_the_indexer(layout):
     q, k, _ = (t.requires_grad_() for t in qkv(n=12))
     router = DSARouter(heads=2, dim_head=8, index_n_heads=2, index_head_dim=4, index_topk=4).double().train()
     plan = router(q, k, causal=True)

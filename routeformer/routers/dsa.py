@@ -26,13 +26,13 @@ from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
+from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from ..attention.plan import RoutePlan
 from ..helpers import check_positive, exists, precise
 from .base import Router
-from .selection import select_top, selection_plan
+from .selection import dense_enough, select_top, selection_plan
 
 # query rows scored at once: bounds the (b, rows, i, m) indexer products
 SCORE_ELEMENTS = 2 ** 22
@@ -67,6 +67,8 @@ class LightningIndexer(nn.Module):
 
     def scores_at(self, iq: Tensor, w: Tensor, ik: Tensor, index: Tensor) -> Tensor:
         """I at the tokens index (b, n, k) (clamped; mask -1 slots yourself) -> (b, n, k)."""
+        if dense_enough(ik.shape[1], index.shape[-1]):
+            return self.scores(iq, w, ik).gather(-1, index.clamp(min=0))
         picked = ik[torch.arange(ik.shape[0], device=ik.device)[:, None, None], index.clamp(min=0)]
         dots = torch.einsum('b n i e, b n k e -> b n i k', iq, picked) * self.scale
         return torch.einsum('b n i k, b n i -> b n k', F.relu(dots), w)
@@ -138,9 +140,13 @@ class DSARouter(Router):
         """The main attention's distribution over the tokens `index` (b, n, k) of the queries q
         (b, h, n, d): softmax per head, summed over heads, renormalised; 0 at empty slots."""
         b, h, n, d = q.shape
-        picked = k[torch.arange(b, device=k.device)[:, None, None, None], torch.arange(h, device=k.device)[:, None, None],
-                   index.clamp(min=0)[:, None]]                                       # (b, h, n, k, d)
-        logits = torch.einsum('b h n d, b h n k d -> b h n k', precise(q), precise(picked)) * d ** -0.5
+        if dense_enough(k.shape[-2], index.shape[-1]):  # every logit, then the selected ones
+            logits = torch.einsum('b h n d, b h m d -> b h n m', precise(q), precise(k))
+            logits = logits.gather(-1, repeat(index.clamp(min=0), 'b n k -> b h n k', h=h)) * d ** -0.5
+        else:
+            picked = k[torch.arange(b, device=k.device)[:, None, None, None],
+                       torch.arange(h, device=k.device)[:, None, None], index.clamp(min=0)[:, None]]  # (b, h, n, k, d)
+            logits = torch.einsum('b h n d, b h n k d -> b h n k', precise(q), precise(picked)) * d ** -0.5
         target = logits.masked_fill((index < 0)[:, None], float('-inf')).softmax(dim=-1).nan_to_num(0.).sum(dim=1)
         return target / target.sum(dim=-1, keepdim=True).clamp(min=1e-12)
 

@@ -29,7 +29,7 @@ def selection_plan(index: Tensor, length: int, **info) -> RoutePlan:
     """index (b|1, h|1, n, k) the keys each query selected (-1: none) of a sequence of `length`:
     per-query groups, or one dense group masked to the selections where they cover so much of the
     sequence that attending everything masked costs less (short sequences)."""
-    if length > DENSE_RATIO * index.shape[-1]:
+    if not dense_enough(length, index.shape[-1]):
         return per_query_plan(index, **info)
     b, h, n, _ = index.shape
     picked = torch.zeros(b, h, n, length + 1, dtype=torch.bool, device=index.device)
@@ -41,6 +41,11 @@ def selection_plan(index: Tensor, length: int, **info) -> RoutePlan:
 # the selected ones but through a gather and one small product per query: dense wins while the
 # sequence is at most this many times the selection (a heuristic bound, not a measured optimum)
 DENSE_RATIO = 8
+
+
+def dense_enough(length: int, selected: int) -> bool:
+    """Whether computing all `length` keys of a query beats gathering its `selected` ones."""
+    return length <= DENSE_RATIO * selected
 
 
 def select_top(scores: Tensor, allowed: Tensor, k: int) -> Tensor:
