@@ -9,19 +9,21 @@ from .lm import LM
 from .models import (ConditionalRoutedAttention, ConditionalRoutedAutoregressiveAttention,
                      ConditionalRoutedCrossAttention, ConditionalRoutedFeedForward, ConditionalRoutedImageAttention,
                      ConditionalRoutedTransformerBlock, ConditionalRoutedTransformerLM, ConditionalRoutedViT,
-                     LSHAttention, LSHSelfAttention, Reformer, ReformerEncDec, ReformerLM, RoutingTransformer,
-                     RoutingTransformerEncDec, RoutingTransformerLM, SinkhornTransformer, SinkhornTransformerEncDec,
-                     SinkhornTransformerLM, TransformerEncDec, TransformerLM, build_transformer)
+                     KmeansAttention, LSHAttention, LSHSelfAttention, Reformer, ReformerEncDec, ReformerLM, RoutingTransformer,
+                     RoutingTransformerEncDec, RoutingTransformerLM, SinkhornSelfAttention, SinkhornTransformer,
+                     SinkhornTransformerEncDec, SinkhornTransformerLM, TransformerEncDec, TransformerLM, build_transformer,
+                     update_kmeans_on_backwards)
 from .routers import (ROUTERS, CoordinateDescentRouter, FullRouter, KMeansRouter, LocalRouter, LSHRouter, Router,
                       SinkhornRouter, TopKRouter)
 from .transformer import Block, Sublayer, Transformer
-from .wrappers import Autopadder, AutoregressiveWrapper, EncoderDecoder, Recorder, top_k, top_p
+from .wrappers import Autopadder, AutoregressiveWrapper, EncoderDecoder, Recorder, TrainingWrapper, top_k, top_p
 
 __all__ = [
     # the seed packages' classes
-    'RoutingTransformer', 'RoutingTransformerLM', 'RoutingTransformerEncDec',
-    'LSHAttention', 'LSHSelfAttention', 'Reformer', 'ReformerLM', 'ReformerEncDec',
-    'SinkhornTransformer', 'SinkhornTransformerLM', 'SinkhornTransformerEncDec',
+    'RoutingTransformer', 'RoutingTransformerLM', 'RoutingTransformerEncDec', 'KmeansAttention',
+    'update_kmeans_on_backwards',
+    'LSHAttention', 'LSHSelfAttention', 'Reformer', 'ReformerLM', 'ReformerEncDec', 'TrainingWrapper',
+    'SinkhornTransformer', 'SinkhornTransformerLM', 'SinkhornTransformerEncDec', 'SinkhornSelfAttention',
     'ConditionalRoutedAttention', 'ConditionalRoutedAutoregressiveAttention', 'ConditionalRoutedCrossAttention',
     'ConditionalRoutedFeedForward', 'ConditionalRoutedImageAttention', 'ConditionalRoutedTransformerBlock',
     'ConditionalRoutedTransformerLM', 'ConditionalRoutedViT', 'coor_descent', 'topk',

@@ -5,16 +5,17 @@ from .colt5 import (ConditionalRoutedAttention, ConditionalRoutedCrossAttention,
                     ConditionalRoutedImageAttention, ConditionalRoutedTransformerBlock)
 from .colt5_decoder import ConditionalRoutedAutoregressiveAttention, ConditionalRoutedTransformerLM
 from .colt5_vit import ConditionalRoutedViT
+from .kmeans_attention import KmeansAttention, update_kmeans_on_backwards
 from .reformer import LSHAttention, LSHSelfAttention, Reformer, ReformerEncDec, ReformerLM
 from .routing import RoutingTransformer, RoutingTransformerEncDec, RoutingTransformerLM
-from .sinkhorn import SinkhornTransformer, SinkhornTransformerEncDec, SinkhornTransformerLM
+from .sinkhorn import SinkhornSelfAttention, SinkhornTransformer, SinkhornTransformerEncDec, SinkhornTransformerLM
 from .transformer_lm import TransformerEncDec, TransformerLM
 
 __all__ = [
     'ConditionalRoutedAttention', 'ConditionalRoutedAutoregressiveAttention', 'ConditionalRoutedCrossAttention',
     'ConditionalRoutedFeedForward', 'ConditionalRoutedImageAttention', 'ConditionalRoutedTransformerBlock',
-    'ConditionalRoutedTransformerLM', 'ConditionalRoutedViT', 'LSHAttention', 'LSHSelfAttention', 'Reformer',
+    'ConditionalRoutedTransformerLM', 'ConditionalRoutedViT', 'KmeansAttention', 'LSHAttention', 'LSHSelfAttention', 'Reformer',
     'ReformerEncDec', 'ReformerLM', 'RoutingTransformer', 'RoutingTransformerEncDec', 'RoutingTransformerLM',
-    'SinkhornTransformer', 'SinkhornTransformerEncDec', 'SinkhornTransformerLM', 'TransformerEncDec', 'TransformerLM',
-    'build_pos_emb', 'build_transformer',
+    'SinkhornSelfAttention', 'SinkhornTransformer', 'SinkhornTransformerEncDec', 'SinkhornTransformerLM', 'TransformerEncDec', 'TransformerLM',
+    'build_pos_emb', 'build_transformer', 'update_kmeans_on_backwards',
 ]
