@@ -109,7 +109,10 @@ class AutoregressiveWrapper(nn.Module):
                  filter_logits_fn=top_k, filter_thres: float = 0.9, input_mask: Tensor | None = None,
                  use_cache: bool = True, **kwargs) -> Tensor:
         """Samples `seq_len` tokens after `start_tokens` (b, t) and returns them (b, <= seq_len).
-        `input_mask` marks real prompt tokens (for left-padded prompts). `temperature=0` is greedy.
+        `input_mask` marks the real prompt tokens of a padded batch (padding on either side): each
+        sample is continued exactly as it would be alone, since padding never enters the model
+        (the prompts run together up to the shortest one's length, then a sample still in its
+        prompt is fed its next prompt token while the others sample). `temperature=0` is greedy.
         With `use_cache` each new token costs one position of attention work: keys/values of the
         prefix are kept per layer; the model sees the last `max_seq_len` tokens either way (a longer
         prompt, or a longer output, continues on a sliding window, as without the cache).
@@ -119,54 +122,64 @@ class AutoregressiveWrapper(nn.Module):
         was_training = self.net.training
         self.net.eval()
         squeeze = start_tokens.ndim == 1
-        out = start_tokens[None] if squeeze else start_tokens
-        if out.shape[1] == 0:
+        prompts = start_tokens[None] if squeeze else start_tokens
+        if exists(input_mask):
+            if input_mask.shape != prompts.shape:
+                raise ValueError(f'input_mask has shape {tuple(input_mask.shape)} but must be '
+                                 f'{tuple(prompts.shape)}, the shape of start_tokens (True = real token)')
+            prompts = self.pad([row[keep] for row, keep in zip(prompts, input_mask.bool())])
+            lengths = input_mask.bool().sum(dim=-1)
+        else:
+            lengths = torch.full(prompts.shape[:1], prompts.shape[1], device=prompts.device)
+        if prompts.shape[1] == 0 or int(lengths.min()) == 0:
             raise ValueError('generate needs at least one start token per sample')
-        b, t = out.shape
-        mask = input_mask.bool() if exists(input_mask) else None
+        first, longest = int(lengths.min()), prompts.shape[1]
+        out = prompts[:, :first]
         cache = {} if use_cache else None
-        done = torch.zeros(b, dtype=torch.bool, device=out.device)
+        done = torch.zeros_like(lengths, dtype=torch.bool)
 
         # the cache holds at most max_seq_len positions: a longer prompt starts from its last ones
-        last = self.prefill(out[:, -self.max_seq_len:], mask[:, -self.max_seq_len:] if exists(mask) else None,
-                            cache, **kwargs) if use_cache else None
-        for _ in range(seq_len):
+        last = self.prefill(out[:, -self.max_seq_len:], cache, **kwargs) if use_cache else None
+        while True:
+            pos = out.shape[1]
             if not exists(cache):
-                window = out[:, -self.max_seq_len:]
-                window_mask = mask[:, -self.max_seq_len:] if exists(mask) else None
-                last = logits_and_aux(self.padded(window, input_mask=window_mask, **kwargs))[0][:, -1]
+                last = logits_and_aux(self.padded(out[:, -self.max_seq_len:], **kwargs))[0][:, -1]
             sample = self.sample(last, temperature, filter_logits_fn, filter_thres)
+            in_prompt = pos < lengths
             if exists(eos_token):
                 sample = sample.masked_fill(done, self.pad_value)
-                done |= sample == eos_token
+                done |= (sample == eos_token) & ~in_prompt
+            if pos < longest:
+                sample = torch.where(in_prompt, prompts[:, pos], sample)
             out = torch.cat((out, sample[:, None]), dim=-1)
-            mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=-1) if exists(mask) else None
-            if exists(eos_token) and done.all():
+            if bool((done | (out.shape[1] - lengths >= seq_len)).all()):
                 break
             if exists(cache):
                 if cache['offset'] >= self.max_seq_len:
                     cache = None  # positions ran out: continue on a sliding window without a cache
                 else:
-                    last = self.step(sample[:, None], mask, cache, **kwargs)
+                    last = self.step(sample[:, None], cache, **kwargs)
 
         self.net.train(was_training)
-        out = out[:, t:]
+        width = min(seq_len, out.shape[1] - first)
+        out = F.pad(out, (0, longest - first), value=self.pad_value)
+        index = lengths[:, None] + torch.arange(width, device=out.device)
+        out = out.gather(1, index)
         return out[0] if squeeze else out
 
-    def step(self, tokens, mask, cache, **kwargs) -> Tensor:
-        return logits_and_aux(self.net(tokens, input_mask=mask, cache=cache, **kwargs))[0][:, -1]
+    def step(self, tokens, cache, **kwargs) -> Tensor:
+        return logits_and_aux(self.net(tokens, cache=cache, **kwargs))[0][:, -1]
 
-    def prefill(self, prompt, mask, cache, **kwargs) -> Tensor:
+    def prefill(self, prompt, cache, **kwargs) -> Tensor:
         # the longest prefix the model takes in one pass, then the rest token by token: no padding
         # ever enters the cache
         multiple = getattr(self.net, 'multiple_of', 1)
         whole = (prompt.shape[1] // multiple) * multiple
         last = None
         if whole > 0:
-            chunk_mask = mask[:, :whole] if exists(mask) else None
-            last = logits_and_aux(self.net(prompt[:, :whole], input_mask=chunk_mask, cache=cache, **kwargs))[0][:, -1]
+            last = logits_and_aux(self.net(prompt[:, :whole], cache=cache, **kwargs))[0][:, -1]
         for pos in range(whole, prompt.shape[1]):
-            last = self.step(prompt[:, pos:pos + 1], mask[:, :pos + 1] if exists(mask) else None, cache, **kwargs)
+            last = self.step(prompt[:, pos:pos + 1], cache, **kwargs)
         return last
 
     @staticmethod
