@@ -9,10 +9,10 @@ from .lm import LM
 from .models import (ConditionalRoutedAttention, ConditionalRoutedAutoregressiveAttention,
                      ConditionalRoutedCrossAttention, ConditionalRoutedFeedForward, ConditionalRoutedImageAttention,
                      ConditionalRoutedTransformerBlock, ConditionalRoutedTransformerLM, ConditionalRoutedViT,
-                     KmeansAttention, LSHAttention, LSHSelfAttention, Reformer, ReformerEncDec, ReformerLM, RoutingTransformer,
-                     RoutingTransformerEncDec, RoutingTransformerLM, SinkhornSelfAttention, SinkhornTransformer,
-                     SinkhornTransformerEncDec, SinkhornTransformerLM, TransformerEncDec, TransformerLM, build_transformer,
-                     update_kmeans_on_backwards)
+                     KmeansAttention, LSHAttention, LSHSelfAttention, Reformer, ReformerEncDec, ReformerLM,
+                     RoutingTransformer, RoutingTransformerEncDec, RoutingTransformerLM, SinkhornSelfAttention,
+                     SinkhornTransformer, SinkhornTransformerEncDec, SinkhornTransformerLM, TransformerEncDec,
+                     TransformerLM, build_transformer, update_kmeans_on_backwards)
 from .routers import (ROUTERS, CoordinateDescentRouter, FullRouter, KMeansRouter, LocalRouter, LSHRouter, Router,
                       SinkhornRouter, TopKRouter)
 from .transformer import Block, Sublayer, Transformer

@@ -61,7 +61,8 @@ def test_submodule_names_the_seed_examples_import(module, name):
 
 
 def test_positional_arguments_bind_in_the_seed_order():
-    model = RoutingTransformerLM(16, 32, 1, 64, 2, 8, 16)  # num_tokens, dim, depth, max_seq_len, heads, dim_head, window
+    # num_tokens, dim, depth, max_seq_len, heads, dim_head, window_size
+    model = RoutingTransformerLM(16, 32, 1, 64, 2, 8, 16)
     assert (model.num_tokens, model.dim, model.max_seq_len) == (16, 32, 64)
     attn = model.transformer.blocks[0].mixers[0].fn
     assert attn.heads == 2 and attn.to_q.out_features == 16

@@ -38,7 +38,8 @@ def sinkhorn_enwik8():
 def test_enwik8_simple(build):
     torch.manual_seed(0)
     model = build()
-    data_train, data_val = torch.randint(0, 256, (2048,), dtype=torch.uint8), torch.randint(0, 256, (512,), dtype=torch.uint8)
+    data_train = torch.randint(0, 256, (2048,), dtype=torch.uint8)
+    data_val = torch.randint(0, 256, (512,), dtype=torch.uint8)
 
     def sample_batch(data):  # TextSamplerDataset: seq_len + 1 bytes from a random offset, as long
         starts = torch.randint(0, data.size(0) - SEQ_LEN - 1, (BATCH_SIZE,))

@@ -14,8 +14,9 @@ from .transformer_lm import TransformerEncDec, TransformerLM
 __all__ = [
     'ConditionalRoutedAttention', 'ConditionalRoutedAutoregressiveAttention', 'ConditionalRoutedCrossAttention',
     'ConditionalRoutedFeedForward', 'ConditionalRoutedImageAttention', 'ConditionalRoutedTransformerBlock',
-    'ConditionalRoutedTransformerLM', 'ConditionalRoutedViT', 'KmeansAttention', 'LSHAttention', 'LSHSelfAttention', 'Reformer',
-    'ReformerEncDec', 'ReformerLM', 'RoutingTransformer', 'RoutingTransformerEncDec', 'RoutingTransformerLM',
-    'SinkhornSelfAttention', 'SinkhornTransformer', 'SinkhornTransformerEncDec', 'SinkhornTransformerLM', 'TransformerEncDec', 'TransformerLM',
-    'build_pos_emb', 'build_transformer', 'update_kmeans_on_backwards',
+    'ConditionalRoutedTransformerLM', 'ConditionalRoutedViT', 'KmeansAttention', 'LSHAttention', 'LSHSelfAttention',
+    'Reformer', 'ReformerEncDec', 'ReformerLM', 'RoutingTransformer', 'RoutingTransformerEncDec',
+    'RoutingTransformerLM', 'SinkhornSelfAttention', 'SinkhornTransformer', 'SinkhornTransformerEncDec',
+    'SinkhornTransformerLM', 'TransformerEncDec', 'TransformerLM', 'build_pos_emb', 'build_transformer',
+    'update_kmeans_on_backwards',
 ]

@@ -48,10 +48,11 @@ class KmeansAttention(KMeansUpdates, nn.Module):
         if num_mem_kv < 0:
             raise ValueError(f'num_mem_kv must be >= 0, got {num_mem_kv}')
         self.num_heads, self.head_dim = num_heads, head_dim
-        self.causal, self.receives_context, self.shared_qk = causal and not receives_context, receives_context, shared_qk
+        self.causal, self.receives_context = causal and not receives_context, receives_context
+        self.shared_qk = shared_qk and not receives_context
         self.router = KMeansRouter(heads=num_heads, dim_head=head_dim, num_clusters=num_clusters,
                                    window_size=window_size, context_window_size=context_window_size,
-                                   ema_decay=ema_decay, commitment=commitment, shared_qk=shared_qk and not receives_context,
+                                   ema_decay=ema_decay, commitment=commitment, shared_qk=self.shared_qk,
                                    cross_attention=receives_context)
         self.executor = RoutedAttention(dropout=dropout)
         self.mem_kv = nn.Parameter(torch.randn(2, num_heads, num_mem_kv, head_dim) * head_dim ** -0.5) \
@@ -73,11 +74,11 @@ class KmeansAttention(KMeansUpdates, nn.Module):
         key_mask = check_mask(key_mask, (b, k.shape[2]), 'key_mask', 'the keys (batch, kv_len)')
         if not self.receives_context:
             key_mask = default(key_mask, query_mask)
-        if self.shared_qk and not self.receives_context:
+        if self.shared_qk:
             k = l2norm(k)
         plan = self.router(q, k, causal=self.causal, mask=key_mask)
         mem_kv = (self.mem_kv[0], self.mem_kv[1]) if exists(self.mem_kv) else None
         out, _ = self.executor(q, k, v, plan, causal=self.causal, key_mask=key_mask, mem_kv=mem_kv,
-                               exclude_self=self.shared_qk and not self.receives_context)
+                               exclude_self=self.shared_qk)
         aux = plan.aux_loss if exists(plan.aux_loss) else q.new_zeros(())
         return out, aux

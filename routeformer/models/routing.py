@@ -210,7 +210,8 @@ class RoutingTransformerLM(KMeansUpdates, LM):
 
 class RoutingTransformerEncDec(KMeansUpdates, EncoderDecoder):
     """Encoder and decoder `RoutingTransformerLM`s: `dim` is shared, every other keyword argument
-    is prefixed `enc_` or `dec_` (seed default `window_size = 256` for both). The decoder is causal
+    is prefixed `enc_` or `dec_` (seed default `window_size = 256` for both; `ignore_index` defaults to
+    `pad_value`, as in the seed). The decoder is causal
     and cross-attends to the encoder's output through k-means routed heads.
     `forward(src, tgt, return_loss=True, randomly_truncate_sequence=False, enc_input_mask=...,
     dec_input_mask=...)` returns `(loss, aux_loss)` with every aux loss already in `loss`;

@@ -237,6 +237,7 @@ class SinkhornSelfAttention(nn.Module):
             raise ValueError('this layer attends within x: build it with context_only=True to attend to a context')
         input_mask = check_mask(input_mask, x.shape[:2], 'input_mask', 'x (batch, seq_len)')
         if exists(context):
-            context_mask = check_mask(context_mask, context.shape[:2], 'context_mask', 'the context (batch, context_len)')
+            context_mask = check_mask(context_mask, context.shape[:2], 'context_mask',
+                                      'the context (batch, context_len)')
         out, _ = self.attn(x, LayerContext(mask=input_mask, context=context, context_mask=context_mask))
         return out

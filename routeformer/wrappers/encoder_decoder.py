@@ -41,8 +41,9 @@ class EncoderDecoder(nn.Module):
         self.decoder = AutoregressiveWrapper(decoder, ignore_index=ignore_index, pad_value=pad_value)
 
     @classmethod
-    def from_kwargs(cls, make_lm: Callable[..., nn.Module], *, dim: int, ignore_index: int | None = None, pad_value: int = 0,
-                    enc_defaults: dict | None = None, dec_defaults: dict | None = None, **kwargs) -> 'EncoderDecoder':
+    def from_kwargs(cls, make_lm: Callable[..., nn.Module], *, dim: int, ignore_index: int | None = None,
+                    pad_value: int = 0, enc_defaults: dict | None = None, dec_defaults: dict | None = None,
+                    **kwargs) -> 'EncoderDecoder':
         """Builds encoder and decoder with `make_lm(dim=dim, **enc_/dec_ kwargs with the prefix removed)`.
         The encoder returns embeddings; the decoder is causal with cross-attention."""
         enc, dec = split_prefixed(kwargs, cls.__name__)
