@@ -60,10 +60,10 @@ class KmeansAttention(KMeansUpdates, nn.Module):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, query_mask: Tensor | None = None,
                 key_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        b, h, n, d = q.shape
-        if q.ndim != 4 or (h, d) != (self.num_heads, self.head_dim):
+        if q.ndim != 4 or (q.shape[1], q.shape[3]) != (self.num_heads, self.head_dim):
             raise ValueError(f'expected q of shape (batch, num_heads={self.num_heads}, seq_len, '
                              f'head_dim={self.head_dim}), got {tuple(q.shape)}')
+        b, h, n, d = q.shape
         if k.shape != v.shape or k.shape[:2] != (b, h) or k.shape[-1] != d:
             raise ValueError(f'k and v must be (batch, heads, kv_len, head_dim) like q {tuple(q.shape)}, got '
                              f'{tuple(k.shape)} and {tuple(v.shape)}')
