@@ -6,30 +6,30 @@ from .kernels import coor_descent, topk
 from .layers.attention import Attention
 from .layers.feedforward import FeedForward
 from .lm import LM
+from .compat import from_seed_state_dict, load_seed_state_dict, save_converted
 from .models import (ConditionalRoutedAttention, ConditionalRoutedAutoregressiveAttention,
                      ConditionalRoutedCrossAttention, ConditionalRoutedFeedForward, ConditionalRoutedImageAttention,
                      ConditionalRoutedTransformerBlock, ConditionalRoutedTransformerLM, ConditionalRoutedViT,
-                     LSHAttention, LSHSelfAttention, Reformer, ReformerEncDec, ReformerLM, RoutingTransformer,
-                     RoutingTransformerEncDec, RoutingTransformerLM, SinkhornTransformer, SinkhornTransformerEncDec,
-                     SinkhornTransformerLM, TransformerEncDec, TransformerLM, build_transformer)
-from .models import DSATransformerLM, MoBATransformerLM
-from .routers import DSARouter, MoBARouter
-from .routers import (ROUTERS, CoordinateDescentRouter, FullRouter, KMeansRouter, LocalRouter, LSHRouter, Router,
-                      SinkhornRouter, TopKRouter, discard_statistics)
+                     DSATransformerLM, KmeansAttention, LSHAttention, LSHSelfAttention, MoBATransformerLM,
+                     MoSATransformerLM, Reformer, ReformerEncDec, ReformerLM, RoutingTransformer, RoutingTransformerEncDec,
+                     RoutingTransformerLM, SinkhornSelfAttention, SinkhornTransformer, SinkhornTransformerEncDec,
+                     SinkhornTransformerLM, TransformerEncDec, TransformerLM, build_transformer, update_kmeans_on_backwards)
+from .routers import (ROUTERS, CoordinateDescentRouter, DSARouter, FullRouter, KMeansRouter, LocalRouter, LSHRouter,
+                      MoBARouter, MoSARouter, Router, SinkhornRouter, TopKRouter, discard_statistics)
 from .transformer import Block, Sublayer, Transformer
-from .models import MoSATransformerLM
-from .routers import MoSARouter
-from .wrappers import Autopadder, AutoregressiveWrapper, EncoderDecoder, Recorder, top_k, top_p
-from .compat import from_seed_state_dict, load_seed_state_dict, save_converted
+from .wrappers import Autopadder, AutoregressiveWrapper, EncoderDecoder, Recorder, TrainingWrapper, top_k, top_p
 
 __all__ = [
     # the seed packages' classes
-    'RoutingTransformer', 'RoutingTransformerLM', 'RoutingTransformerEncDec',
-    'LSHAttention', 'LSHSelfAttention', 'Reformer', 'ReformerLM', 'ReformerEncDec',
-    'SinkhornTransformer', 'SinkhornTransformerLM', 'SinkhornTransformerEncDec',
+    'RoutingTransformer', 'RoutingTransformerLM', 'RoutingTransformerEncDec', 'KmeansAttention',
+    'update_kmeans_on_backwards',
+    'LSHAttention', 'LSHSelfAttention', 'Reformer', 'ReformerLM', 'ReformerEncDec', 'TrainingWrapper',
+    'SinkhornTransformer', 'SinkhornTransformerLM', 'SinkhornTransformerEncDec', 'SinkhornSelfAttention',
     'ConditionalRoutedAttention', 'ConditionalRoutedAutoregressiveAttention', 'ConditionalRoutedCrossAttention',
     'ConditionalRoutedFeedForward', 'ConditionalRoutedImageAttention', 'ConditionalRoutedTransformerBlock',
     'ConditionalRoutedTransformerLM', 'ConditionalRoutedViT', 'coor_descent', 'topk',
+    # today's routers
+    'MoBATransformerLM', 'MoBARouter', 'DSATransformerLM', 'DSARouter', 'MoSATransformerLM', 'MoSARouter',
     # wrappers
     'Autopadder', 'AutoregressiveWrapper', 'EncoderDecoder', 'Recorder', 'top_k', 'top_p',
     # the shared core
@@ -39,7 +39,4 @@ __all__ = [
     'CoordinateDescentRouter', 'discard_statistics',
     # seed checkpoints
     'from_seed_state_dict', 'load_seed_state_dict', 'save_converted',
-    # today's routers
-    'MoBATransformerLM', 'MoBARouter', 'DSATransformerLM', 'DSARouter',
 ]
-__all__ += ['MoSATransformerLM', 'MoSARouter']

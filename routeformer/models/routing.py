@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.autograd import Variable
 
 from ..context import LayerContext
-from ..helpers import as_loss, cast_tuple, check_positive, default, exists, pop_unknown_kwargs
+from ..helpers import as_loss, cast_tuple, check_positive, default, exists, pop_unknown_kwargs, seed_positional
 from ..lm import LM, check_batch, check_mask
 from ..routers.kmeans import KMeansRouter
 from ..wrappers import Autopadder, AutoregressiveWrapper, EncoderDecoder  # noqa: F401  (seed imports them from here)
@@ -138,6 +138,13 @@ class RoutingTransformer(KMeansUpdates, nn.Module):
 
     multiple_of = LM.multiple_of  # the sequence multiple Autopadder pads to
 
+    @seed_positional('heads', 'dim_head', 'window_size', 'local_attn_window_size', 'local_attn_radius_blocks',
+                     'causal', 'weight_tie', 'attn_dropout', 'ff_dropout', 'attn_layer_dropout', 'layer_dropout',
+                     'n_local_attn_heads', 'ff_glu', 'reversible', 'ff_chunks', 'kmeans_ema_decay',
+                     'commitment_factor', 'receives_context', 'context_window_size', '_register_kmeans_update',
+                     'rel_pos_emb', 'pkm_layers', 'pkm_num_keys', 'moe_layers', 'moe_num_experts', 'moe_loss_coef',
+                     'num_mem_kv', 'shared_qk', 'context_shared_qk', 'use_rezero', 'use_scale_norm', 'ff_activation',
+                     'shift_tokens')
     def __init__(self, dim: int, depth: int, max_seq_len: int, *, heads: int = 8, dim_head: int | None = None,
                  window_size: int = 64, local_attn_window_size: int = 256, causal: bool = False,
                  _register_kmeans_update: bool = True, **kwargs):
@@ -176,6 +183,13 @@ class RoutingTransformerLM(KMeansUpdates, LM):
     `forward(x, input_mask=None, context=None, context_mask=None)` returns `(logits, aux_loss)`;
     `aux_loss` is the commitment loss (+ MoE balance loss): add it to the main loss."""
 
+    @seed_positional('heads', 'dim_head', 'window_size', 'local_attn_window_size', 'local_attn_radius_blocks',
+                     'causal', 'emb_dim', 'weight_tie', 'attn_dropout', 'ff_dropout', 'attn_layer_dropout',
+                     'layer_dropout', 'ff_mult', 'ff_activation', 'ff_glu', 'return_embeddings', 'n_local_attn_heads',
+                     'reversible', 'ff_chunks', 'kmeans_ema_decay', 'commitment_factor', 'receives_context',
+                     'context_window_size', 'rel_pos_emb', '_register_kmeans_update', 'pkm_layers', 'pkm_num_keys',
+                     'moe_layers', 'moe_num_experts', 'moe_loss_coef', 'num_mem_kv', 'shared_qk', 'context_shared_qk',
+                     'use_rezero', 'use_scale_norm', 'tie_embedding', 'use_absolute_pos_emb', 'shift_tokens')
     def __init__(self, num_tokens: int, dim: int, depth: int, max_seq_len: int, *, heads: int = 8,
                  dim_head: int = 64, window_size: int = 64, local_attn_window_size: int | None = None,
                  causal: bool = False, emb_dim: int | None = None, return_embeddings: bool = False,
@@ -209,13 +223,14 @@ class RoutingTransformerLM(KMeansUpdates, LM):
 
 class RoutingTransformerEncDec(KMeansUpdates, EncoderDecoder):
     """Encoder and decoder `RoutingTransformerLM`s: `dim` is shared, every other keyword argument
-    is prefixed `enc_` or `dec_` (seed default `window_size = 256` for both). The decoder is causal
+    is prefixed `enc_` or `dec_` (seed default `window_size = 256` for both; `ignore_index` defaults to
+    `pad_value`, as in the seed). The decoder is causal
     and cross-attends to the encoder's output through k-means routed heads.
     `forward(src, tgt, return_loss=True, randomly_truncate_sequence=False, enc_input_mask=...,
     dec_input_mask=...)` returns `(loss, aux_loss)` with every aux loss already in `loss`;
     `generate(src, start_tokens, seq_len, eos_token=None, ...)` samples the decoder."""
 
-    def __init__(self, dim: int, *, ignore_index: int = -100, pad_value: int = 0, **kwargs):
+    def __init__(self, dim: int, ignore_index: int | None = None, pad_value: int = 0, **kwargs):
         built = EncoderDecoder.from_kwargs(RoutingTransformerLM, dim=dim, ignore_index=ignore_index,
                                            pad_value=pad_value, enc_defaults=dict(window_size=256),
                                            dec_defaults=dict(window_size=256), **kwargs)

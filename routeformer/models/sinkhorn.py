@@ -44,7 +44,9 @@ from torch import Tensor, nn
 
 from ..context import LayerContext
 from ..helpers import cast_tuple, check_positive, default, exists, next_multiple, pop_unknown_kwargs, single_output
+from ..layers.attention import Attention
 from ..lm import LM, check_batch, check_mask, reject_aux_layers
+from ..routers import LocalRouter
 from ..routers.sinkhorn import SinkhornRouter
 from ..transformer import Transformer
 from ..wrappers import EncoderDecoder
@@ -106,7 +108,7 @@ class SinkhornTransformer(nn.Module):
 
     multiple_of = LM.multiple_of  # the sequence multiple Autopadder pads to
 
-    def __init__(self, dim: int, depth: int, max_seq_len: int | None = None, *, causal: bool = False, heads: int = 8,
+    def __init__(self, dim: int, depth: int, max_seq_len: int | None = None, causal: bool = False, heads: int = 8,
                  dim_head: int | None = None, bucket_size: int = 64, kv_bucket_size: int | None = None,
                  context_bucket_size: int | None = None, non_permutative: bool = False, sinkhorn_iter: int = 5,
                  n_sortcut: int = 0, temperature: float = 0.75, reversible: bool = False, ff_chunks: int = 1,
@@ -160,7 +162,7 @@ class SinkhornTransformerLM(LM):
     `forward(x, input_mask=None, context=None, context_mask=None)` returns the logits (the hidden
     states with `return_embeddings`), as the seed package's model does."""
 
-    def __init__(self, num_tokens: int, dim: int, max_seq_len: int, depth: int, *, heads: int = 8,
+    def __init__(self, num_tokens: int, dim: int, max_seq_len: int, depth: int, heads: int = 8,
                  dim_head: int | None = None, bucket_size: int = 64, kv_bucket_size: int | None = None,
                  context_bucket_size: int | None = None, causal: bool = False, non_permutative: bool = True,
                  sinkhorn_iter: int = 5, n_sortcut: int = 0, temperature: float = 0.75, reversible: bool = False,
@@ -169,7 +171,7 @@ class SinkhornTransformerLM(LM):
                  emb_dropout: float = 0., weight_tie: bool = False, emb_dim: int | None = None,
                  use_simple_sort_net: bool | None = None, receives_context: bool = False, context_n_sortcut: int = 0,
                  n_local_attn_heads: int | tuple = 0, use_rezero: bool = False, n_top_buckets: int = 2,
-                 pkm_layers: tuple = (), pkm_num_keys: int = 128, pos_emb: str | None = 'axial',
+                 pkm_layers: tuple = (), pkm_num_keys: int = 128, *, pos_emb: str | None = 'axial',
                  axial_position_shape: tuple | None = None, tie_embedding: bool = False, **kwargs):
         max_seq_len = bucketed_length(max_seq_len, bucket_size, kv_bucket_size)
         transformer = build_sinkhorn_transformer(
@@ -200,7 +202,58 @@ class SinkhornTransformerEncDec(EncoderDecoder):
     `forward(src, tgt, return_loss=True, enc_input_mask=..., dec_input_mask=...)` returns
     `(loss, aux_loss)`; `generate(src, start_tokens, seq_len, ...)` samples the decoder with a cache."""
 
-    def __init__(self, dim: int, *, ignore_index: int = -100, pad_value: int = 0, **kwargs):
+    def __init__(self, dim: int, ignore_index: int | None = None, pad_value: int = 0, **kwargs):
         built = EncoderDecoder.from_kwargs(SinkhornTransformerLM, dim=dim, ignore_index=ignore_index,
                                            pad_value=pad_value, **kwargs)
         super().__init__(built.encoder.net, built.decoder.net, ignore_index=ignore_index, pad_value=pad_value)
+
+
+class SinkhornSelfAttention(nn.Module):
+    """One multi-head sinkhorn attention layer with sinkhorn-transformer's API (projections
+    included): `forward(x (b, n, dim), input_mask=None, context=None, context_mask=None)` returns
+    (b, n, dim); `n` must be a multiple of `bucket_size` (Autopadder pads it). The first
+    `n_local_attn_heads` heads attend locally in windows of `bucket_size`. With `context_only` the
+    keys and values come from `context` (b, m, dim), masked by `context_mask` (here projected to keys
+    and values, as in SinkhornTransformer's cross-attention; the seed used the raw context).
+    `max_seq_len` is needed only by the simple sort net."""
+
+    def __init__(self, dim: int, bucket_size: int, max_seq_len: int | None = None, heads: int = 8,
+                 dim_head: int | None = None, kv_bucket_size: int | None = None, causal: bool = False,
+                 non_permutative: bool = True, sinkhorn_iter: int = 5, n_sortcut: int = 0, temperature: float = 0.75,
+                 attn_dropout: float = 0., dropout: float = 0., context_only: bool = False,
+                 use_simple_sort_net: bool = False, n_local_attn_heads: int = 0, n_top_buckets: int = 1):
+        super().__init__()
+        if dim_head is None and dim % heads != 0:
+            raise ValueError(f'dim ({dim}) must be divisible by heads ({heads}) when dim_head is not given')
+        if causal and context_only:
+            raise ValueError('a context_only layer attends to the context, which has no order: it cannot be causal')
+        dim_head = default(dim_head, dim // heads)
+        self.dim, self.context_only, self.multiple_of = dim, context_only, bucket_size
+        routed = heads - n_local_attn_heads
+        router = SinkhornRouter(bucket_size=bucket_size, heads=routed, dim_head=dim_head,
+                                kv_bucket_size=kv_bucket_size, n_top_buckets=n_top_buckets, n_sortcut=n_sortcut,
+                                non_permutative=non_permutative, sinkhorn_iter=sinkhorn_iter, temperature=temperature,
+                                use_simple_sort_net=use_simple_sort_net, max_seq_len=max_seq_len, causal=causal,
+                                cross=context_only) if routed > 0 else None
+        local = LocalRouter(bucket_size, look_backward=1) if n_local_attn_heads > 0 and not context_only else None
+        self.attn = Attention(dim, heads=heads, dim_head=dim_head, causal=causal, router=router, local_router=local,
+                              n_local_heads=n_local_attn_heads if not context_only else 0, dropout=attn_dropout,
+                              post_attn_dropout=dropout, cross_attend=context_only)
+
+    def forward(self, x: Tensor, input_mask: Tensor | None = None, context: Tensor | None = None,
+                context_mask: Tensor | None = None) -> Tensor:
+        if x.ndim != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f'expected x of shape (batch, seq_len, dim={self.dim}), got {tuple(x.shape)}')
+        if x.shape[1] % self.multiple_of != 0:
+            raise ValueError(f'sequence length {x.shape[1]} is not a multiple of bucket_size {self.multiple_of}: '
+                             f'pad it, or wrap the layer in Autopadder')
+        if self.context_only and context is None:
+            raise ValueError('a context_only layer needs context=(batch, context_len, dim)')
+        if not self.context_only and (exists(context) or exists(context_mask)):
+            raise ValueError('this layer attends within x: build it with context_only=True to attend to a context')
+        input_mask = check_mask(input_mask, x.shape[:2], 'input_mask', 'x (batch, seq_len)')
+        if exists(context):
+            context_mask = check_mask(context_mask, context.shape[:2], 'context_mask',
+                                      'the context (batch, context_len)')
+        out, _ = self.attn(x, LayerContext(mask=input_mask, context=context, context_mask=context_mask))
+        return out

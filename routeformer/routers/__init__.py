@@ -5,17 +5,13 @@ from .kmeans import KMeansRouter
 from .local import LocalRouter
 from .lsh import LSHRouter
 from .moba import MoBARouter
+from .mosa import MoSARouter
 from .sinkhorn import SinkhornRouter
 from .topk import CoordinateDescentRouter, TopKRouter
 
 # name -> class, for configuration files and the command line
 ROUTERS = dict(full=FullRouter, local=LocalRouter, kmeans=KMeansRouter, lsh=LSHRouter, sinkhorn=SinkhornRouter,
-               topk=TopKRouter, moba=MoBARouter, dsa=DSARouter)
+               topk=TopKRouter, moba=MoBARouter, dsa=DSARouter, mosa=MoSARouter)
 
-__all__ = ['ROUTERS', 'CoordinateDescentRouter', 'DSARouter', 'FullRouter', 'KMeansRouter', 'LSHRouter', 'LocalRouter', 'MoBARouter', 'Router',
-           'SinkhornRouter', 'TopKRouter', 'discard_statistics']
-
-from .mosa import MoSARouter  # noqa: E402
-
-ROUTERS['mosa'] = MoSARouter
-__all__ += ['MoSARouter']
+__all__ = ['ROUTERS', 'CoordinateDescentRouter', 'DSARouter', 'FullRouter', 'KMeansRouter', 'LSHRouter', 'LocalRouter',
+           'MoBARouter', 'MoSARouter', 'Router', 'SinkhornRouter', 'TopKRouter', 'discard_statistics']

@@ -44,6 +44,11 @@ class Autopadder(nn.Module):
     def forward(self, x: Tensor, input_mask: Tensor | None = None, context: Tensor | None = None,
                 context_mask: Tensor | None = None, **kwargs):
         n = x.shape[1]
+        max_seq_len = getattr(self.net, 'max_seq_len', None)
+        if exists(max_seq_len) and n > max_seq_len:
+            # checked before padding, so that the error names the length the caller passed
+            raise ValueError(f'sequence length {n} is longer than max_seq_len {max_seq_len}: truncate the input or '
+                             f'build the model with a larger max_seq_len')
         x, input_mask, pad = self.pad(x, input_mask, self.multiple_of)
         if exists(context):
             context, context_mask, _ = self.pad(context, context_mask, getattr(self.net, 'context_multiple_of', 1))

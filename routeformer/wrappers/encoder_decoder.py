@@ -31,16 +31,19 @@ class EncoderDecoder(nn.Module):
     """`forward(src, tgt, return_loss=True, enc_input_mask=..., dec_input_mask=...)` returns
     `(loss, aux_loss)`: `loss` already includes every auxiliary loss (encoder and decoder);
     `aux_loss` is the encoder's, for logging (its backward is a no-op). Without `return_loss` it returns the
-    decoder's `(logits, aux_loss)`. The encoder's `input_mask` becomes the decoder's `context_mask`."""
+    decoder's `(logits, aux_loss)`. The encoder's `input_mask` becomes the decoder's `context_mask`.
+    `ignore_index` defaults to `pad_value`, as in routing-transformer's and reformer-pytorch's
+    encoder-decoders: padding never counts toward the loss."""
 
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, *, ignore_index: int = -100, pad_value: int = 0):
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, *, ignore_index: int | None = None, pad_value: int = 0):
         super().__init__()
         self.encoder = Autopadder(encoder)
         self.decoder = AutoregressiveWrapper(decoder, ignore_index=ignore_index, pad_value=pad_value)
 
     @classmethod
-    def from_kwargs(cls, make_lm: Callable[..., nn.Module], *, dim: int, ignore_index: int = -100, pad_value: int = 0,
-                    enc_defaults: dict | None = None, dec_defaults: dict | None = None, **kwargs) -> 'EncoderDecoder':
+    def from_kwargs(cls, make_lm: Callable[..., nn.Module], *, dim: int, ignore_index: int | None = None,
+                    pad_value: int = 0, enc_defaults: dict | None = None, dec_defaults: dict | None = None,
+                    **kwargs) -> 'EncoderDecoder':
         """Builds encoder and decoder with `make_lm(dim=dim, **enc_/dec_ kwargs with the prefix removed)`.
         The encoder returns embeddings; the decoder is causal with cross-attention."""
         enc, dec = split_prefixed(kwargs, cls.__name__)
