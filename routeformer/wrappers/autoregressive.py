@@ -68,9 +68,10 @@ class AutoregressiveWrapper(nn.Module):
         if not return_loss:
             return self.padded(self.pad(x) if isinstance(x, (list, tuple)) else x, **kwargs)
 
-        if x.ndim == 2 and x.shape[1] < 2:
+        shortest = min(len(t) for t in x) if isinstance(x, (list, tuple)) else x.shape[-1] if x.ndim == 2 else 2
+        if shortest < 2:
             raise ValueError(f'return_loss needs sequences of at least 2 tokens (the inputs and their next tokens), '
-                             f'got {x.shape[1]}')
+                             f'got {shortest}')
         input_mask = kwargs.pop('input_mask', None)
         if isinstance(x, (list, tuple)) and exists(input_mask):
             raise ValueError('input_mask needs the input as one (batch, seq_len) tensor, not a list')
