@@ -33,3 +33,20 @@ __all__ = [
     'ROUTERS', 'Router', 'FullRouter', 'LocalRouter', 'KMeansRouter', 'LSHRouter', 'SinkhornRouter', 'TopKRouter',
     'CoordinateDescentRouter',
 ]
+
+
+try:
+    from importlib.metadata import PackageNotFoundError as _NotInstalled, version as _version
+    __version__ = _version('routeformer')
+except _NotInstalled:  # a source tree that was never installed
+    __version__ = '0+unknown'
+
+
+def load(path, device='cpu'):
+    """`(model, config)` of a run written by `routeformer train`: its run folder (the newest
+    checkpoint) or one of its `checkpoints/step-*` folders. The model is in eval mode on `device`,
+    its weights checked against their checksum; `config` is the run's `Config` (`.model`, `.data`,
+    `.train`). A missing, damaged or foreign checkpoint raises ValueError. Needs the `train` extra."""
+    from .cli.commands import load as load_run
+    config, model, _, _ = load_run(str(path), str(device))
+    return model, config
