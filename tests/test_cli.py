@@ -104,7 +104,7 @@ def test_sample_cached_equals_uncached(text_run, capsys):
 
 def test_families_lists_registry(capsys):
     out, _ = cli(capsys, 'families')
-    assert '[ ] full' in out and '[ ] local' in out
+    assert '[x] full' in out and '[x] local' in out  # x: available
 
 
 @pytest.mark.parametrize('family', ['full', 'local', 'routing', 'reformer', 'sinkhorn', 'colt5'])

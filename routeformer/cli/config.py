@@ -35,7 +35,7 @@ SIZES = {
 
 @dataclass
 class ModelConfig:
-    family: str = option('full', 'model family (see `routeformer families`)', type=str)
+    family: str = option('routing', 'model family (see `routeformer families`)', type=str)
     dim: int = option(128, 'model width', type=int)
     depth: int = option(4, 'number of layers', type=int)
     heads: int = option(4, 'attention heads per layer', type=int)
