@@ -451,13 +451,13 @@ def test_config_round_trip():
 
 @pytest.mark.slow
 def test_readme_main_command(tmp_path, capsys, monkeypatch):
-    """`routeformer train` on the default data (the Python standard library), as the README runs it."""
+    """`routeformer train` (k-means routing on the Python standard library), as the README runs it."""
     monkeypatch.chdir(tmp_path)
     out, _ = cli(capsys, 'train', '--quiet')
-    assert 'validation bits per byte' in out and 'sample:' in out
-    summary = json.loads((tmp_path / 'runs' / 'full-stdlib' / 'summary.json').read_text())
+    assert 'validation bits per byte' in out and 'sample:' in out and 'vs local attention' in out
+    summary = json.loads((tmp_path / 'runs' / 'routing-stdlib' / 'summary.json').read_text())
     assert summary['complete'] and summary['val']['bpb'] < 3.5  # a unigram model of Python source is about 4.5
-    assert (tmp_path / 'runs' / 'full-stdlib' / 'curves.png').is_file()
+    assert (tmp_path / 'runs' / 'routing-stdlib' / 'curves.png').is_file()
 
 
 @pytest.mark.slow

@@ -5,10 +5,10 @@ nonsensical numbers get one line each."""
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import routeformer
@@ -118,10 +118,8 @@ def test_damaged_weights_are_refused_by_every_loader(two_checkpoints, capsys):
 
 def test_checkpoints_without_a_checksum_still_load(two_checkpoints, capsys):
     weights = two_checkpoints / 'checkpoints' / 'step-00000005' / 'model.safetensors'
-    with open(weights, 'rb') as f:  # the metadata as written before checksums
-        from safetensors import safe_open
-        with safe_open(str(weights), framework='pt') as g:
-            meta = {k: v for k, v in g.metadata().items() if k != checkpoint.CHECKSUM}
+    with safe_open(str(weights), framework='pt') as f:  # the metadata as written before checksums
+        meta = {k: v for k, v in f.metadata().items() if k != checkpoint.CHECKSUM}
     save_file(load_file(str(weights)), str(weights), metadata=meta)
     cli(capsys, 'eval', two_checkpoints)
 

@@ -1,6 +1,6 @@
 """The `routeformer` command: train, eval, sample, compare, families.
 
-    routeformer train                                   # k-means routing on the Python standard library, a few CPU minutes
+    routeformer train                                   # k-means routing on the Python standard library
     routeformer train --family local --task duplication --seq-len 256 --out runs/dup
     routeformer train --resume --out runs/dup           # continue exactly where it stopped
     routeformer eval runs/dup

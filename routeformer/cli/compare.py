@@ -177,8 +177,10 @@ def main(args) -> int:
     cfg, _ = config_from_args(args)
     validate(cfg)
     out = Path(args.out or 'runs/compare')
-    results = run_compare(cfg, families, out, family_args=family_overrides(args.family_arg or [], families),
-                          resume=args.resume, timeout=args.timeout, quiet=args.quiet)
+    family_args = family_overrides(args.family_arg or [], families)
+    with checkpoint.run_lock(out):  # each family's run folder inside is locked by its own trainer
+        results = run_compare(cfg, families, out, family_args=family_args, resume=args.resume, timeout=args.timeout,
+                              quiet=args.quiet)
     print(table(results, 'full' if 'full' in families else None))
     print(f'table: {out / "compare.md"}\nplot:  {out / "compare.png"}')
     return 0 if all(r.status == 'ok' for r in results) else 1
