@@ -75,6 +75,7 @@ def test_train_prints_metric_sample_and_paths(tmp_path, text_dir, capsys):
     out, _ = cli(capsys, 'train', '--data', text_dir, *TINY, '--steps', '2', '--sample-length', '12', '--out', tmp_path / 'r')
     assert 'validation bits per byte' in out
     assert 'sample:\n' in out
+    assert 'vs local attention' in out  # the default family is k-means routing
     assert f'checkpoint: {tmp_path / "r" / "checkpoints" / "step-00000002"}' in out
     assert f'plot:       {tmp_path / "r" / "curves.png"}' in out
 

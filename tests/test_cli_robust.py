@@ -3,8 +3,10 @@ loader, a diverging run stops with its good checkpoints kept, two runs cannot sh
 nonsensical numbers get one line each."""
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,14 +34,20 @@ def whole(tmp_path_factory):
     return out
 
 
-@pytest.fixture
-def two_checkpoints(tmp_path, capsys):
-    """A run stopped at step 5 with checkpoints at steps 3 and 5."""
-    run = tmp_path / 'run'
-    cli(capsys, 'train', *RESUMABLE, '--out', run, '--stop-at', '3')
-    cli(capsys, 'train', '--resume', '--out', run, '--stop-at', '5', '--quiet')
+@pytest.fixture(scope='module')
+def stopped_at_5(tmp_path_factory):
+    run = tmp_path_factory.mktemp('runs') / 'stopped'
+    assert main(['train', *RESUMABLE, '--out', str(run), '--stop-at', '3']) == 0
+    assert main(['train', '--resume', '--out', str(run), '--stop-at', '5', '--quiet']) == 0
     assert [c.name for c in checkpoint.candidates(run)] == ['step-00000005', 'step-00000003']
     return run
+
+
+@pytest.fixture
+def two_checkpoints(tmp_path, stopped_at_5, capsys):
+    """A copy of a run stopped at step 5 with checkpoints at steps 3 and 5."""
+    capsys.readouterr()
+    return Path(shutil.copytree(stopped_at_5, tmp_path / 'run'))
 
 
 def flip_last_byte(path):
@@ -264,3 +272,13 @@ def test_help_shows_defaults_and_only_accepted_flags(capsys):
     assert '(default: the training batch size)' in out and '(default auto)' in out
     out, _ = cli(capsys, 'sample', '--help')
     assert '(default 200)' in out and '(default 0.8)' in out and 'default top_k' in out
+
+
+def test_the_routing_claim_printed_after_training_is_the_readmes_measurement():
+    import re
+    from routeformer.cli.train import VERSUS_LOCAL
+    readme = (Path(__file__).resolve().parents[1] / 'README.md').read_text()
+    routing = re.search(r'^\| duplication \| routing \| ([\d.]+%) \|', readme, flags=re.M).group(1)
+    local, chance = re.search(r'^\| duplication \| local \| ([\d.]+%) \| [\d.]+% \| ([\d.]+%) \|', readme, flags=re.M).groups()
+    assert f'routing reached {routing}' in VERSUS_LOCAL.replace('\n', ' ')
+    assert f'local attention {local} (chance {chance}' in VERSUS_LOCAL
