@@ -280,7 +280,7 @@ def find_resumable(run_dir: Path, step: int | None = None,
     if step is not None:
         ckpt = step_folder(run_dir, step)
         if not ckpt.is_dir():
-            have = ', '.join(str(int(c.name[5:])) for c in reversed(candidates(run_dir))) or 'none'
+            have = ', '.join(str(int(c.name[5:])) for c in sorted(ckpt.parent.glob('step-*')) if c.name[5:].isdigit()) or 'none'
             raise CLIError(f'{run_dir} has no checkpoint at step {step} (it has steps: {have}): give one of those '
                            f'to --resume-from')
         return ckpt, verify(ckpt)
