@@ -35,10 +35,11 @@ __all__ = [
 ]
 
 
+from importlib import metadata as _metadata  # noqa: E402
+
 try:
-    from importlib.metadata import PackageNotFoundError as _NotInstalled, version as _version
-    __version__ = _version('routeformer')
-except _NotInstalled:  # a source tree that was never installed
+    __version__ = _metadata.version('routeformer')
+except _metadata.PackageNotFoundError:  # a source tree that was never installed
     __version__ = '0+unknown'
 
 
