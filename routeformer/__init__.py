@@ -40,3 +40,21 @@ __all__ = [
     # seed checkpoints
     'from_seed_state_dict', 'load_seed_state_dict', 'save_converted',
 ]
+
+
+from importlib import metadata as _metadata  # noqa: E402
+
+try:
+    __version__ = _metadata.version('routeformer')
+except _metadata.PackageNotFoundError:  # a source tree that was never installed
+    __version__ = '0+unknown'
+
+
+def load(path, device='cpu'):
+    """`(model, config)` of a run written by `routeformer train`: its run folder (the newest
+    checkpoint) or one of its `checkpoints/step-*` folders. The model is in eval mode on `device`,
+    its weights checked against their checksum; `config` is the run's `Config` (`.model`, `.data`,
+    `.train`). A missing, damaged or foreign checkpoint raises ValueError. Needs the `train` extra."""
+    from .cli.commands import load as load_run
+    config, model, _, _ = load_run(str(path), str(device))
+    return model, config

@@ -75,6 +75,7 @@ def test_train_prints_metric_sample_and_paths(tmp_path, text_dir, capsys):
     out, _ = cli(capsys, 'train', '--data', text_dir, *TINY, '--steps', '2', '--sample-length', '12', '--out', tmp_path / 'r')
     assert 'validation bits per byte' in out
     assert 'sample:\n' in out
+    assert 'vs local attention' in out  # the default family is k-means routing
     assert f'checkpoint: {tmp_path / "r" / "checkpoints" / "step-00000002"}' in out
     assert f'plot:       {tmp_path / "r" / "curves.png"}' in out
 
@@ -104,7 +105,7 @@ def test_sample_cached_equals_uncached(text_run, capsys):
 
 def test_families_lists_registry(capsys):
     out, _ = cli(capsys, 'families')
-    assert '[ ] full' in out and '[ ] local' in out
+    assert '[x] full' in out and '[x] local' in out  # x: available
 
 
 @pytest.mark.parametrize('family', ['full', 'local', 'routing', 'reformer', 'sinkhorn', 'colt5'])
@@ -451,13 +452,13 @@ def test_config_round_trip():
 
 @pytest.mark.slow
 def test_readme_main_command(tmp_path, capsys, monkeypatch):
-    """`routeformer train` on the default data (the Python standard library), as the README runs it."""
+    """`routeformer train` (k-means routing on the Python standard library), as the README runs it."""
     monkeypatch.chdir(tmp_path)
     out, _ = cli(capsys, 'train', '--quiet')
-    assert 'validation bits per byte' in out and 'sample:' in out
-    summary = json.loads((tmp_path / 'runs' / 'full-stdlib' / 'summary.json').read_text())
+    assert 'validation bits per byte' in out and 'sample:' in out and 'vs local attention' in out
+    summary = json.loads((tmp_path / 'runs' / 'routing-stdlib' / 'summary.json').read_text())
     assert summary['complete'] and summary['val']['bpb'] < 3.5  # a unigram model of Python source is about 4.5
-    assert (tmp_path / 'runs' / 'full-stdlib' / 'curves.png').is_file()
+    assert (tmp_path / 'runs' / 'routing-stdlib' / 'curves.png').is_file()
 
 
 @pytest.mark.slow

@@ -9,15 +9,21 @@ leaves the previous checkpoint intact.
 
 A checkpoint is written into a temporary folder, flushed to disk, renamed into place (one atomic
 rename), and only then does `latest` point to it (written to a temporary file and renamed too).
+Both safetensors files carry the sha256 of their tensors in their metadata, checked on every
+load; a run whose newest checkpoint is damaged resumes from the newest one that is intact.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
+import contextlib
+import hashlib
 import json
+import math
 import os
 import shutil
+import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -26,15 +32,57 @@ from torch import nn
 
 from .errors import CLIError
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: runs are not locked
+    fcntl = None
+
 FORMAT = 1
 MODEL_FILE, TRAIN_STATE_FILE, STATE_FILE, LATEST = 'model.safetensors', 'train_state.safetensors', 'state.json', 'latest'
+LOCK_FILE = '.lock'
+CHECKSUM = 'sha256'  # safetensors metadata key
+
+
+class DamagedCheckpoint(CLIError):
+    """A checkpoint file that cannot be read or does not match its checksum."""
+
+    def __init__(self, file: Path, reason: str):
+        super().__init__(f'{file} {reason}: the checkpoint is damaged; use an older checkpoints/step-* folder '
+                         f'of the run')
+        self.file, self.reason = file, reason
 
 
 def package_version() -> str:
-    try:
-        return importlib.metadata.version('routeformer')
-    except importlib.metadata.PackageNotFoundError:
-        return 'unknown'
+    from .. import __version__
+    return __version__
+
+
+def to_json(obj, **kwargs) -> str:
+    """JSON with null for every non-finite float (a bare NaN or Infinity is not JSON)."""
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    return json.dumps(clean(obj), allow_nan=False, **kwargs)
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """Holds RUN/.lock (flock) while a process writes the run: a second one refuses at once, and a
+    killed process leaves no stale lock (the kernel drops it with the process)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / LOCK_FILE, 'a') as f:
+        if fcntl is not None:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise CLIError(f'{run_dir} is in use by another routeformer process (it holds {run_dir / LOCK_FILE}): '
+                               f'wait for it to finish, or choose another --out') from None
+        yield
 
 
 def fsync_path(path: Path) -> None:
@@ -78,13 +126,41 @@ def save_weights(model: nn.Module, path: Path) -> None:
         meta = json.dumps(dict(aliases=aliases, extra_state=extra))
     except TypeError as e:
         raise CLIError(f'the model\'s extra state cannot be written as JSON ({e})') from None
-    save_file(tensors, str(path), metadata={'routeformer': meta})
+    save_file(tensors, str(path), metadata={'routeformer': meta, CHECKSUM: digest(tensors)})
+
+
+def digest(tensors: dict) -> str:
+    """sha256 of the names, dtypes, shapes and bytes of `tensors` (independent of the file layout)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f'{name}:{t.dtype}:{tuple(t.shape)};'.encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def read_checked(path: Path) -> tuple[dict, dict]:
+    """(tensors, metadata) of a safetensors file whose tensors match the checksum in its metadata
+    (files written before checksums are taken as they are); DamagedCheckpoint otherwise."""
+    if not path.is_file():
+        raise DamagedCheckpoint(path, 'is missing')
+    try:
+        with safe_open(str(path), framework='pt') as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for a damaged file
+        raise DamagedCheckpoint(path, f'cannot be read ({e})') from None
+    if CHECKSUM in meta and digest(tensors) != meta[CHECKSUM]:
+        raise DamagedCheckpoint(path, 'does not match its checksum')
+    return tensors, meta
 
 
 def read_weights(path: Path) -> dict:
-    with safe_open(str(path), framework='pt') as f:
-        meta = json.loads((f.metadata() or {}).get('routeformer', '{}'))
-    tensors = load_file(str(path))
+    tensors, meta = read_checked(path)
+    try:
+        meta = json.loads(meta.get('routeformer', '{}'))
+    except json.JSONDecodeError as e:
+        raise DamagedCheckpoint(path, f'has unreadable metadata ({e})') from None
     state = dict(tensors)
     state.update({name: tensors[target] for name, target in meta.get('aliases', {}).items()})
     state.update(meta.get('extra_state', {}))
@@ -124,10 +200,11 @@ def save(run_dir: Path, *, step: int, model: nn.Module, optimizer: torch.optim.O
 
     save_weights(model, tmp / MODEL_FILE)
     opt_tensors, opt_rest = split_optimizer_state(optimizer.state_dict())
-    save_file({**opt_tensors, **rng_tensors()}, str(tmp / TRAIN_STATE_FILE))
+    train_tensors = {**opt_tensors, **rng_tensors()}
+    save_file(train_tensors, str(tmp / TRAIN_STATE_FILE), metadata={CHECKSUM: digest(train_tensors)})
     full_state = dict(format=FORMAT, routeformer=package_version(), torch=torch.__version__, step=step,
                       optimizer=opt_rest, **state)
-    (tmp / STATE_FILE).write_text(json.dumps(full_state, indent=1))
+    (tmp / STATE_FILE).write_text(to_json(full_state, indent=1))
     for f in (MODEL_FILE, TRAIN_STATE_FILE, STATE_FILE):
         fsync_path(tmp / f)
     fsync_path(tmp)
@@ -145,25 +222,73 @@ def save(run_dir: Path, *, step: int, model: nn.Module, optimizer: torch.optim.O
 
 
 def prune(root: Path, keep: int) -> None:
-    done = sorted(p for p in root.glob('step-*') if p.is_dir())
+    """Keeps the newest `keep` checkpoints up to the current one. Later ones (from before a resume
+    at an older step) are left for the run to replace when it gets there."""
     current = (root / LATEST).read_text().strip()
+    done = sorted(p for p in root.glob('step-*') if p.is_dir() and p.name <= current)
     for p in done[:-keep]:
-        if p.name != current:
-            shutil.rmtree(p, ignore_errors=True)
+        shutil.rmtree(p, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- load
+
+def step_folder(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / 'checkpoints' / f'step-{step:08d}'
+
+
+def candidates(run_dir: str | Path) -> list[Path]:
+    """A run's checkpoint folders, newest first: the one `latest` names and those before it (or,
+    when `latest` is unreadable or names a folder that is gone, every step-* folder)."""
+    root = Path(run_dir) / 'checkpoints'
+    every = sorted((p for p in root.glob('step-*') if p.is_dir()), reverse=True)
+    try:
+        current = root / (root / LATEST).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return every
+    return every[every.index(current):] if current in every else every
+
 
 def find_checkpoint(path: str | Path) -> Path | None:
     """A checkpoint folder, or the newest checkpoint of a run folder; None when there is none."""
     p = Path(path)
     if (p / STATE_FILE).is_file():
         return p
-    latest = p / 'checkpoints' / LATEST
-    if latest.is_file():
-        target = latest.parent / latest.read_text().strip()
-        if (target / STATE_FILE).is_file():
-            return target
+    return next((c for c in candidates(p) if (c / STATE_FILE).is_file()), None)
+
+
+def holds_run(run_dir: Path) -> bool:
+    """Whether a run was started here (a checkpoint folder or metrics), whether or not it is intact."""
+    return any((run_dir / 'checkpoints').glob('step-*')) or (run_dir / 'metrics.jsonl').is_file()
+
+
+def verify(ckpt: Path) -> dict:
+    """The state of a checkpoint whose every file reads and matches its checksum."""
+    state = read_state(ckpt)
+    read_weights(ckpt / MODEL_FILE)
+    read_checked(ckpt / TRAIN_STATE_FILE)
+    return state
+
+
+def skip_note(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def find_resumable(run_dir: Path, step: int | None = None,
+                   note: Callable[[str], None] = skip_note) -> tuple[Path, dict] | None:
+    """(checkpoint, state) to resume: the one at `step`, or the newest intact one, each damaged
+    newer one skipped with one line to `note`; None when the run has no intact checkpoint."""
+    if step is not None:
+        ckpt = step_folder(run_dir, step)
+        if not ckpt.is_dir():
+            have = ', '.join(str(int(c.name[5:])) for c in sorted(ckpt.parent.glob('step-*')) if c.name[5:].isdigit()) or 'none'
+            raise CLIError(f'{run_dir} has no checkpoint at step {step} (it has steps: {have}): give one of those '
+                           f'to --resume-from')
+        return ckpt, verify(ckpt)
+    for ckpt in candidates(run_dir):
+        try:
+            return ckpt, verify(ckpt)
+        except DamagedCheckpoint as e:
+            note(f'routeformer train: skipping {ckpt}: {e.file.name} {e.reason}')
     return None
 
 
@@ -180,8 +305,7 @@ def read_state(ckpt: Path) -> dict:
     try:
         state = json.loads((ckpt / STATE_FILE).read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CLIError(f'{ckpt / STATE_FILE} cannot be read ({e}): the checkpoint is damaged; use an older '
-                       f'step-* folder of the same run') from None
+        raise DamagedCheckpoint(ckpt / STATE_FILE, f'cannot be read ({e})') from None
     if not isinstance(state, dict) or state.get('format') != FORMAT:
         found = state.get('format') if isinstance(state, dict) else None
         version = state.get('routeformer', 'an unknown version') if isinstance(state, dict) else 'an unknown version'
@@ -195,10 +319,7 @@ def load_weights(model: nn.Module, ckpt: Path, state: dict) -> None:
     """Loads the weights, or says how the checkpoint's model differs from `model`."""
     path = ckpt / MODEL_FILE
     origin = f'it was saved from a {state["config"]["model"]["family"]} model by routeformer {state["routeformer"]}'
-    try:
-        saved = read_weights(path)
-    except Exception as e:  # safetensors raises its own error types for a damaged file
-        raise CLIError(f'{path} cannot be read ({e}): the checkpoint is damaged; use an older step-* folder') from None
+    saved = read_weights(path)
     own = model.state_dict()
     shape = lambda v: tuple(v.shape) if torch.is_tensor(v) else None  # noqa: E731
     wrong = [f'{k} {shape(saved[k])} vs {shape(own[k])}' for k in saved if k in own and shape(saved[k]) != shape(own[k])]
@@ -215,10 +336,7 @@ def load_weights(model: nn.Module, ckpt: Path, state: dict) -> None:
 
 def load_train_state(optimizer: torch.optim.Optimizer, ckpt: Path, state: dict) -> None:
     """Restores the optimizer and the RNG states saved with the checkpoint."""
-    tensors = {}
-    with safe_open(str(ckpt / TRAIN_STATE_FILE), framework='pt') as f:
-        for k in f.keys():
-            tensors[k] = f.get_tensor(k)
+    tensors, _ = read_checked(ckpt / TRAIN_STATE_FILE)
     opt_state: dict = {}
     for key, value in tensors.items():
         if key.startswith('optimizer.'):

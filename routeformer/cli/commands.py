@@ -18,7 +18,8 @@ from .sample import check_prompt_length, decode_text, encode_ids, encode_text, g
 
 
 def load(path: str, device_name: str):
-    """(config, model in eval mode, checkpoint folder) of a run folder or checkpoint folder."""
+    """(config, model in eval mode, checkpoint folder, its state) of a run folder or checkpoint
+    folder; the weights must match their checksum."""
     ckpt = checkpoint.require_checkpoint(path)
     state = checkpoint.read_state(ckpt)
     cfg = Config.from_dict(state['config'], source=str(ckpt / checkpoint.STATE_FILE))
@@ -56,8 +57,6 @@ def sample_main(args) -> int:
     else:
         prompt = encode_text(args.prompt, cfg.model.num_tokens)
     check_prompt_length(prompt, cfg.model.seq_len)
-    if args.length < 1:
-        raise CLIError(f'--length must be at least 1, got {args.length}')
     torch.manual_seed(args.seed)
     ids = generate(model, prompt, args.length, temperature=args.temperature, filter_name=args.filter,
                    filter_thres=args.filter_thres, use_cache=not args.no_cache)
@@ -71,9 +70,9 @@ def sample_main(args) -> int:
 def families_main(args) -> int:
     available = set(available_families())
     for name, fam in FAMILIES.items():
-        mark = ' ' if name in available else 'x'
+        mark = 'x' if name in available else ' '
         print(f'[{mark}] {name:9s} {fam.class_name:31s} {fam.description}')
     missing = [n for n in FAMILIES if n not in available]
     if missing:
-        print(f'[x]: not in this installation ({", ".join(missing)})')
+        print(f'[ ]: not in this installation ({", ".join(missing)})')
     return 0

@@ -122,9 +122,9 @@ def fmt_seconds(t: float) -> str:
 
 def fmt_metric(summary: dict) -> str:
     val = summary.get('val') or {}
-    if 'bpb' in val:
+    if val.get('bpb') is not None:
         return f'{val["bpb"]:.3f} bpb'
-    if 'accuracy' in val:
+    if val.get('accuracy') is not None:
         return f'{val["accuracy"]:.1%}'
     return '-'
 
@@ -162,7 +162,7 @@ def run_compare(cfg: Config, families: list[str], out: Path, *, family_args: dic
     reference = 'full' if 'full' in families else None
     text = table(results, reference)
     (out / 'compare.md').write_text(text + '\n')
-    (out / 'compare.json').write_text(json.dumps([r.__dict__ for r in results], indent=1))
+    (out / 'compare.json').write_text(checkpoint.to_json([r.__dict__ for r in results], indent=1))
     runs = {r.family: read_metrics(out / r.family / 'metrics.jsonl') for r in results if r.summary}
     plot_compare(runs, {r.family: r.summary for r in results if r.summary}, out / 'compare.png',
                  title or f'{", ".join(families)}: same data, same budget')
@@ -177,8 +177,10 @@ def main(args) -> int:
     cfg, _ = config_from_args(args)
     validate(cfg)
     out = Path(args.out or 'runs/compare')
-    results = run_compare(cfg, families, out, family_args=family_overrides(args.family_arg or [], families),
-                          resume=args.resume, timeout=args.timeout, quiet=args.quiet)
+    family_args = family_overrides(args.family_arg or [], families)
+    with checkpoint.run_lock(out):  # each family's run folder inside is locked by its own trainer
+        results = run_compare(cfg, families, out, family_args=family_args, resume=args.resume, timeout=args.timeout,
+                              quiet=args.quiet)
     print(table(results, 'full' if 'full' in families else None))
     print(f'table: {out / "compare.md"}\nplot:  {out / "compare.png"}')
     return 0 if all(r.status == 'ok' for r in results) else 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import math
 import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -34,7 +35,7 @@ SIZES = {
 
 @dataclass
 class ModelConfig:
-    family: str = option('full', 'model family (see `routeformer families`)', type=str)
+    family: str = option('routing', 'model family (see `routeformer families`)', type=str)
     dim: int = option(128, 'model width', type=int)
     depth: int = option(4, 'number of layers', type=int)
     heads: int = option(4, 'attention heads per layer', type=int)
@@ -68,6 +69,8 @@ class TrainConfig:
     warmup: int = option(50, 'linear warm-up steps', type=int)
     weight_decay: float = option(0.01, 'AdamW weight decay', type=float)
     grad_clip: float = option(1.0, 'clip the gradient norm to this (0: no clipping)', type=float)
+    max_bad_steps: int = option(5, 'steps in a row with a non-finite loss or gradient to skip before the run '
+                                   'stops as diverged (0: stop at the first)', type=int)
     eval_every: int = option(100, 'validate every N steps', type=int)
     eval_batches: int = option(8, 'validation batches (of batch_size sequences)', type=int)
     save_every: int = option(100, 'checkpoint every N steps (and at the end)', type=int)
@@ -163,9 +166,47 @@ def load_file(path: str) -> dict:
 
 # ---------------------------------------------------------------- flags
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'must be a positive integer, got {text!r}') from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'must be a positive integer, got {value}')
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    """argparse type: a finite number of at least 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'must be a number, got {text!r}') from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f'must be a finite number, 0 or more, got {text}')
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = nonnegative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f'must be more than 0, got {text}')
+    return value
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number from 0 to 1."""
+    value = nonnegative_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f'must be between 0 and 1, got {text}')
+    return value
+
+
+def add_config_flags(parser: argparse.ArgumentParser, *, hidden: tuple[str, ...] = ()) -> None:
     """One flag per field; flags not given stay out of the namespace (argparse.SUPPRESS), so that
-    only what the user typed overrides the file and the defaults."""
+    only what the user typed overrides the file and the defaults. `hidden` fields keep their flag
+    (so that a command can say why it rejects it) but stay out of --help."""
     parser.add_argument('--config', default=argparse.SUPPRESS, help='JSON or TOML file with [model], [data], [train] '
                         'sections; flags override it')
     parser.add_argument('--size', default=argparse.SUPPRESS, choices=list(SIZES),
@@ -179,11 +220,12 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             if not meta.get('flag', True):
                 continue
             name = '--' + f.name.replace('_', '-')
+            text = meta['help'] + (f' (default {f.default})' if f.default is not None and meta['type'] is not bool else '')
+            text = argparse.SUPPRESS if f.name in hidden else text
             if meta['type'] is bool:
-                group.add_argument(name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=meta['help'])
+                group.add_argument(name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
             else:
-                group.add_argument(name, type=meta['type'], choices=meta['choices'], default=argparse.SUPPRESS,
-                                   help=meta['help'] + (f' (default {f.default})' if f.default is not None else ''))
+                group.add_argument(name, type=meta['type'], choices=meta['choices'], default=argparse.SUPPRESS, help=text)
 
 
 def parse_model_args(items: list[str]) -> dict:
@@ -223,10 +265,17 @@ def validate(cfg: Config) -> None:
     m, d, t = cfg.model, cfg.data, cfg.train
     positive = dict(dim=m.dim, depth=m.depth, heads=m.heads, window=m.window, seq_len=m.seq_len, steps=t.steps,
                     batch_size=t.batch_size, eval_every=t.eval_every, eval_batches=t.eval_batches,
-                    save_every=t.save_every, keep=t.keep)
+                    save_every=t.save_every, keep=t.keep, dim_head=m.dim_head, vocab=d.vocab,
+                    recall_pairs=d.recall_pairs, recall_queries=d.recall_queries)
     for name, value in positive.items():
-        if not isinstance(value, int) or value < 1:
+        if value is not None and (not isinstance(value, int) or value < 1):
             raise CLIError(f'--{name.replace("_", "-")} must be a positive integer, got {value!r}')
+    for name, value in dict(warmup=t.warmup, sample_length=t.sample_length, max_bad_steps=t.max_bad_steps).items():
+        if value < 0:
+            raise CLIError(f'--{name.replace("_", "-")} must be 0 or more, got {value}')
+    for name, value in dict(weight_decay=t.weight_decay, grad_clip=t.grad_clip).items():
+        if not (math.isfinite(value) and value >= 0):
+            raise CLIError(f'--{name.replace("_", "-")} must be a finite number, 0 or more, got {value}')
     if m.dim_head is None and m.dim % m.heads:
         raise CLIError(f'--dim {m.dim} is not divisible by --heads {m.heads}: change one, or set --dim-head')
     if m.local_heads is not None and not 0 <= m.local_heads <= m.heads:
@@ -235,5 +284,6 @@ def validate(cfg: Config) -> None:
         raise CLIError(f'--val-fraction must be between 0 and 1, got {d.val_fraction}')
     if d.task != 'text' and d.data is not None:
         raise CLIError(f'--data is for text; the {d.task} task generates its own sequences: drop --data or use --task text')
-    if t.lr <= 0 or t.warmup < 0 or not 0 <= t.min_lr_ratio <= 1:
-        raise CLIError('--lr must be positive, --warmup at least 0 and --min-lr-ratio between 0 and 1')
+    if not (math.isfinite(t.lr) and t.lr > 0) or not 0 <= t.min_lr_ratio <= 1:
+        raise CLIError(f'--lr must be a positive number (got {t.lr}) and --min-lr-ratio between 0 and 1 '
+                       f'(got {t.min_lr_ratio})')

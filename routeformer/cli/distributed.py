@@ -35,6 +35,11 @@ class Dist:
         return self.world > 1
 
 
+def launched_rank() -> int:
+    """This process's rank as torchrun set it (0 when run alone), known before the group is joined."""
+    return int(os.environ.get('RANK', '0'))
+
+
 def pick_device(name: str, local_rank: int) -> torch.device:
     if name == 'auto':
         name = 'cuda' if torch.cuda.is_available() else 'cpu'

@@ -7,9 +7,18 @@ from pathlib import Path
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """The rows of metrics.jsonl; a line that does not parse (torn by a crash mid-write) is skipped."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text(errors='replace').splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get('step'), int) and 'split' in row:
+            rows.append(row)
+    return rows
 
 
 def pyplot():
@@ -35,8 +44,9 @@ def val_key(rows: list[dict]) -> str:
 def plot_run(metrics: list[dict], path: Path, title: str) -> Path:
     """Training loss (raw and smoothed) and the validation metric against the step."""
     plt = pyplot()
-    train = [r for r in metrics if r['split'] == 'train']
-    val = [r for r in metrics if r['split'] == 'val']
+    # skipped steps (a non-finite loss) have no loss to draw
+    train = [r for r in metrics if r['split'] == 'train' and r.get('loss') is not None]
+    val = [r for r in metrics if r['split'] == 'val' and r.get('loss') is not None]
     fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
     if train:
         steps, losses = [r['step'] for r in train], [r['loss'] for r in train]
@@ -64,7 +74,7 @@ def plot_compare(runs: dict[str, list[dict]], summaries: dict[str, dict], path: 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     key = None
     for name, rows in runs.items():
-        val = [r for r in rows if r['split'] == 'val']
+        val = [r for r in rows if r['split'] == 'val' and r.get('loss') is not None]
         if not val:
             continue
         key = key or val_key(val)

@@ -5,11 +5,15 @@ What makes `--resume` exact: batches are a function of (seed, step) (see data.py
 checkpoint holds the weights and buffers, the optimizer moments, the RNG state and the step; the
 learning rate is a function of the step. Metrics written after the checkpoint's step are dropped
 on resume, since those steps run again.
+
+A step whose loss or gradient is not finite is skipped, leaving the weights, the optimizer and
+every buffer as they were; more than --max-bad-steps of them in a row stop the run with the last
+good checkpoint kept (no checkpoint is written during such a streak).
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import os
 import shutil
@@ -26,7 +30,7 @@ from tqdm import tqdm
 from . import checkpoint
 from .config import Config, TrainConfig, config_from_args, validate
 from .data import make_source
-from .distributed import Dist, all_sum, barrier, check_agreement, setup, teardown
+from .distributed import Dist, all_sum, barrier, check_agreement, launched_rank, setup, teardown
 from .errors import CLIError
 from .evaluate import batch_loss, evaluate, metric_line
 from .families import FAMILIES, build_model, count_parameters
@@ -74,17 +78,22 @@ class Run:
     overwrite: bool = False
 
 
-def prepare(args) -> Run:
+def prepare(args, cfg: Config, out: Path) -> Run:
     """Resolves the configuration against the run folder: a fresh run, or the continuation of the
-    checkpoint there (whose model and data settings must not change)."""
-    cfg, explicit = config_from_args(args)
-    out = Path(args.out) if args.out else default_out(cfg)
-    ckpt = checkpoint.find_checkpoint(out) if out.is_dir() else None
+    newest intact checkpoint there (whose model and data settings must not change)."""
     run = Run(cfg, out, stop_at=args.stop_at, quiet=args.quiet, overwrite=args.overwrite)
-    if args.resume:
-        if ckpt is None:
+    resume = args.resume or args.resume_from is not None
+    if resume and args.overwrite:
+        raise CLIError('--overwrite starts the run over, --resume continues it: give one of them')
+    if resume:
+        note = checkpoint.skip_note if launched_rank() == 0 else (lambda message: None)
+        found = checkpoint.find_resumable(out, args.resume_from, note) if out.is_dir() else None
+        if found is None:
+            if out.is_dir() and checkpoint.holds_run(out):
+                raise CLIError(f'nothing to resume in {out}: none of its checkpoints is intact; --overwrite starts '
+                               f'the run over there')
             raise CLIError(f'nothing to resume in {out}: it holds no checkpoint; train without --resume to start a run there')
-        state = checkpoint.read_state(ckpt)
+        ckpt, state = found
         saved = Config.from_dict(state['config'], source=str(ckpt / checkpoint.STATE_FILE))
         cfg, _ = config_from_args(args, base=saved)
         cfg.model.num_tokens = saved.model.num_tokens
@@ -93,23 +102,26 @@ def prepare(args) -> Run:
             raise CLIError(f'the checkpoint in {out} was trained with other model or data settings ({"; ".join(changed)}): '
                            f'drop those flags to continue it, or start a new run with another --out')
         run.cfg, run.ckpt, run.state = cfg, ckpt, state
-    elif ckpt is not None and not args.overwrite:
-        step = checkpoint.read_state(ckpt).get('step', '?') if (ckpt / checkpoint.STATE_FILE).is_file() else '?'
-        raise CLIError(f'{out} already holds a checkpoint (step {step}): add --resume to continue it, --overwrite '
-                       f'to start over, or choose another --out')
+    elif out.is_dir() and checkpoint.holds_run(out) and not args.overwrite:
+        ckpt = checkpoint.find_checkpoint(out)
+        what = f'a checkpoint ({ckpt.name})' if ckpt is not None else 'a run'
+        raise CLIError(f'{out} already holds {what}: add --resume to continue it, --overwrite to start over, or '
+                       f'choose another --out')
     validate(run.cfg)
-    if run.stop_at is not None and run.stop_at < 1:
-        raise CLIError(f'--stop-at must be a positive step, got {run.stop_at}')
     return run
 
 
 def main(args) -> int:
-    run = prepare(args)
-    d = setup(run.cfg.train.device)
-    try:
-        return Trainer(run, d).fit()
-    finally:
-        teardown(d)
+    cfg, _ = config_from_args(args)
+    out = Path(args.out) if args.out else default_out(cfg)
+    # one writer per run folder: process 0 writes, the others of a torchrun run only read
+    with checkpoint.run_lock(out) if launched_rank() == 0 else contextlib.nullcontext():
+        run = prepare(args, cfg, out)
+        d = setup(run.cfg.train.device)
+        try:
+            return Trainer(run, d).fit()
+        finally:
+            teardown(d)
 
 
 # ---------------------------------------------------------------- memory
@@ -145,11 +157,11 @@ class MetricsLog:
     def __init__(self, path: Path, keep_through: int):
         self.path = path
         rows = [r for r in read_metrics(path) if r['step'] <= keep_through]
-        checkpoint.write_atomic(path, ''.join(json.dumps(r) + '\n' for r in rows))
+        checkpoint.write_atomic(path, ''.join(checkpoint.to_json(r) + '\n' for r in rows))
         self.file = open(path, 'a')
 
     def write(self, row: dict) -> None:
-        self.file.write(json.dumps(row) + '\n')
+        self.file.write(checkpoint.to_json(row) + '\n')
         self.file.flush()
 
     def close(self):
@@ -227,12 +239,13 @@ class Trainer:
             if run.ckpt is None and run.overwrite:
                 shutil.rmtree(run.out / 'checkpoints', ignore_errors=True)
             run.out.mkdir(parents=True, exist_ok=True)
-            checkpoint.write_atomic(run.out / 'config.json', json.dumps(cfg.to_dict(), indent=1))
+            checkpoint.write_atomic(run.out / 'config.json', checkpoint.to_json(cfg.to_dict(), indent=1))
         barrier(d)
 
         self.model, self.optimizer, self.source = model, optimizer, source
         self.net = self.wrap(model)
         self.clock = clock
+        self.skipped = run.state.get('skipped', 0)  # steps skipped for a non-finite loss, over the whole run
         self.metrics = MetricsLog(run.out / 'metrics.jsonl', keep_through=start) if self.main else None
         params = count_parameters(model)
         self.say(f'{cfg.model.family} model, {params:,} parameters ({cfg.model.dim} dim, {cfg.model.depth} layers, '
@@ -263,33 +276,40 @@ class Trainer:
         tokens_per_step = t.batch_size * self.cfg.model.seq_len
         baseline = memory_baseline(self.device)
         last_val, last_saved, step = None, start, start
-        rate = None
+        rate, bad_streak, save_due = None, 0, False
         progress = tqdm(total=t.steps, initial=start, desc='train', unit='step', dynamic_ncols=True,
                         disable=not self.main or run.quiet, file=sys.stderr)
-        with Interrupt(enabled=not d.enabled) as interrupt:
+        with Interrupt(enabled=not d.enabled) as interrupt, contextlib.closing(progress):
             for step in range(start + 1, stop + 1):
                 began = time.perf_counter()
-                loss, ce = self.train_step(step)
+                stepped, loss, ce = self.train_step(step)
                 elapsed = time.perf_counter() - began
                 self.clock['train_time'] += elapsed
                 self.clock['tokens'] += tokens_per_step
                 rate = tokens_per_step / elapsed if rate is None else 0.9 * rate + 0.1 * tokens_per_step / elapsed
                 loss, ce = (v / d.world for v in all_sum([loss, ce], d))
+                bad_streak = 0 if stepped else bad_streak + 1
+                self.skipped += not stepped
                 self.log(dict(step=step, split='train', loss=ce, total_loss=loss, lr=lr_at(step, t),
-                              tokens=self.clock['tokens'], train_time=self.clock['train_time']))
+                              tokens=self.clock['tokens'], train_time=self.clock['train_time'],
+                              **({} if stepped else dict(skipped=True))))
                 progress.update(1)
                 progress.set_postfix(loss=f'{ce:.3f}', tok_s=f'{rate:,.0f}', refresh=False)
+                if not stepped:
+                    self.check_streak(step, bad_streak, progress)
 
                 if step % t.eval_every == 0 or step == t.steps:
                     last_val = self.validate(step)
                     if self.main and not run.quiet:
                         progress.write(f'step {step}: {metric_line(last_val)}', file=sys.stderr)
-                if step % t.save_every == 0 or step == stop or interrupt.requested:
+                # weights that a streak of skipped steps may be heading away from are not saved
+                # over the good checkpoints: the save waits for a step that trains again
+                save_due |= step % t.save_every == 0 or step == stop or interrupt.requested
+                if save_due and (bad_streak == 0 or step == stop or interrupt.requested):
                     self.save(step)
-                    last_saved = step
+                    last_saved, save_due = step, False
                 if interrupt.requested:
                     break
-        progress.close()
 
         if last_val is None or last_val['step'] != step:
             # off the validation schedule (a stopped run): reported, but kept out of metrics.jsonl,
@@ -298,29 +318,49 @@ class Trainer:
         if last_saved != step:
             self.save(step)
         summary = dict(family=self.cfg.model.family, params=params, step=step, steps=t.steps,
-                       complete=step == t.steps, metric=self.source.metric, val=last_val,
+                       complete=step == t.steps, metric=self.source.metric, val=last_val, skipped_steps=self.skipped,
                        train_time=self.clock['train_time'], tokens=self.clock['tokens'],
                        tok_per_s=self.clock['tokens'] / max(self.clock['train_time'], 1e-9),
                        peak_memory_mib=peak_memory_mib(self.device, baseline), device=str(self.device),
                        processes=d.world, threads=torch.get_num_threads(), config=self.cfg.to_dict())
         if self.main:
-            checkpoint.write_atomic(run.out / 'summary.json', json.dumps(summary, indent=1))
+            checkpoint.write_atomic(run.out / 'summary.json', checkpoint.to_json(summary, indent=1))
             self.report(summary, step, self.plot(), interrupted=interrupt.requested)
         return 130 if interrupt.requested else 0
 
-    def train_step(self, step: int) -> tuple[float, float]:
-        lr = lr_at(step, self.t)
-        for group in self.optimizer.param_groups:
-            group['lr'] = lr
+    def train_step(self, step: int) -> tuple[bool, float, float]:
+        """(whether the optimizer stepped, loss, cross entropy). With a non-finite loss or gradient
+        on any process the step is skipped everywhere: no optimizer step, and the buffers the
+        forward and backward passes changed (k-means centroids) are put back."""
         batch = self.source.train_batch(step, self.t.batch_size, self.d.rank, self.d.world)
         self.net.train()
+        buffers = snapshot_buffers(self.model)
         loss, ce = batch_loss(self.net, batch, self.device, self.t.bf16)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if self.t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.grad_clip if self.t.grad_clip > 0 else math.inf)
+        bad = float(not (torch.isfinite(loss.detach()) & torch.isfinite(norm)).item())
+        if all_sum([bad], self.d)[0] > 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            restore_buffers(buffers)
+            return False, loss.item(), ce.item()
+        lr = lr_at(step, self.t)
+        for group in self.optimizer.param_groups:
+            group['lr'] = lr
         self.optimizer.step()
-        return loss.item(), ce.item()
+        return True, loss.item(), ce.item()
+
+    def check_streak(self, step: int, streak: int, progress) -> None:
+        limit = self.t.max_bad_steps
+        if streak > limit:
+            ckpt = checkpoint.find_checkpoint(self.run.out)
+            kept = f'the last checkpoint, {ckpt}, is from before it' if ckpt else 'no checkpoint was written'
+            raise CLIError(f'training diverged: {streak} steps in a row up to step {step} had a non-finite loss or '
+                           f'gradient (more than --max-bad-steps {limit}); {kept}: lower --lr (now {self.t.lr:g}) '
+                           f'or raise --warmup, then continue with `routeformer train --resume --out {self.run.out} --lr ...`')
+        if self.main:
+            progress.write(f'step {step}: non-finite loss or gradient, step skipped (weights, optimizer and buffers '
+                           f'unchanged; {streak} in a row of at most --max-bad-steps {limit})', file=sys.stderr)
 
     def validate(self, step: int, log: bool = True) -> dict:
         result = evaluate(self.model, self.source, batch_size=self.t.batch_size, batches=self.t.eval_batches,
@@ -335,9 +375,16 @@ class Trainer:
             self.metrics.write(row)
 
     def save(self, step: int) -> None:
+        broken = next((name for name, v in self.model.state_dict().items()
+                       if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()), None)
+        if broken is not None:
+            ckpt = checkpoint.find_checkpoint(self.run.out)
+            raise CLIError(f'training diverged: at step {step} the weights are not finite ({broken}); nothing was '
+                           f'saved{f", the last checkpoint is {ckpt}" if ckpt else ""}: lower --lr (now {self.t.lr:g}) '
+                           f'or raise --warmup')
         if self.main:
             state = dict(config=self.cfg.to_dict(), data=self.source.fingerprint, clock=self.clock,
-                         processes=self.d.world)
+                         processes=self.d.world, skipped=self.skipped)
             checkpoint.save(self.run.out, step=step, model=self.model, optimizer=self.optimizer, state=state,
                             keep=self.t.keep)
             if time.monotonic() - self.plotted > PLOT_EVERY_S:
@@ -365,6 +412,28 @@ class Trainer:
         if not summary['complete']:
             why = 'interrupted' if interrupted else 'stopped'
             print(f'{why} at step {step} of {self.t.steps}: continue with `routeformer train --resume --out {out}`')
+        elif self.cfg.model.family == 'routing':
+            print(VERSUS_LOCAL)
+
+
+# measured by benchmarks/long_range.py (the README's "Routing learns what local attention cannot")
+VERSUS_LOCAL = ('vs local attention: copying tokens from 128 back (the duplication task), k-means routing reached 99.2%\n'
+                'accuracy, local attention 6.5% (chance 6.7%; benchmarks/long_range.py). On this data: '
+                'routeformer compare --families routing,local')
+
+
+def snapshot_buffers(model: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
+    return [(m, name, b.detach().clone()) for m in model.modules() for name, b in m._buffers.items() if b is not None]
+
+
+def restore_buffers(saved: list[tuple[nn.Module, str, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for module, name, value in saved:
+            current = module._buffers.get(name)
+            if current is not None and current.shape == value.shape and current.dtype == value.dtype:
+                current.copy_(value)  # in place: DDP and tied modules hold the same tensor
+            else:
+                module._buffers[name] = value
 
 
 def first_line(stream: torch.Tensor, limit: int = 64) -> torch.Tensor:
