@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..routers import discard_statistics
 from . import checkpoint
 from .config import Config, TrainConfig, config_from_args, validate
 from .data import make_source
@@ -343,6 +344,7 @@ class Trainer:
         if all_sum([bad], self.d)[0] > 0:
             self.optimizer.zero_grad(set_to_none=True)
             restore_buffers(buffers)
+            discard_statistics(self.model)  # what a router gathered and has not applied yet
             return False, loss.item(), ce.item()
         lr = lr_at(step, self.t)
         for group in self.optimizer.param_groups:
