@@ -15,6 +15,7 @@ from .models import (ConditionalRoutedAttention, ConditionalRoutedAutoregressive
 from .routers import (ROUTERS, CoordinateDescentRouter, FullRouter, KMeansRouter, LocalRouter, LSHRouter, Router,
                       SinkhornRouter, TopKRouter, discard_statistics)
 from .transformer import Block, Sublayer, Transformer
+from .models import NSATransformerLM
 from .wrappers import Autopadder, AutoregressiveWrapper, EncoderDecoder, Recorder, top_k, top_p
 
 __all__ = [
@@ -32,4 +33,6 @@ __all__ = [
     'FeedForward', 'LayerContext', 'RoutedAttention', 'RoutePlan',
     'ROUTERS', 'Router', 'FullRouter', 'LocalRouter', 'KMeansRouter', 'LSHRouter', 'SinkhornRouter', 'TopKRouter',
     'CoordinateDescentRouter', 'discard_statistics',
+    # today's routers
+    'NSATransformerLM',
 ]

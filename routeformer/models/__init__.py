@@ -9,6 +9,7 @@ from .reformer import LSHAttention, LSHSelfAttention, Reformer, ReformerEncDec, 
 from .routing import RoutingTransformer, RoutingTransformerEncDec, RoutingTransformerLM
 from .sinkhorn import SinkhornTransformer, SinkhornTransformerEncDec, SinkhornTransformerLM
 from .transformer_lm import TransformerEncDec, TransformerLM
+from .nsa import NSATransformerLM
 
 __all__ = [
     'ConditionalRoutedAttention', 'ConditionalRoutedAutoregressiveAttention', 'ConditionalRoutedCrossAttention',
@@ -17,4 +18,5 @@ __all__ = [
     'ReformerEncDec', 'ReformerLM', 'RoutingTransformer', 'RoutingTransformerEncDec', 'RoutingTransformerLM',
     'SinkhornTransformer', 'SinkhornTransformerEncDec', 'SinkhornTransformerLM', 'TransformerEncDec', 'TransformerLM',
     'build_pos_emb', 'build_transformer',
+    'NSATransformerLM',
 ]
