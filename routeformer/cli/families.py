@@ -69,6 +69,13 @@ register('colt5', 'ConditionalRoutedTransformerLM',
                         heavy_heads=c.heads, heavy_dim_head=head_dim(c), num_heavy_attn_tokens_q=max(1, c.window // 2),
                         num_heavy_attn_tokens_kv=max(1, c.seq_len // 4), num_heavy_ff_tokens=max(1, c.window // 2)),
          takes_local_heads=False)
+# NSA: selection blocks of --window tokens (the query's own, the first and the two best), compressed
+# blocks of half a window every quarter window, and a sliding window of --window tokens
+register('nsa', 'NSATransformerLM',
+         'Native Sparse Attention: compressed blocks, the best --window-token blocks and a --window sliding window',
+         lambda c: common(c, compress_block_size=max(1, c.window // 2), compress_stride=max(1, c.window // 4),
+                          select_block_size=c.window, num_selected_blocks=4, sliding_window_size=c.window,
+                          **local_heads(c)))
 
 
 def family_class(name: str) -> type[nn.Module]:

@@ -168,8 +168,8 @@ class NSAAttention(Attention):
         before them: (out (b, h, n, d), probabilities (b, h, n, c))."""
         c = ck.shape[-2]
         if c == 0:  # no block is complete yet: one stand-in block nobody sees (memory stays visible)
-            ck, cv, cmask = ck.new_zeros(*ck.shape[:2], 1, ck.shape[-1]), cv.new_zeros(*cv.shape[:2], 1, cv.shape[-1]), \
-                cmask.new_zeros(cmask.shape[0], 1)
+            ck, cv = (t.new_zeros(*t.shape[:2], 1, t.shape[-1]) for t in (ck, cv))
+            cmask = cmask.new_zeros(cmask.shape[0], 1)
         ends = torch.arange(ck.shape[-2], device=q.device) * self.compress_k.stride + self.compress_k.block_size - 1
         visible = rearrange(ends <= rearrange(positions, 'n -> n 1'), 'n c -> 1 1 1 n c')
         start, end = self.nsa_heads
@@ -184,11 +184,12 @@ class NSAAttention(Attention):
         gives a decoding plan."""
         size, stride, l = self.select_block_size, self.compress_k.stride, self.compress_k.block_size
         blocks = torch.arange(math.ceil(length / size), device=probs.device)
-        starts = torch.arange(probs.shape[-1], device=probs.device) * stride
-        overlap = (rearrange(starts, 'c -> c 1') < (blocks + 1) * size) & (rearrange(starts, 'c -> c 1') + l > blocks * size)
+        starts = rearrange(torch.arange(probs.shape[-1], device=probs.device) * stride, 'c -> c 1')
+        overlap = (starts < (blocks + 1) * size) & (starts + l > blocks * size)
         scores = probs.detach() @ overlap.to(probs.dtype)
         own = rearrange(positions // size, 'n -> n 1')
-        scores = scores.masked_fill((blocks == own) | (blocks == 0), float('inf')).masked_fill(blocks > own, float('-inf'))
+        scores = scores.masked_fill((blocks == own) | (blocks == 0), float('inf'))
+        scores = scores.masked_fill(blocks > own, float('-inf'))
         values, chosen = topk_first(scores, min(self.num_selected_blocks, len(blocks)))
         kv = rearrange(chosen, '... k -> ... k 1') * size + torch.arange(size, device=probs.device)
         admitted = rearrange(values > float('-inf'), '... k -> ... k 1') & (kv <= rearrange(positions, 'n -> n 1 1'))
