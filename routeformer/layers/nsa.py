@@ -111,7 +111,7 @@ class NSAAttention(Attention):
     def forward(self, x: Tensor, ctx: LayerContext) -> tuple[Tensor, Tensor]:
         key = ctx.key(self)
         if exists(ctx.cache) and (key in ctx.cache or x.shape[1] == 1):
-            return super().forward(x, ctx)  # cached decoding: Attention hands the token to decode_heads
+            return super().forward(x, ctx)  # cached decoding: Attention hands the token to decode
         key_mask, n = ctx.mask, x.shape[1]
         q_route, k_route, v = self.project(x, x)
         q, k = q_route, k_route
