@@ -8,6 +8,7 @@ from einops import rearrange
 from routeformer import AutoregressiveWrapper, NSATransformerLM, Recorder
 from routeformer.context import LayerContext
 from routeformer.layers.embeddings import RotaryEmbedding, apply_rotary
+from routeformer.layers import nsa
 from routeformer.layers.nsa import NSAAttention
 
 DIM, NUM_TOKENS = 16, 24
@@ -80,7 +81,7 @@ def dense_nsa(layer, x, mask=None):
                                 if start < (s + 1) * size and start + l > s * size) for s in candidates}
                 forced = {0, t // size}
                 ranked = sorted(candidates, key=lambda s: (s not in forced, -score[s], s))[:top]
-                informative += ranked != sorted(candidates, key=lambda s: (s not in forced, s))[:top]
+                informative += set(ranked) != set(sorted(candidates, key=lambda s: (s not in forced, s))[:top])
                 keys = torch.tensor([pos // size in ranked for pos in range(n)])
                 allowed = keys & (torch.arange(n) <= t) & mask[bi]
                 o_slc, _ = attend(bi, hi, q[bi, hi, t], k[bi, hi], v[bi, hi], allowed)
@@ -95,13 +96,16 @@ REFERENCE_CASES = {
     'rotary': dict(),
     'memory_kv_padded': dict(rotary=False, num_mem_kv=2, padded=True),
     'blocks_not_dividing_padded': dict(compress_block_size=5, compress_stride=3, select_block_size=4,
-                                       num_selected_blocks=2, sliding_window_size=4, padded=True),
-    'more_blocks_than_candidates': dict(num_selected_blocks=5),
+                                       sliding_window_size=4, padded=True),
+    'more_blocks_than_early_candidates': dict(num_selected_blocks=4),
 }
 
 
+@pytest.mark.parametrize('selection', ['gathered', 'masked'])
 @pytest.mark.parametrize('kwargs', REFERENCE_CASES.values(), ids=REFERENCE_CASES.keys())
-def test_layer_equals_dense_reference(kwargs):
+def test_layer_equals_dense_reference(kwargs, selection, monkeypatch):
+    # the selected keys of every query gathered, or a mask over all keys (short sequences)
+    monkeypatch.setattr(nsa, 'DENSE_SELECTION', 0 if selection == 'gathered' else 100)
     kwargs = dict(kwargs)
     mask = None
     if kwargs.pop('padded', False):  # left padding in sample 0, a hole in sample 1
@@ -201,7 +205,8 @@ def test_reversible_backward_equals_plain_autograd():
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*grads))
 
 
-def test_recorder_shows_the_selected_blocks_and_the_local_heads():
+def test_recorder_shows_the_selected_blocks_and_the_local_heads(monkeypatch):
+    monkeypatch.setattr(nsa, 'DENSE_SELECTION', 0)
     model = Recorder(lm(n_local_attn_heads=1, local_attn_window_size=8))
     model(torch.randint(0, NUM_TOKENS, (1, 24)))
     entries = model.recordings[0]

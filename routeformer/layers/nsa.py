@@ -31,7 +31,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
+from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from ..attention.executor import RoutedAttention
@@ -41,6 +41,12 @@ from ..helpers import check_positive, exists, topk_first
 from ..routers import LocalRouter
 from .attention import Attention
 from .embeddings import apply_rotary
+
+
+# sequences up to this many times the selected keys of a query attend the selected blocks through a
+# mask over all keys (n logits a query) instead of gathering every query's keys (a copy of k and v
+# per query, and its scatter-add in the backward pass), which at such lengths is several times slower
+DENSE_SELECTION = 2
 
 
 class BlockCompressor(nn.Module):
@@ -191,6 +197,14 @@ class NSAAttention(Attention):
         scores = scores.masked_fill((blocks == own) | (blocks == 0), float('inf'))
         scores = scores.masked_fill(blocks > own, float('-inf'))
         values, chosen = topk_first(scores, min(self.num_selected_blocks, len(blocks)))
+        if len(positions) > 1 and length <= DENSE_SELECTION * self.num_selected_blocks * size:
+            # the selected keys of a query are much of a short sequence: a mask over all keys costs
+            # less than gathering each query's keys
+            empty = len(blocks)  # a slot with no admissible block marks this extra column
+            member = torch.zeros(*chosen.shape[:-1], empty + 1, dtype=torch.bool, device=probs.device)
+            member.scatter_(-1, chosen.masked_fill(values == float('-inf'), empty), True)
+            mask = repeat(member[..., :empty], 'b h n s -> b h 1 n (s l)', l=size)[..., :length]
+            return RoutePlan(q_index=None, kv_index=None, mask=mask)
         kv = rearrange(chosen, '... k -> ... k 1') * size + torch.arange(size, device=probs.device)
         admitted = rearrange(values > float('-inf'), '... k -> ... k 1') & (kv <= rearrange(positions, 'n -> n 1 1'))
         kv_index = rearrange(kv.masked_fill(~admitted, -1), 'b h n k l -> b h n (k l)')
