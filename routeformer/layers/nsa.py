@@ -187,7 +187,7 @@ class NSAAttention(Attention):
         """The per-query plan of the selected blocks: `num_selected_blocks` blocks not after the
         query, ranked by the compressed probabilities (b, h, n, c) of the blocks overlapping them,
         the query's own block and the first block first. Queries at `positions` (n,); a single query
-        gives a decoding plan."""
+        gives a decoding plan, a short sequence (DENSE_SELECTION) a mask over all its keys."""
         size, stride, l = self.select_block_size, self.compress_k.stride, self.compress_k.block_size
         blocks = torch.arange(math.ceil(length / size), device=probs.device)
         starts = rearrange(torch.arange(probs.shape[-1], device=probs.device) * stride, 'c -> c 1')
