@@ -78,9 +78,6 @@ FAMILY_ARGS = {
     'routing': lambda cfg: dict(shared_qk=cfg.data.task == 'recall', kmeans_ema_decay=0.99,
                                 use_absolute_pos_emb=cfg.data.task == 'duplication'),
     'sinkhorn': lambda cfg: dict(use_simple_sort_net=True) if cfg.data.task == 'recall' else {},
-    # NSA ranks blocks by the compressed branch, which attends keys before rotary: the copy is found
-    # by its offset, so on duplication the positions are absolute ones in the input
-    'nsa': lambda cfg: dict(pos_emb='absolute') if cfg.data.task == 'duplication' else {},
 }
 
 
