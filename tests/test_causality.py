@@ -233,7 +233,7 @@ def test_non_causal_model_is_not_causal():
 
 
 def nsa_lm(**kwargs):
-    """A NSATransformerLM over 32 tokens: 8 selection blocks of 4, of which a query takes 3."""
+    """An NSATransformerLM over 32 tokens: 8 selection blocks of 4, of which a query takes 3."""
     def factory():
         from routeformer import NSATransformerLM
         torch.manual_seed(0)
