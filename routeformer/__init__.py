@@ -11,9 +11,10 @@ from .models import (ConditionalRoutedAttention, ConditionalRoutedAutoregressive
                      ConditionalRoutedCrossAttention, ConditionalRoutedFeedForward, ConditionalRoutedImageAttention,
                      ConditionalRoutedTransformerBlock, ConditionalRoutedTransformerLM, ConditionalRoutedViT,
                      DSATransformerLM, KmeansAttention, LSHAttention, LSHSelfAttention, MoBATransformerLM,
-                     MoSATransformerLM, Reformer, ReformerEncDec, ReformerLM, RoutingTransformer, RoutingTransformerEncDec,
-                     RoutingTransformerLM, SinkhornSelfAttention, SinkhornTransformer, SinkhornTransformerEncDec,
-                     SinkhornTransformerLM, TransformerEncDec, TransformerLM, build_transformer, update_kmeans_on_backwards)
+                     MoSATransformerLM, NSATransformerLM, Reformer, ReformerEncDec, ReformerLM, RoutingTransformer,
+                     RoutingTransformerEncDec, RoutingTransformerLM, SinkhornSelfAttention, SinkhornTransformer,
+                     SinkhornTransformerEncDec, SinkhornTransformerLM, TransformerEncDec, TransformerLM,
+                     build_transformer, update_kmeans_on_backwards)
 from .routers import (ROUTERS, CoordinateDescentRouter, DSARouter, FullRouter, KMeansRouter, LocalRouter, LSHRouter,
                       MoBARouter, MoSARouter, Router, SinkhornRouter, TopKRouter, discard_statistics)
 from .transformer import Block, Sublayer, Transformer
@@ -30,6 +31,7 @@ __all__ = [
     'ConditionalRoutedTransformerLM', 'ConditionalRoutedViT', 'coor_descent', 'topk',
     # today's routers
     'MoBATransformerLM', 'MoBARouter', 'DSATransformerLM', 'DSARouter', 'MoSATransformerLM', 'MoSARouter',
+    'NSATransformerLM',
     # wrappers
     'Autopadder', 'AutoregressiveWrapper', 'EncoderDecoder', 'Recorder', 'top_k', 'top_p',
     # the shared core

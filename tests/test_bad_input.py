@@ -4,9 +4,9 @@ cannot be unpacked as the wrong kind."""
 import pytest
 import torch
 
-from routeformer import (AutoregressiveWrapper, ConditionalRoutedTransformerLM, Reformer, ReformerLM,
-                         RoutingTransformer, RoutingTransformerLM, SinkhornTransformer, SinkhornTransformerLM,
-                         TransformerLM)
+from routeformer import (AutoregressiveWrapper, ConditionalRoutedTransformerLM, NSATransformerLM, Reformer,
+                         ReformerLM, RoutingTransformer, RoutingTransformerLM, SinkhornTransformer,
+                         SinkhornTransformerLM, TransformerLM)
 
 NUM_TOKENS, DIM, SEQ = 32, 32, 16
 COMMON = dict(num_tokens=NUM_TOKENS, dim=DIM, depth=1, max_seq_len=64, heads=2)
@@ -20,6 +20,8 @@ LMS = {
         num_tokens=NUM_TOKENS, dim=DIM, depth=1, max_seq_len=64, num_heavy_attn_tokens_q=4, num_heavy_attn_tokens_kv=4,
         num_heavy_ff_tokens=4, light_heads=2, heavy_heads=2, light_dim_head=8, heavy_dim_head=8, light_window_size=8,
         **kw),
+    'nsa': lambda **kw: NSATransformerLM(**{**COMMON, 'compress_block_size': 4, 'compress_stride': 2,
+                                            'select_block_size': 8, 'num_selected_blocks': 2, **kw}),
 }
 TRUNK = dict(dim=DIM, depth=1, max_seq_len=64, heads=2)
 TRUNKS = {
@@ -89,6 +91,7 @@ def test_a_loss_needs_two_tokens(lm):
     ('full', dict(num_tokens=0), 'num_tokens'), ('full', dict(max_seq_len=0), 'max_seq_len'),
     ('reformer', dict(bucket_size=0), 'bucket_size'), ('sinkhorn', dict(bucket_size=0), 'bucket_size'),
     ('routing', dict(window_size=0), 'window_size'),
+    ('nsa', dict(heads=0), 'heads'), ('nsa', dict(select_block_size=0), 'select_block_size'),
 ])
 def test_sizes_must_be_positive(family, kwargs, name):
     with pytest.raises(ValueError, match=f'^{name} must be a positive integer, got 0$'):

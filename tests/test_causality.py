@@ -254,6 +254,29 @@ CAUSAL_CONFIGS += [
 ]
 
 
+def nsa_lm(**kwargs):
+    """An NSATransformerLM over 32 tokens: 8 selection blocks of 4, of which a query takes 3."""
+    def factory():
+        from routeformer import NSATransformerLM
+        torch.manual_seed(0)
+        cfg = dict(num_tokens=NUM_TOKENS, dim=DIM, depth=2, max_seq_len=32, heads=2, dim_head=8,
+                   compress_block_size=4, compress_stride=2, select_block_size=4, num_selected_blocks=3,
+                   sliding_window_size=3)
+        cfg.update(kwargs)
+        return NSATransformerLM(**cfg), None
+    return factory
+
+
+CAUSAL_CONFIGS += [
+    ('nsa', nsa_lm()),
+    ('nsa_local_heads', nsa_lm(n_local_attn_heads=1, local_attn_window_size=4)),
+    ('nsa_mem_kv_blocks_not_dividing', nsa_lm(num_mem_kv=2, compress_block_size=5, compress_stride=3)),
+    ('nsa_reversible_local_memkv_shift', nsa_lm(reversible=True, n_local_attn_heads=1, local_attn_window_size=4,
+                                                num_mem_kv=1, shift_tokens=True)),
+    ('nsa_absolute_shared_qk', nsa_lm(pos_emb='absolute', shared_qk=True)),
+]
+
+
 def logits_of(out):
     return out[0] if isinstance(out, tuple) else out
 

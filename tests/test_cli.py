@@ -108,7 +108,7 @@ def test_families_lists_registry(capsys):
     assert '[x] full' in out and '[x] local' in out  # x: available
 
 
-@pytest.mark.parametrize('family', ['full', 'local', 'routing', 'reformer', 'sinkhorn', 'colt5'])
+@pytest.mark.parametrize('family', ['full', 'local', 'routing', 'reformer', 'sinkhorn', 'colt5', 'nsa'])
 def test_registry_builds_each_family_from_the_size_flags(family):
     from routeformer.cli.config import ModelConfig
     from routeformer.cli.families import available_families, build_model
@@ -259,7 +259,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resumes_exactly(tmp_path, capsys, monkeyp
     assert without_clock(tmp_path / 'run') == without_clock(whole)
 
 
-@pytest.mark.parametrize('family', ['routing', 'reformer', 'sinkhorn', 'colt5'])
+@pytest.mark.parametrize('family', ['routing', 'reformer', 'sinkhorn', 'colt5', 'nsa'])
 def test_routed_family_trains_resumes_and_samples(family, tmp_path, capsys):
     from routeformer.cli.families import available_families
     if family not in available_families():

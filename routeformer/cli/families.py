@@ -76,6 +76,13 @@ register('moba', 'MoBATransformerLM',
 register('dsa', 'DSATransformerLM',
          'DSA: a lightning indexer (4 heads of 32) picks 2 x --window earlier tokens for each query',
          lambda c: common(c, index_n_heads=4, index_head_dim=32, index_topk=2 * c.window, **local_heads(c)))
+# NSA: selection blocks of --window tokens (the query's own, the first and the two best), compressed
+# blocks of half a window every quarter window, and a sliding window of --window tokens
+register('nsa', 'NSATransformerLM',
+         'Native Sparse Attention: compressed blocks, the best --window-token blocks and a --window sliding window',
+         lambda c: common(c, compress_block_size=max(1, c.window // 2), compress_stride=max(1, c.window // 4),
+                          select_block_size=c.window, num_selected_blocks=4, sliding_window_size=c.window,
+                          **local_heads(c)))
 
 # MoSA: each head takes --window tokens of the sequence (sparsity seq_len / window)
 register('mosa', 'MoSATransformerLM', 'MoSA: every head attends among the --window tokens its router selects',

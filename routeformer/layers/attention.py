@@ -170,15 +170,10 @@ class Attention(nn.Module):
         record = exists(ctx.recordings) and not ctx.recompute
         outs = []
         for plan, (start, end) in zip(plans, self.head_slices):
-            out, weights = self.executor(q[:, start:end], k[:, start:end], v[:, start:end], plan, causal=self.causal,
-                                         key_mask=key_mask, mem_kv=self.mem_slice(start, end),
-                                         exclude_self=self.excludes_self(start), need_weights=record,
-                                         rel_pos=self.rel_pos)
+            out, weights = self.attend_heads(plan, q, k, v, start, end, key_mask=key_mask, need_weights=record)
             outs.append(out)
             if record:
-                ctx.recordings.append(AttentionRecord(layer=ctx.layer, heads=(start, end), cross=self.cross_attend,
-                                                      plan=plan.to('cpu'), weights=weights.detach_to('cpu'),
-                                                      q_len=q.shape[-2], kv_len=k.shape[-2]))
+                self.record(ctx, weights, plan, start, end, q_len=q.shape[-2], kv_len=k.shape[-2])
 
         out = rearrange(outs[0] if len(outs) == 1 else torch.cat(outs, dim=1), 'b h n d -> b n (h d)')
         return self.post_attn_dropout(self.to_out(out)), aux
@@ -189,8 +184,28 @@ class Attention(nn.Module):
         return dict(k=empty, v=empty, mask=torch.ones(b, 0, dtype=torch.bool, device=x.device),
                     k_route=empty if self.needs_routing_keys else None)
 
+    def attend_heads(self, plan: RoutePlan, q: Tensor, k: Tensor, v: Tensor, start: int, end: int, *,
+                     key_mask: Tensor | None, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+        """The executor on heads start:end of q, k, v (b, h, n|m, d) by `plan`: (out, weights or None)."""
+        return self.executor(q[:, start:end], k[:, start:end], v[:, start:end], plan, causal=self.causal,
+                             key_mask=key_mask, mem_kv=self.mem_slice(start, end),
+                             exclude_self=self.excludes_self(start), need_weights=need_weights,
+                             rel_pos=self.rel_pos)
+
+    def record(self, ctx: LayerContext, weights: Tensor, plan: RoutePlan, start: int, end: int, *, q_len: int,
+               kv_len: int) -> None:
+        """One Recorder entry: the group weights and the plan of heads start:end."""
+        ctx.recordings.append(AttentionRecord(layer=ctx.layer, heads=(start, end), cross=self.cross_attend,
+                                              plan=plan.to('cpu'), weights=weights.detach_to('cpu'),
+                                              q_len=q_len, kv_len=kv_len))
+
     def decode(self, x, ctx, entry) -> Tensor:
         """One new token against the cache: the work is the router's window, not the prefix."""
+        return self.decode_heads(*self.extend_cache(x, ctx, entry), entry=entry)
+
+    def extend_cache(self, x, ctx, entry) -> tuple[int, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Projects the new token and appends it to the cache: (pos, pre-rotary q, q, k, v, key mask)
+        with k, v and the key mask of every position so far."""
         if x.shape[1] != 1:
             raise ValueError(f'cached decoding takes one new token per call, got {x.shape[1]}')
         pos = entry['k'].shape[-2]
@@ -205,16 +220,16 @@ class Attention(nn.Module):
         entry['v'] = v = torch.cat((entry['v'], v), dim=-2)
         new_mask = ctx.mask[:, -1:] if exists(ctx.mask) else torch.ones(x.shape[0], 1, dtype=torch.bool, device=x.device)
         entry['mask'] = key_mask = torch.cat((entry['mask'], new_mask), dim=-1)
+        return pos, q_route, q, k, v, key_mask
 
+    def decode_heads(self, pos, q_route, q, k, v, key_mask, *, entry) -> Tensor:
+        """The new token's output (b, h, 1, d) in every group of heads, each by its router's decode plan."""
         outs = []
         for gi, (router, (start, end)) in enumerate(zip(self.routers, self.head_slices)):
             k_route = entry['k_route'][:, start:end] if router.needs_routing_keys else None
             extra = dict(mask=key_mask) if router.needs_decode_mask else {}
             plan = router.decode(pos, q=q_route[:, start:end], k=k_route, state=entry.setdefault(('router', gi), {}),
                                  **extra)
-            out, _ = self.executor(q[:, start:end], k[:, start:end], v[:, start:end], plan, causal=self.causal,
-                                   key_mask=key_mask, mem_kv=self.mem_slice(start, end),
-                                   exclude_self=self.excludes_self(start), rel_pos=self.rel_pos)
-            outs.append(out)
+            outs.append(self.attend_heads(plan, q, k, v, start, end, key_mask=key_mask)[0])
         return torch.cat(outs, dim=1)
 

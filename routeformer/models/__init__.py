@@ -9,6 +9,7 @@ from .dsa import DSATransformerLM
 from .kmeans_attention import KmeansAttention, update_kmeans_on_backwards
 from .moba import MoBATransformerLM
 from .mosa import MoSATransformerLM
+from .nsa import NSATransformerLM
 from .reformer import LSHAttention, LSHSelfAttention, Reformer, ReformerEncDec, ReformerLM
 from .routing import RoutingTransformer, RoutingTransformerEncDec, RoutingTransformerLM
 from .sinkhorn import SinkhornSelfAttention, SinkhornTransformer, SinkhornTransformerEncDec, SinkhornTransformerLM
@@ -18,8 +19,8 @@ __all__ = [
     'ConditionalRoutedAttention', 'ConditionalRoutedAutoregressiveAttention', 'ConditionalRoutedCrossAttention',
     'ConditionalRoutedFeedForward', 'ConditionalRoutedImageAttention', 'ConditionalRoutedTransformerBlock',
     'ConditionalRoutedTransformerLM', 'ConditionalRoutedViT', 'DSATransformerLM', 'KmeansAttention', 'LSHAttention',
-    'LSHSelfAttention', 'MoBATransformerLM', 'MoSATransformerLM', 'Reformer', 'ReformerEncDec', 'ReformerLM',
-    'RoutingTransformer', 'RoutingTransformerEncDec', 'RoutingTransformerLM', 'SinkhornSelfAttention',
+    'LSHSelfAttention', 'MoBATransformerLM', 'MoSATransformerLM', 'NSATransformerLM', 'Reformer', 'ReformerEncDec',
+    'ReformerLM', 'RoutingTransformer', 'RoutingTransformerEncDec', 'RoutingTransformerLM', 'SinkhornSelfAttention',
     'SinkhornTransformer', 'SinkhornTransformerEncDec', 'SinkhornTransformerLM', 'TransformerEncDec', 'TransformerLM',
     'build_pos_emb', 'build_transformer', 'update_kmeans_on_backwards',
 ]

@@ -38,7 +38,8 @@ def build_transformer(*, dim: int, depth: int, heads: int = 8, dim_head: int | N
                       context_shared_qk: bool = False, max_relative_position: int | None = None,
                       twin_attention: bool = False, local_qkv: bool = False,
                       attn_out_bias: bool = True, context_ff: bool = False,
-                      mem_kv_from_inputs: bool = False) -> Transformer:
+                      mem_kv_from_inputs: bool = False,
+                      self_attention: Callable[..., Attention] = Attention) -> Transformer:
     """Builds the blocks. Layer indices in `pkm_layers`/`moe_layers` count from 1 (seed convention);
     `n_local_attn_heads` may be one number or one per layer; `make_router(layer)` gives the main
     router of each layer (full attention when it returns None), `make_context_router(layer)` the
@@ -50,7 +51,9 @@ def build_transformer(*, dim: int, depth: int, heads: int = 8, dim_head: int | N
     `context_ff` puts each layer's cross-attention in a block of its own, after the layer, with a
     feed-forward of its own (the Routing and Sinkhorn decoders); by default it is a second mixer of
     the layer's block. `mem_kv_from_inputs` learns memory key/values as inputs to the layer's
-    projections (Reformer)."""
+    projections (Reformer). `self_attention` builds every self-attention layer from Attention's
+    keyword arguments: a layer class that is not one router's plan (NSA's gated branches) plugs in
+    here; cross-attention is always Attention."""
     check_positive(dim=dim, heads=heads, **({} if dim_head is None else dict(dim_head=dim_head)))
     dim_head = default(dim_head, dim // heads)
     if twin_attention and (pkm_layers or moe_layers):
@@ -78,7 +81,8 @@ def build_transformer(*, dim: int, depth: int, heads: int = 8, dim_head: int | N
 
     def attention(layer, cross=False):
         n_local = 0 if cross else local_heads[layer]
-        return Attention(dim, heads=heads, dim_head=dim_head, causal=causal,
+        make_attn = Attention if cross else self_attention
+        return make_attn(dim, heads=heads, dim_head=dim_head, causal=causal,
                          router=make_layer_router(layer, cross),
                          local_router=LocalRouter(local_attn_window_size, look_backward=local_attn_radius_blocks) if n_local else None,
                          n_local_heads=n_local, shared_qk=context_shared_qk if cross else shared_qk, num_mem_kv=num_mem_kv,
