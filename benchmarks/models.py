@@ -85,6 +85,26 @@ def routeformer_dsa(cfg: ModelConfig) -> nn.Module:
                             index_n_heads=4, index_head_dim=32, index_topk=2 * cfg.window)
 
 
+@register('routeformer-mosa')
+def routeformer_mosa(cfg: ModelConfig) -> nn.Module:
+    # every head selects 2 * window tokens of the sequence and attends among them
+    from routeformer import MoSATransformerLM
+    return MoSATransformerLM(num_tokens=cfg.vocab, dim=cfg.dim, depth=cfg.depth, heads=cfg.heads,
+                             dim_head=cfg.dim // cfg.heads, max_seq_len=cfg.seq_len, causal=True,
+                             sparsity=max(1, cfg.seq_len // (2 * cfg.window)))
+
+
+@register('routeformer-nsa')
+def routeformer_nsa(cfg: ModelConfig) -> nn.Module:
+    # as `--family nsa`: blocks of window / 2 compressed every window / 4, the best 4 blocks of
+    # window keys, a sliding window of window keys
+    from routeformer import NSATransformerLM
+    return NSATransformerLM(num_tokens=cfg.vocab, dim=cfg.dim, depth=cfg.depth, heads=cfg.heads,
+                            dim_head=cfg.dim // cfg.heads, max_seq_len=cfg.seq_len,
+                            compress_block_size=cfg.window // 2, compress_stride=cfg.window // 4,
+                            select_block_size=cfg.window, num_selected_blocks=4, sliding_window_size=cfg.window)
+
+
 @register('x-transformers')
 def x_transformers_decoder(cfg: ModelConfig) -> nn.Module:
     # full causal attention through torch SDPA: the reference point
