@@ -181,7 +181,8 @@ class NSAAttention(Attention):
         start, end = self.nsa_heads
         out, weights = self.compressed_executor(q, ck, cv, RoutePlan(q_index=None, kv_index=None, mask=visible),
                                                 key_mask=cmask, mem_kv=self.mem_slice(start, end), need_weights=True)
-        return out, weights[:, :, 0, :, weights.shape[-1] - c:]
+        probs = weights.probs  # one group per query: no merge shares
+        return out, probs[:, :, 0, :, probs.shape[-1] - c:]
 
     def selected_plan(self, probs: Tensor, positions: Tensor, length: int) -> RoutePlan:
         """The per-query plan of the selected blocks: `num_selected_blocks` blocks not after the
