@@ -159,6 +159,7 @@ def test_training_step_and_left_padded_prompts(make):
 
 # ---------------------------------------------------------------- DSA
 
+@torch.no_grad()
 def dsa_reference(router, q, k, causal, mask=None):
     """The indexer's top-k earlier tokens of every query, from I(t, s) = sum_j w_tj relu(q_tj . k_s)."""
     ix = router.indexer
