@@ -212,7 +212,7 @@ class NSAAttention(Attention):
         if len(positions) == 1:
             return RoutePlan(q_index=None, kv_index=kv_index, q_offset=int(positions[0]))
         q_index = rearrange(positions, 'n -> 1 1 n 1')
-        return RoutePlan(q_index=q_index, kv_index=kv_index, info=dict(contiguous_queries=True))
+        return RoutePlan(q_index=q_index, kv_index=kv_index)
 
     def sliding(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> Tensor:
         """The sliding-window branch of the NSA heads: the local router's windows of w queries over

@@ -75,7 +75,7 @@ def block_union_plan(blocks: Tensor, block_size: int) -> RoutePlan | None:
     sees = rows.gather(-1, repeat(key_blocks.clamp(min=0), 'b h c u -> b h c w u', w=block_size))
     mask = repeat(sees, 'b h c w u -> b h c w (u v)', v=block_size)
     q_index = block_slots(torch.arange(c, device=blocks.device)[:, None], block_size, n).view(1, 1, c, block_size)
-    return RoutePlan(q_index=q_index, kv_index=kv_index, mask=mask, info=dict(contiguous_queries=True))
+    return RoutePlan(q_index=q_index, kv_index=kv_index, mask=mask)
 
 
 # see block_union_plan: a union group computes the logits of all its queries per gathered key, a

@@ -22,7 +22,7 @@ def per_query_plan(kv_index: Tensor, **info) -> RoutePlan:
     """kv_index (b|1, h|1, n, j) -> the plan in which query t attends positions kv_index[..., t, :]."""
     n = kv_index.shape[-2]
     q_index = torch.arange(n, device=kv_index.device).view(1, 1, n, 1)
-    return RoutePlan(q_index=q_index, kv_index=kv_index, info=dict(contiguous_queries=True, **info))
+    return RoutePlan(q_index=q_index, kv_index=kv_index, info=info)
 
 
 def selection_plan(index: Tensor, length: int, **info) -> RoutePlan:
