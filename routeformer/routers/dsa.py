@@ -121,9 +121,9 @@ class DSARouter(Router):
         the main attention's distribution over them (per head, summed over heads, renormalised)."""
         valid = index >= 0
         with torch.no_grad():
-            target = torch.cat([self.target(qs, k, rows) for qs, rows in
-                                zip(q.split(self.chunk_rows(q, index), dim=-2), index.split(self.chunk_rows(q, index), dim=1))],
-                               dim=1)
+            rows = self.chunk_rows(q, index)
+            target = torch.cat([self.target(qs, k, part) for qs, part in
+                                zip(q.split(rows, dim=-2), index.split(rows, dim=1))], dim=1)
         log_scores = precise(self.indexer.scores_at(iq, w, ik, index)).masked_fill(~valid, float('-inf'))
         log_scores = log_scores.log_softmax(dim=-1)
         kl = torch.where(valid & (target > 0), target * (target.clamp(min=1e-12).log() - log_scores), 0.)

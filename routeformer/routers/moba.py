@@ -62,7 +62,8 @@ def block_union_plan(blocks: Tensor, block_size: int) -> RoutePlan | None:
     # which blocks each query attends, one-hot (b, h, n, c); slot c takes the empty picks
     attends = torch.zeros(b, h, n, c + 1, dtype=torch.bool, device=blocks.device)
     attends = attends.scatter_(-1, blocks.masked_fill(blocks < 0, c), True)[..., :c]
-    union = rearrange(F.pad(attends, (0, 0, 0, c * block_size - n)), 'b h (c w) s -> b h c w s', w=block_size).any(-2)
+    rows = rearrange(F.pad(attends, (0, 0, 0, c * block_size - n)), 'b h (c w) s -> b h c w s', w=block_size)
+    union = rows.any(-2)
     count = union.sum(dim=-1)                                                     # (b, h, c)
     u = max(int(count.max()), 1)  # a data-dependent group width (one sync, as k-means' groups)
     if u > UNION_RATIO * k:
@@ -71,7 +72,6 @@ def block_union_plan(blocks: Tensor, block_size: int) -> RoutePlan | None:
     key_blocks = torch.where(torch.arange(u, device=blocks.device) < count[..., None], order, -1)   # (b, h, c, u)
     kv_index = block_slots(key_blocks, block_size, n)                              # (b, h, c, u * w)
     # query i of block g may see key block u if it attends it
-    rows = rearrange(F.pad(attends, (0, 0, 0, c * block_size - n)), 'b h (c w) s -> b h c w s', w=block_size)
     sees = rows.gather(-1, repeat(key_blocks.clamp(min=0), 'b h c u -> b h c w u', w=block_size))
     mask = repeat(sees, 'b h c w u -> b h c w (u v)', v=block_size)
     q_index = block_slots(torch.arange(c, device=blocks.device)[:, None], block_size, n).view(1, 1, c, block_size)
