@@ -16,7 +16,7 @@ from .models import (ConditionalRoutedAttention, ConditionalRoutedAutoregressive
                      SinkhornTransformerEncDec, SinkhornTransformerLM, TransformerEncDec, TransformerLM,
                      build_transformer, update_kmeans_on_backwards)
 from .routers import (ROUTERS, CoordinateDescentRouter, DSARouter, FullRouter, KMeansRouter, LocalRouter, LSHRouter,
-                      MoBARouter, MoSARouter, Router, SinkhornRouter, TopKRouter, discard_statistics)
+                      MoBARouter, MoSARouter, Router, SinkhornRouter, TopKRouter, apply_statistics, discard_statistics)
 from .transformer import Block, Sublayer, Transformer
 from .wrappers import Autopadder, AutoregressiveWrapper, EncoderDecoder, Recorder, TrainingWrapper, top_k, top_p
 
@@ -38,7 +38,7 @@ __all__ = [
     'TransformerLM', 'TransformerEncDec', 'build_transformer', 'LM', 'Transformer', 'Block', 'Sublayer', 'Attention',
     'FeedForward', 'LayerContext', 'RoutedAttention', 'RoutePlan',
     'ROUTERS', 'Router', 'FullRouter', 'LocalRouter', 'KMeansRouter', 'LSHRouter', 'SinkhornRouter', 'TopKRouter',
-    'CoordinateDescentRouter', 'discard_statistics',
+    'CoordinateDescentRouter', 'apply_statistics', 'discard_statistics',
     # seed checkpoints
     'from_seed_state_dict', 'load_seed_state_dict', 'save_converted',
 ]

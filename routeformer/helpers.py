@@ -38,7 +38,7 @@ class SingleOutput(Tensor):
 
 def single_output(t: Tensor, owner: str) -> Tensor:
     """t as a SingleOutput naming `owner` (a plain tensor inside a compiled graph)."""
-    if torch.compiler.is_compiling():
+    if compiling():
         return t
     out = t.as_subclass(SingleOutput)
     out.owner = owner
@@ -103,9 +103,34 @@ class _L2Norm(torch.autograd.Function):
         return grad_in, None
 
 
+def compiling() -> bool:
+    """Whether this code is being traced by torch.compile. Eager CPU code uses memory-lean custom
+    autograd nodes (in-place steps into preallocated buffers, work recomputed in the backward
+    pass); traced, the same math is written in plain operations, which the compiler fuses and
+    differentiates itself, and no value is read back to the host."""
+    return torch.compiler.is_compiling()
+
+
+def any_true(t: Tensor) -> bool:
+    """Whether any element of the bool tensor t is True, for skipping work that changes nothing
+    when none is; always True in a compiled graph, which cannot read values (it does the work)."""
+    return compiling() or bool(t.any())
+
+
+def check_values(ok: Tensor, message: str) -> bool:
+    """Whether the caller may check tensor values on the host, for a detailed error: on a CPU in
+    eager mode. Elsewhere a host read would break a compiled graph or stall a GPU stream, so the
+    condition `ok` (a bool tensor) becomes an asynchronous assert raising `message`, and this
+    returns False."""
+    if compiling() or ok.device.type != 'cpu':
+        torch._assert_async(ok, message)
+        return False
+    return True
+
+
 def l2norm(t: Tensor, dim: int = -1, eps: float = 1e-12) -> Tensor:
     """t / max(|t|, eps) along `dim` (F.normalize)."""
-    if t.ndim < 2 or dim not in (-1, t.ndim - 1) or not t.is_floating_point():
+    if compiling() or t.ndim < 2 or dim not in (-1, t.ndim - 1) or not t.is_floating_point():
         return F.normalize(t, dim=dim, eps=eps)
     return _L2Norm.apply(t, eps)
 
@@ -166,7 +191,8 @@ def seed_positional(*names: str):
 
 
 def as_loss(aux: Tensor) -> Tensor:
-    """An aux loss that `.backward()` accepts even when no layer produced one (then a zero leaf)."""
-    if torch.is_grad_enabled() and not aux.requires_grad:
+    """An aux loss that `.backward()` accepts even when no layer produced one (then a zero leaf;
+    in a compiled graph, which cannot make leaves, the plain zero, to be added to another loss)."""
+    if torch.is_grad_enabled() and not aux.requires_grad and not compiling():
         return aux.detach().requires_grad_()
     return aux

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .context import LayerContext
-from .helpers import as_loss, check_positive, default, exists, single_output
+from .helpers import as_loss, check_positive, check_values, default, exists, single_output
 from .layers.moe import MoE
 from .transformer import Transformer
 
@@ -99,7 +99,9 @@ class LM(nn.Module):
 
     def check_input(self, x: Tensor, offset: int):
         self.check_shape(x)
-        if x.numel() and (int(x.min()) < 0 or int(x.max()) >= self.num_tokens):
+        in_range = ((x >= 0) & (x < self.num_tokens)).all()
+        if check_values(in_range, f'token ids must be in [0, {self.num_tokens}) (num_tokens={self.num_tokens})') \
+                and not in_range:
             bad = int(x.max()) if int(x.max()) >= self.num_tokens else int(x.min())
             raise ValueError(f'token id {bad} is out of range: ids must be in [0, {self.num_tokens}) '
                              f'(num_tokens={self.num_tokens})')

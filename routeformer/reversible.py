@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .context import LayerContext
-from .helpers import exists
+from .helpers import compiling, exists
 
 
 class RNGState:
@@ -158,8 +158,12 @@ class _Run:
 
 def reversible_stack(x1: Tensor, x2: Tensor, layers: list, ctx: LayerContext, *,
                      recompute_in_backward: bool = True) -> tuple[Tensor, Tensor, Tensor]:
-    """Runs `layers` ((index, block) pairs) as reversible couplings; returns (x1, x2, aux_loss)."""
-    if not recompute_in_backward:
+    """Runs `layers` ((index, block) pairs) as reversible couplings; returns (x1, x2, aux_loss).
+
+    Traced by torch.compile, the couplings run as plain autograd (`recompute_in_backward=False`):
+    the same outputs and gradients, but activations are kept, because the recompute reads and
+    replays the RNG state and calls autograd inside the backward pass, which a graph cannot hold."""
+    if not recompute_in_backward or compiling():
         aux = x1.new_zeros(())
         for i, block in layers:
             layer_ctx = ctx.at_layer(i)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, einsum
 
-from ..helpers import exists, max_neg_value
+from ..helpers import compiling, exists, max_neg_value
 
 
 def reference(q, k, v, mask, *, scale, bias=None, dropout_p=0., causal=False, need_lse=False, need_weights=False):
@@ -193,10 +193,11 @@ def flash_usable(q: Tensor, *, dropout_p: float, need_weights: bool) -> bool:
 def flash_lse(q, k, v, mask, *, scale, bias=None, dropout_p=0., causal=False, need_lse=False, need_weights=False):
     """The CPU flash kernel with a differentiable log-sum-exp (multi-group merges): no (i, j)
     weights are kept for the backward pass. Falls back to the reference path where the kernel does
-    not apply (other devices, dropout, weights asked for, a bias that needs a gradient)."""
+    not apply (other devices, dropout, weights asked for, a bias that needs a gradient) and in a
+    compiled graph, where the compiler fuses the reference path's softmax itself."""
     usable = (flash_usable(q, dropout_p=dropout_p, need_weights=need_weights) and not causal
               and not (exists(bias) and bias.requires_grad))
-    if not usable:
+    if not usable or (need_lse and compiling()):
         return reference(q, k, v, mask, scale=scale, bias=bias, dropout_p=dropout_p, causal=causal,
                          need_lse=need_lse, need_weights=need_weights)
     if not need_lse:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from einops import rearrange, reduce, repeat
 from torch import Tensor, nn
 
-from ..helpers import exists
+from ..helpers import any_true, compiling, exists
 from . import backends
 from .plan import RoutePlan, flat_rows, gather, merge_shares, positions_of, scatter
 from .recording import GroupWeights
@@ -84,7 +84,7 @@ def build_mask(plan: RoutePlan, *, q_len: int, kv_len: int, causal: bool, key_ma
         mask = masked_positions(plan, q_len=q_len, kv_len=kv_len, causal=causal, key_mask=key_mask,
                                 exclude_self=exclude_self, has_memory=has_memory, device=device)
         empty = None if mask is None or has_memory else ~mask.any(dim=-1, keepdim=True)
-    if empty is None or has_memory or not bool(empty.any()):
+    if empty is None or has_memory or not any_true(empty):
         return mask, None
     return mask | empty, empty
 
@@ -278,9 +278,9 @@ class RoutedAttention(nn.Module):
 
     def lean(self, plan: RoutePlan, q: Tensor, *, need_weights: bool, rel_pos) -> bool:
         """Whether groups gathered by index go through the CPU flash kernel as one node that keeps
-        nothing gathered (GatheredPieces): what the flash_lse and auto backends do on a CPU, without
-        gates or relative positions to differentiate."""
-        return (self.backend in ('flash_lse', 'auto') and exists(plan.q_index) and exists(plan.kv_index)
+        nothing gathered (GatheredPieces): what the flash_lse and auto backends do on a CPU in eager
+        mode, without gates or relative positions to differentiate."""
+        return (self.backend in ('flash_lse', 'auto') and not compiling() and exists(plan.q_index) and exists(plan.kv_index)
                 and not plan.contiguous_queries and 'sliding_windows' not in plan.info and rel_pos is None
                 and all(t is None for t in (plan.k_gate, plan.kv_gate, plan.q_gate))
                 and not (exists(plan.bias) and plan.bias.requires_grad)

@@ -8,11 +8,14 @@ sample or head (local and full attention); they broadcast.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Literal
 
 import torch
 from einops import rearrange
 from torch import Tensor
+
+from ..helpers import compiling
 
 Merge = Literal['overwrite', 'logsumexp']
 
@@ -96,8 +99,8 @@ def gather(t: Tensor, index: Tensor, bounds: list[tuple[int, int]]) -> list[Tens
     # whole rows by index_select on the flattened sequence: much faster than an element-wise
     # gather over d, forward and backward
     rows = flat_rows(index, b, h, t.shape[-2])
-    picked = _GatherRows.apply(rearrange(t, 'b h n d -> (b n h) d'),
-                               *(rows[:, :, start:stop].flatten() for start, stop in bounds))
+    flat, pieces = rearrange(t, 'b h n d -> (b n h) d'), (rows[:, :, start:stop].flatten() for start, stop in bounds)
+    picked = [flat.index_select(0, r) for r in pieces] if compiling() else _GatherRows.apply(flat, *pieces)
     return [rearrange(p, '(b h g j) d -> b h g j d', b=b, h=h, j=index.shape[-1]) for p in picked]
 
 
@@ -206,9 +209,15 @@ def scatter(pieces: list[Tensor], plan: RoutePlan, seq_len: int, lse: Tensor | N
         weights = shares.to(pieces[0].dtype).masked_fill(~valid, 0.)
     # the output in (b n h) rows: the attention layer's (b, n, (h d)) is a view of it, not a copy
     rows = flat_rows(index, b, h, seq_len)
-    bounds = torch.tensor([0] + [p.shape[2] for p in pieces]).cumsum(0).tolist()
+    bounds = [0, *accumulate(p.shape[2] for p in pieces)]
     cuts = list(zip(bounds[:-1], bounds[1:]))
-    result = _WeightedRowSum.apply(b * h * seq_len, [rows[:, :, s:e].flatten() for s, e in cuts],
-                                   *(weights[:, :, s:e].flatten() for s, e in cuts),
-                                   *(rearrange(p, 'b h g i d -> (b h g i) d') for p in pieces))
+    piece_rows = [rows[:, :, s:e].flatten() for s, e in cuts]
+    piece_weights = [weights[:, :, s:e].flatten() for s, e in cuts]
+    srcs = [rearrange(p, 'b h g i d -> (b h g i) d') for p in pieces]
+    if compiling():
+        result = srcs[0].new_zeros(b * h * seq_len, srcs[0].shape[-1])
+        for r, w, src in zip(piece_rows, piece_weights, srcs):
+            result = result.index_add(0, r, src * w[:, None])
+    else:
+        result = _WeightedRowSum.apply(b * h * seq_len, piece_rows, *piece_weights, *srcs)
     return rearrange(result, '(b n h) d -> b h n d', b=b, h=h)

@@ -12,13 +12,14 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from routeformer.helpers import divisible_by, exists
+from routeformer.helpers import check_values, compiling, divisible_by, exists
 
 # n sequence (positions asked for), d feature, r rotary features
 
 
 def _check_positions(pos: Tensor, max_seq_len: int, owner: str) -> None:
-    if pos.numel() == 0:
+    ok = ((pos >= 0) & (pos < max_seq_len)).all()
+    if pos.numel() == 0 or not check_values(ok, f'{owner}: positions must be in [0, {max_seq_len})') or ok:
         return
     low, high = int(pos.min()), int(pos.max())
     if low < 0:
@@ -143,6 +144,17 @@ def _rotate(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return out
 
 
+def _rotate_plain(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """`apply_rotary`'s rotation in plain operations (for torch.compile), in float32 where t is
+    of half precision."""
+    half = cos.shape[-1]
+    first, second, rest = t[..., :half], t[..., half:2 * half], t[..., 2 * half:]
+    precise = torch.promote_types(t.dtype, torch.float32)
+    first, second = first.to(precise), second.to(precise)
+    rotated = torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1).to(t.dtype)
+    return torch.cat((rotated, rest), dim=-1)
+
+
 class _Rotary(torch.autograd.Function):
     """Rotation by given angles; its gradient is the rotation by the opposite angles, so only the
     (n, r) cosines and sines are kept for the backward pass."""
@@ -171,6 +183,8 @@ def apply_rotary(t: Tensor, freqs: Tensor) -> Tensor:
     # float32 because bf16 angles at large positions lose most of their precision
     angles = freqs[..., :rot_dim // 2].to(torch.float32)
     cos, sin = angles.cos(), angles.sin()
+    if compiling():
+        return _rotate_plain(t, cos, sin)
     if t.dtype in (torch.float32, torch.float64):
         return _Rotary.apply(t, cos.to(t.dtype), sin.to(t.dtype))
     # half precision: rotated in float32 and rounded once

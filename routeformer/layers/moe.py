@@ -7,7 +7,7 @@ from einops import einsum, rearrange, repeat
 from torch import Tensor, nn
 
 from routeformer.context import LayerContext
-from routeformer.helpers import default, exists
+from routeformer.helpers import compiling, default, exists
 
 # b batch, n sequence, d feature, f expert hidden feature, t flattened tokens (b n),
 # e experts, s the two routing slots of a token (top-1, top-2)
@@ -83,6 +83,8 @@ class Experts(nn.Module):
         self.act = activation()
 
     def forward(self, x: Tensor, indices: Tensor, gates: Tensor, routed: Tensor) -> Tensor:
+        if compiling():
+            return self.dense(x, indices, gates, routed)
         tokens = repeat(torch.arange(x.shape[0], device=x.device), 't -> t s', s=indices.shape[-1])
         tokens, experts, weights = tokens[routed], indices[routed], gates[routed]
 
@@ -99,6 +101,16 @@ class Experts(nn.Module):
             y = hidden @ self.w2[expert]
             out.index_add_(0, expert_tokens, y.float() * rearrange(expert_weights, 't -> t 1'))
         return out
+
+    def dense(self, x: Tensor, indices: Tensor, gates: Tensor, routed: Tensor) -> Tensor:
+        """The same sum with static shapes, for a compiled graph: every expert runs on every token
+        and a token's outputs are weighted by its gate for that expert (0 where not routed), at
+        num_experts times the arithmetic of the grouped dispatch, whose group sizes are data."""
+        weights = torch.zeros(x.shape[0], self.num_experts, device=x.device, dtype=torch.float32)
+        weights = weights.scatter_add(1, indices, (gates * routed).float())
+        hidden = self.act(einsum(x, self.w1, 't d, e d f -> e t f'))
+        y = einsum(hidden, self.w2, 'e t f, e f d -> e t d').float()
+        return einsum(y, weights, 'e t d, t e -> t d')
 
 
 class MoE(nn.Module):

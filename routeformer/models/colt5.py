@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ..attention.executor import RoutedAttention
 from ..attention.plan import RoutePlan
 from ..context import LayerContext
-from ..helpers import default, exists, pad_to_multiple
+from ..helpers import any_true, default, exists, pad_to_multiple
 from ..layers.attention import Attention
 from ..layers.embeddings import RotaryEmbedding, apply_rotary
 from ..layers.feedforward import FeedForward
@@ -175,7 +175,7 @@ class HeavyAttention(nn.Module):
                   for t in (k, v))
         q = rearrange(q, 'b h (g i) e -> (b g) h i e', g=g)
         plan = RoutePlan(q_index=None, kv_index=None, kv_gate=rearrange(gates, 'b g h j -> (b g) h 1 j'),
-                         mask=rearrange(~empty, 'b g h j -> (b g) h 1 1 j') if empty.any() else None)
+                         mask=rearrange(~empty, 'b g h j -> (b g) h 1 1 j') if any_true(empty) else None)
         if self.multiply_keys_by_score:
             plan.k_gate = plan.kv_gate
         out, _ = self.executor(q, kg, vg, plan)

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ..attention.executor import RoutedAttention
-from ..helpers import default, exists, l2norm
+from ..helpers import compiling, default, exists, l2norm
 from ..lm import check_mask
 from ..routers.kmeans import KMeansRouter
 from .routing import KMeansUpdates, call_after_backward, update_kmeans
@@ -23,7 +23,7 @@ def update_kmeans_on_backwards(module: nn.Module) -> RemovableHandle:
     through one of its training forwards (routing-transformer's helper; the Routing Transformer
     model classes do this by default). Returns the hook's handle: `handle.remove()` stops it."""
     def after_forward(mod, args, output):
-        if mod.training:
+        if mod.training and not compiling():  # see KMeansUpdates
             outputs = output if isinstance(output, (tuple, list)) else (output,)
             call_after_backward(outputs, lambda: update_kmeans(mod))
     return module.register_forward_hook(after_forward)

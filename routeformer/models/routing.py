@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.autograd import Variable
 
 from ..context import LayerContext
-from ..helpers import as_loss, cast_tuple, check_positive, default, exists, pop_unknown_kwargs, seed_positional
+from ..helpers import as_loss, cast_tuple, check_positive, compiling, default, exists, pop_unknown_kwargs, seed_positional
 from ..lm import LM, check_batch, check_mask
 from ..routers.kmeans import KMeansRouter
 from ..wrappers import Autopadder, AutoregressiveWrapper, EncoderDecoder  # noqa: F401  (seed imports them from here)
@@ -70,8 +70,9 @@ def update_kmeans(module: nn.Module) -> None:
 
 class KMeansUpdates:
     """Mixin for modules holding KMeansRouters: `update_kmeans()` applies the statistics of the
-    training forwards since the last update; with the automatic update registered (default), the
-    forward pass arranges for it to run after the backward pass."""
+    training forwards since the last update; with the automatic update registered (default), an
+    eager forward pass arranges for it to run after the backward pass (a compiled one cannot:
+    call `update_kmeans()` after each backward)."""
 
     def update_kmeans(self) -> None:
         update_kmeans(self)
@@ -83,7 +84,9 @@ class KMeansUpdates:
         self._kmeans_update_after_backward = False
 
     def kmeans_hook(self, *outputs) -> None:
-        if getattr(self, '_kmeans_update_after_backward', False) and self.training:
+        # a compiled graph cannot register hooks on its outputs: compiled models apply the
+        # statistics when `update_kmeans()` (or `routeformer.apply_statistics`) is called
+        if getattr(self, '_kmeans_update_after_backward', False) and self.training and not compiling():
             call_after_backward(outputs, self.update_kmeans)
 
 

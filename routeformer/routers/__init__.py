@@ -1,4 +1,4 @@
-from .base import Router, discard_statistics
+from .base import Router, apply_statistics, discard_statistics
 from .dsa import DSARouter
 from .full import FullRouter
 from .kmeans import KMeansRouter
@@ -14,4 +14,4 @@ ROUTERS = dict(full=FullRouter, local=LocalRouter, kmeans=KMeansRouter, lsh=LSHR
                topk=TopKRouter, moba=MoBARouter, dsa=DSARouter, mosa=MoSARouter)
 
 __all__ = ['ROUTERS', 'CoordinateDescentRouter', 'DSARouter', 'FullRouter', 'KMeansRouter', 'LSHRouter', 'LocalRouter',
-           'MoBARouter', 'MoSARouter', 'Router', 'SinkhornRouter', 'TopKRouter', 'discard_statistics']
+           'MoBARouter', 'MoSARouter', 'Router', 'SinkhornRouter', 'TopKRouter', 'apply_statistics', 'discard_statistics']

@@ -52,6 +52,12 @@ class Router(nn.Module):
         extra = dict(q_mask=q_mask) if self.needs_query_mask else {}
         return self(q, k, causal=False, mask=mask, **extra)
 
+    def apply_statistics(self) -> None:
+        """Applies the running statistics gathered by the training forwards since they were last
+        applied (k-means: the EMA update of the centroids). Eager models do this after each backward
+        pass by themselves; a compiled model needs it called after each backward. Routers that keep
+        none have nothing to do."""
+
     def discard_statistics(self) -> None:
         """Forgets the running statistics gathered by the training forwards since they were last
         applied (k-means EMA sums, cluster loads), e.g. of a training step that is skipped because
@@ -64,6 +70,13 @@ class Router(nn.Module):
 
     def extra_repr(self) -> str:
         return f'multiple_of={self.multiple_of}'
+
+
+def apply_statistics(module: nn.Module) -> None:
+    """`Router.apply_statistics` for every router inside `module`."""
+    for m in module.modules():
+        if isinstance(m, Router):
+            m.apply_statistics()
 
 
 def discard_statistics(module: nn.Module) -> None:

@@ -95,6 +95,9 @@ class DSARouter(Router):
         self.indexer = LightningIndexer(heads * dim_head, index_n_heads, index_head_dim)
         self.topk, self.loss_weight, self.warmup = index_topk, index_loss_weight, dense_warmup_steps
         self.register_buffer('steps', torch.zeros((), dtype=torch.long))
+        # the host's view of whether the warm-up is still on: while it is, each training forward reads
+        # `steps` (a host sync, and a graph break when compiled); after it, nothing is read
+        self.warming_up = dense_warmup_steps > 0
 
     def select(self, iq: Tensor, w: Tensor, ik: Tensor, mask: Tensor | None, causal: bool, offset: int = 0) -> Tensor:
         """The best `index_topk` allowed tokens of every query (b, n, k), -1 for empty slots; in
@@ -155,7 +158,9 @@ class DSARouter(Router):
         if exists(cached):  # a reversible recompute: the same selection, the loss with gradients
             aux = self.index_loss(q, k, cached.info['index'], iq, w, ik) if self.training else None
             return replace(cached, aux_loss=aux)
-        dense = self.training and self.warmup > 0 and int(self.steps) < self.warmup
+        if self.training and self.warming_up:
+            self.warming_up = bool(self.steps < self.warmup)
+        dense = self.training and self.warming_up
         if self.training:
             self.steps += 1
         with torch.no_grad():
@@ -166,6 +171,10 @@ class DSARouter(Router):
         if self.training:
             plan.aux_loss = self.index_loss(q, k, index, iq, w, ik)
         return plan
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.warming_up = bool(self.steps < self.warmup)
 
     @staticmethod
     def every_token(q: Tensor, mask: Tensor | None, causal: bool) -> Tensor:

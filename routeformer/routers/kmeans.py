@@ -42,7 +42,7 @@ from einops import rearrange, repeat
 from torch import Tensor
 
 from ..attention.plan import RoutePlan
-from ..helpers import check_positive, exists, l2norm, topk_first
+from ..helpers import check_positive, compiling, exists, l2norm, topk_first
 from .base import Router
 from .bucketed import rank_in_bucket, sort_and_chunk, sort_and_chunk_pairs
 
@@ -132,7 +132,8 @@ def gather_processes(x: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor | 
 def groups_by_cluster(clusters: Tensor, take: Tensor, num_clusters: int, size: int) -> tuple[Tensor, Tensor]:
     """Packs the positions where `take` (b, h, n) is True into groups of at most `size` positions
     that share a cluster (clusters (b, h, n)). Returns q_index (b, h, g, size), -1 for empty slots,
-    and the cluster of every group (b, h, g); g is the largest number of groups any head needs."""
+    and the cluster of every group (b, h, g); g is the largest number of groups any head needs
+    (in a compiled graph, the largest any head could need)."""
     b, h, n = clusters.shape
     device = clusters.device
     key = torch.where(take, clusters, num_clusters)           # positions not taken sort last
@@ -144,7 +145,10 @@ def groups_by_cluster(clusters: Tensor, take: Tensor, num_clusters: int, size: i
     counts.scatter_add_(-1, key, torch.ones_like(key))
     chunks = (counts[..., :num_clusters] + size - 1) // size   # groups each cluster needs
     first_group = chunks.cumsum(dim=-1) - chunks
-    g = max(int(chunks.sum(dim=-1).max()), 1)
+    # a compiled graph cannot size a tensor by data: there g is the most any split of n taken
+    # positions over num_clusters clusters can need, and the groups past the need stay empty
+    g = min(n, (n + num_clusters * (size - 1)) // size) if compiling() else int(chunks.sum(dim=-1).max())
+    g = max(g, 1)
 
     taken = sorted_key < num_clusters
     safe_key = sorted_key.clamp(max=num_clusters - 1)
@@ -212,6 +216,10 @@ class KMeansRouter(Router):
         self.needs_decode_mask = not cross_attention
         self.register_buffer('means', l2norm(torch.randn(heads, num_clusters, dim_head)))
         self.register_buffer('initted', torch.tensor(False))
+        # the host's copy of `initted` once it is True, which the forward pass reads: reading the
+        # buffer every step would be a host sync (and end a compiled graph); a compiled model
+        # recompiles once when it flips
+        self.means_ready = False
         # causal routing cannot balance clusters by a top-k over the whole sequence (that would
         # leak): each cluster's similarities get an offset instead, raised while the cluster takes
         # fewer than its share of queries (row 0) or keys (row 1) and lowered while it takes more
@@ -251,6 +259,11 @@ class KMeansRouter(Router):
             dist.broadcast(means, 0)
         self.means.copy_(means)
         self.initted.fill_(True)
+        self.means_ready = True
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.means_ready = bool(self.initted)
 
     @torch.no_grad()
     def accumulate(self, x: Tensor, clusters: Tensor, valid: Tensor | None) -> None:
@@ -279,6 +292,9 @@ class KMeansRouter(Router):
         """Forgets the statistics accumulated since the last update: the next update applies none
         of them."""
         self._sums = self._counts = self._outliers = self._loads = None
+
+    def apply_statistics(self) -> None:
+        self.update()
 
     @torch.no_grad()
     def update(self) -> None:
@@ -309,6 +325,7 @@ class KMeansRouter(Router):
             dist.all_gather(every, mine)
             every = torch.cat(every, dim=1)
             outliers, _ = worst_of(every[..., :-1], every[..., -1], self.num_clusters)
+            self.means_ready = bool(initted.item())  # process 0's centroids, adopted (a sync the all-reduce made anyway)
         new = l2norm(self.ema_decay * means + (1. - self.ema_decay) * l2norm(sums))
         # a centroid no token chose would never move again, and the clusters that remain grow until
         # routing is local attention in disguise: it restarts at the worst-served token instead
@@ -320,7 +337,7 @@ class KMeansRouter(Router):
         # statistics are finite by construction (accumulate drops non-finite tokens); a centroid that
         # still is not (another process's data under torch.distributed) keeps its value
         self.means.copy_(torch.where(torch.isfinite(new).all(dim=-1, keepdim=True), new, self.means))
-        self.initted.fill_(bool(initted.item()))
+        self.initted.copy_(initted.view(()) > 0)
         # a cluster under its share of the tokens gets a higher offset, one over it a lower one
         share = loads.sum(dim=-1, keepdim=True) / self.num_clusters
         self.balance.add_(self.balance_rate * (share - loads).sign().nan_to_num(0.).to(self.balance.dtype))
@@ -341,9 +358,17 @@ class KMeansRouter(Router):
     # ------------------------------------------------------------------ routing
 
     def maybe_init(self, x: Tensor, valid: Tensor | None, cached: RoutePlan | None) -> None:
-        """The first training forward (never a reversible recompute) initialises from data."""
-        if self.training and not exists(cached) and not bool(self.initted):
-            self.init_means(x.detach(), valid)
+        """The first training forward (never a reversible recompute) initialises from data, outside
+        any compiled graph: k-means++-style sampling and Lloyd iterations on the batch have
+        data-dependent shapes, and run once."""
+        if self.training and not exists(cached) and not self.means_ready:
+            torch.compiler.disable(self.init_once)(x.detach(), valid)
+
+    def init_once(self, x: Tensor, valid: Tensor | None) -> None:
+        """`init_means` unless `initted` says the centroids are set (loaded, or set by hand)."""
+        if not bool(self.initted):
+            self.init_means(x, valid)
+        self.means_ready = bool(self.initted)
 
     def forward(self, q, k, *, causal, mask=None, cached=None):
         if self.cross_attention:

@@ -24,7 +24,7 @@ from einops import rearrange
 from torch import Tensor
 
 from ..attention.plan import RoutePlan
-from ..helpers import exists, topk_first
+from ..helpers import compiling, exists, topk_first
 from .base import Router
 from .bucketed import rank_in_bucket, sort_and_chunk
 
@@ -43,6 +43,15 @@ def buckets_for_length(n: int, bucket_size: int) -> int:
     """Reformer's bucket count for a sequence of n tokens: about n / bucket_size, even (angular LSH
     hashes into pairs of opposite directions), at least 2."""
     return max(2, (n // bucket_size) // 2 * 2)
+
+
+# the seed of a training draw inside a compiled graph: the global RNG, which the compiler traces
+TRACED_DRAW = -1
+
+
+def generator(seed: int, device, offset: int = 0) -> torch.Generator | None:
+    """A generator seeded with `seed + offset`, or None (the global RNG) for TRACED_DRAW."""
+    return None if seed == TRACED_DRAW else torch.Generator(device=device).manual_seed(seed + offset)
 
 
 class LSHRouter(Router):
@@ -117,8 +126,7 @@ class LSHRouter(Router):
         per_head = self.random_rotations_per_head
         if exists(seed):
             shape = (batch if per_head else 1, heads if per_head else 1, dim, rounds, n_buckets // 2)
-            gen = torch.Generator(device=device).manual_seed(seed)
-            return torch.randn(shape, generator=gen, device=device)
+            return torch.randn(shape, generator=generator(seed, device), device=device)
         # eval: one rotation per head, the same for every sample (a sample's output must not depend
         # on its position in the batch)
         shape = (1, heads if per_head else 1, dim, rounds, n_buckets // 2)
@@ -138,11 +146,13 @@ class LSHRouter(Router):
         k = k.float()
         if exists(seed) and self.drop_for_hash_rate > 0.:
             # dropout on the hashed vectors only; argmax ignores the 1 / (1 - p) rescaling
-            gen = torch.Generator(device=k.device).manual_seed(seed + 1)
-            k = k * (torch.rand(k.shape, generator=gen, device=k.device) >= self.drop_for_hash_rate)
+            k = k * (torch.rand(k.shape, generator=generator(seed, k.device, offset=1), device=k.device) >= self.drop_for_hash_rate)
         rot = self.rotations(batch=b, heads=h, dim=d, n_buckets=n_buckets, device=k.device, seed=seed)
         rounds, half = rot.shape[-2:]
         rot = rearrange(rot, '... d r k -> ... d (r k)')
+        if compiling():  # one product; the compiler fuses the argmax into it
+            return rearrange(self.buckets_of(rearrange(k @ rot, '... n (r k) -> ... n r k', r=rounds)),
+                             'b h n r -> b h r n')
         step = max(1, HASH_BLOCK // max(1, b * h * rounds * half))
         # the rotated block and its magnitudes, written into one workspace by every block: a fresh
         # buffer of a few MiB per block can be new memory, page-faulted in each time
@@ -153,24 +163,32 @@ class LSHRouter(Router):
             shape = (*block.shape[:-1], rounds, half)
             rotated, magnitude = (w[:math.prod(shape)].view(shape) for w in workspace)
             torch.matmul(block, rot, out=rearrange(rotated, 'b h n r k -> b h n (r k)'))
-            if self.rehash_each_round:
-                # argmax over [xR, -xR] without building it: the direction of largest |xR|, in the
-                # second half when xR is negative there (an exact tie of xR and -xR, of measure zero,
-                # may resolve differently). One argmax over |xR| is about a third faster than a max
-                # and a min with their indices over xR.
-                best = torch.abs(rotated, out=magnitude).argmax(dim=-1, keepdim=True)
-                negative = rotated.gather(-1, best) < 0
-                pieces.append(best.add_(negative, alpha=half).squeeze(-1))
-            else:
-                # one rotation; each token goes to its n_hashes best buckets, one per round
-                both = torch.cat((rotated, -rotated), dim=-1)
-                pieces.append(topk_first(both, self.n_hashes).indices.squeeze(-2))
+            pieces.append(self.buckets_of(rotated, magnitude))
         return rearrange(torch.cat(pieces, dim=2), 'b h n r -> b h r n')
+
+    def buckets_of(self, rotated: Tensor, magnitude: Tensor | None = None) -> Tensor:
+        """(b, h, n, r) buckets of rotated keys (b, h, n, r|1, k); `magnitude`: a workspace of
+        rotated's shape for |rotated|."""
+        half = rotated.shape[-1]
+        if self.rehash_each_round:
+            # argmax over [xR, -xR] without building it: the direction of largest |xR|, in the
+            # second half when xR is negative there (an exact tie of xR and -xR, of measure zero,
+            # may resolve differently). One argmax over |xR| is about a third faster than a max
+            # and a min with their indices over xR.
+            best = torch.abs(rotated, out=magnitude).argmax(dim=-1, keepdim=True)
+            negative = rotated.gather(-1, best) < 0
+            return best.add_(negative, alpha=half).squeeze(-1)
+        # one rotation; each token goes to its n_hashes best buckets, one per round
+        both = torch.cat((rotated, -rotated), dim=-1)
+        return topk_first(both, self.n_hashes).indices.squeeze(-2)
 
     def draw_seed(self) -> int | None:
         # one draw from the global RNG per training call, also when the plan is replayed, so a
-        # reversible recompute sees the RNG stream (dropout) exactly as the forward pass did
-        return int(torch.randint(2 ** 62, ())) if self.training else None
+        # reversible recompute sees the RNG stream (dropout) exactly as the forward pass did; a
+        # compiled graph has no recompute and draws its rotations from the global RNG directly
+        if not self.training:
+            return None
+        return TRACED_DRAW if compiling() else int(torch.randint(2 ** 62, ()))
 
     # ------------------------------------------------------------ plans
 

@@ -24,7 +24,7 @@ from einops import rearrange, repeat
 from torch import Tensor
 
 from ..attention.plan import RoutePlan
-from ..helpers import check_positive, exists, precise
+from ..helpers import check_positive, compiling, exists, precise
 from .base import Router
 from .selection import block_slots, per_query_plan, select_top
 
@@ -57,6 +57,8 @@ def block_union_plan(blocks: Tensor, block_size: int) -> RoutePlan | None:
     the picks of a block's queries scatter (an untrained model on a long sequence), the unions
     approach every earlier block: groups per query win once the widest union holds more than
     UNION_RATIO times k blocks."""
+    if compiling():  # the unions' width is data; a compiled graph takes the per-query groups, of static shape
+        return None
     b, h, n, k = blocks.shape
     c = math.ceil(n / block_size)
     # which blocks each query attends, one-hot (b, h, n, c); slot c takes the empty picks

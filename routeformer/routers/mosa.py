@@ -38,7 +38,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..attention.plan import RoutePlan
-from ..helpers import check_positive, exists, topk_first
+from ..helpers import check_positive, compiling, exists, topk_first
 from .base import Router
 
 NEG_INF = float('-inf')
@@ -46,11 +46,15 @@ NEG_INF = float('-inf')
 INITIAL_THRESHOLD = 0.5
 
 
-def pack_positions(chosen: Tensor) -> Tensor:
+def pack_positions(chosen: Tensor, most: int | None = None) -> Tensor:
     """(b, h, n) bool -> (b, h, j) the chosen positions in order, -1 in the slots after them;
-    j is the most any head chose (at least 1)."""
+    j is the most any head chose (at least 1); in a compiled graph, which cannot size a tensor by
+    data, the most any head may choose (`most`, or n)."""
     rank = chosen.long().cumsum(dim=-1)
-    width = max(int(rank[..., -1].max()) if chosen.shape[-1] else 0, 1)
+    if compiling():
+        width = max(min(chosen.shape[-1], most or chosen.shape[-1]), 1)
+    else:
+        width = max(int(rank[..., -1].max()) if chosen.shape[-1] else 0, 1)
     slot = torch.where(chosen, rank - 1, width)  # the rest go to a dump slot, cut below
     positions = torch.arange(chosen.shape[-1], device=chosen.device).expand_as(rank)
     index = torch.full((*chosen.shape[:-1], width + 1), -1, dtype=torch.long, device=chosen.device)
@@ -108,7 +112,7 @@ class MoSARouter(Router):
         """Moves the thresholds toward this batch's: per head, the score of its (count / sparsity)-th
         best token among those where `ok` (b, h, n) (real tokens with a finite score). A head with
         no such token keeps its threshold."""
-        if self._saved is None:
+        if self._saved is None and not compiling():
             self._saved = (self.threshold_ema.clone(), self.threshold_weight.clone())
         flat = rearrange(torch.where(ok, s, NEG_INF), 'b h n -> h (b n)')
         count = rearrange(ok, 'b h n -> h (b n)').sum(dim=-1)
@@ -134,7 +138,9 @@ class MoSARouter(Router):
 
     def forward(self, q, k, *, causal, mask=None, cached=None):
         s = self.scores(q)
-        if self.training and s.requires_grad:
+        # the step bookkeeping of discard_statistics needs a hook, which a compiled graph cannot
+        # register: compiled, a skipped step's threshold updates are undone by restoring the buffers
+        if self.training and s.requires_grad and not compiling():
             s.register_hook(self._mark_backward)
         if exists(cached):  # a reversible recompute: the same tokens, the gates recomputed
             return replace(cached, q_gate=self.gates(s, cached.q_index[:, :, 0])[:, :, None])
@@ -166,7 +172,7 @@ class MoSARouter(Router):
                 chosen[..., 0] |= valid[..., 0]
             if exists(self.capacity):
                 chosen &= chosen.long().cumsum(dim=-1) <= self.capacity
-            return pack_positions(chosen)
+            return pack_positions(chosen, self.capacity)
 
     def top_tokens(self, s: Tensor, ok: Tensor, valid: Tensor) -> Tensor:
         """Each head's max(2, n // sparsity) best-scoring real tokens (expert choice), in order."""

@@ -225,16 +225,16 @@ class SinkhornRouter(Router):
                 scores = torch.cat((scores, nulls), dim=-1)
 
         c = scores.shape[-2]
-        block = torch.arange(u, device=sq.device)
+        # candidates: the u key blocks, then the null blocks, which are always admissible
+        block = torch.arange(u + self.n_null, device=sq.device)
         query_block = rearrange(torch.arange(first_block, first_block + c, device=sq.device), 'c -> c 1')
-        valid = rearrange(k_count > 0, 'b u -> b 1 1 u')  # a block of padding is no candidate
+        counts = F.pad(k_count, (0, self.n_null), value=1)
+        valid = rearrange(counts > 0, 'b u -> b 1 1 u')  # a block of padding is no candidate
         if self.causal and not self.cross:
-            valid = valid & (block < query_block)      # completed blocks strictly before the query's
+            valid = valid & ((block < query_block) | (block >= u))  # completed blocks strictly before the query's
         elif self.own_block and self.n_sortcut == 0:
             valid = valid & (block != query_block)     # the own block is attended anyway
-        if self.n_null:
-            valid = F.pad(valid.expand(-1, -1, c, -1), (0, self.n_null), value=True)
-        return scores, valid
+        return scores, valid.expand(-1, -1, c, -1)
 
     def normalise(self, scores: Tensor, valid: Tensor) -> Tensor:
         """Scores -> selection weights (b, h, c, u): softmax rows, or a Gumbel-Sinkhorn matrix."""

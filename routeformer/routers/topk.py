@@ -35,7 +35,7 @@ from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from ..attention.plan import RoutePlan
-from ..helpers import default, exists, l2norm, topk_first
+from ..helpers import any_true, default, exists, l2norm, topk_first
 from ..kernels.coor_descent import coor_descent
 from .base import Router
 
@@ -199,7 +199,7 @@ class CoordinateDescentRouter(nn.Module):
         indices, gates = self.select(s, num_tokens, mask=mask, random_route=random_route)
         routed = batched_gather(x, indices)
         routed_mask = batched_gather(mask, indices) if exists(mask) else None
-        if (indices < 0).any():
+        if any_true(indices < 0):
             routed_mask = default(routed_mask, torch.ones_like(indices, dtype=torch.bool)) & (indices >= 0)
         return self._squeeze(RouterReturn(indices, gates.to(x.dtype), routed, routed_mask), keep)
 
@@ -223,7 +223,7 @@ class CoordinateDescentRouter(nn.Module):
         b, r, g, c = candidates.shape
         index = candidates[..., :num_tokens]
         valid = candidates >= 0
-        if not self.needs_soft(s) or not valid.any():
+        if not self.needs_soft(s) or not any_true(valid):
             return index, (index >= 0).float()
         cand_s = s.gather(-1, rearrange(candidates.clamp(min=0), 'b r g c -> b r (g c)'))
         cand_s = rearrange(cand_s, 'b r (g c) -> b r g c', g=g)
