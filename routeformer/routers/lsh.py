@@ -132,10 +132,16 @@ class LSHRouter(Router):
         shape = (1, heads if per_head else 1, dim, rounds, n_buckets // 2)
         key = (shape, str(device), self.rotation_seed)
         if key not in self._eval_rotations:
-            gen = torch.Generator().manual_seed(self.rotation_seed)
-            # one entry: the cache is for repeated calls of one shape, not a growing store
-            self._eval_rotations = {key: torch.randn(shape, generator=gen).to(device)}
+            # drawn outside any compiled graph (a generator cannot be made inside one): a compiled
+            # model breaks its graph at the first eval call of each shape, and not after
+            torch.compiler.disable(self.draw_eval_rotations)(key)
         return self._eval_rotations[key]
+
+    def draw_eval_rotations(self, key) -> None:
+        shape, device, seed = key
+        gen = torch.Generator().manual_seed(seed)
+        # one entry: the cache is for repeated calls of one shape, not a growing store
+        self._eval_rotations = {key: torch.randn(shape, generator=gen).to(device)}
 
     @torch.no_grad()
     def hash(self, k: Tensor, n_buckets: int, *, seed: int | None = None) -> Tensor:
