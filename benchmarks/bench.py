@@ -31,6 +31,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.models import REGISTRY, ModelConfig, is_known, resolve_builder  # noqa: E402
+from routeformer import apply_statistics  # noqa: E402
 
 MIB = 2 ** 20
 
@@ -108,27 +109,35 @@ def measure(cfg: dict) -> dict:
     tokens = torch.randint(0, cfg['vocab'], (cfg['batch'], cfg['length']), device=device)
     targets = torch.randint_like(tokens, cfg['vocab'])
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+    net = torch.compile(model) if cfg.get('compile') else model
 
     def train_step():
-        loss_of(model(tokens), targets).backward()
+        loss_of(net(tokens), targets).backward()
+        apply_statistics(model)  # k-means updates, which a compiled model cannot hook to its backward
         model.zero_grad(set_to_none=True)  # each step allocates its gradients, as in training
 
     @torch.no_grad()
     def infer_step():
-        model(tokens)
+        net(tokens)
 
+    # compiled: the first steps compile (a k-means model twice: its first training step sets the
+    # centroids outside the graph), timed apart from the steps that are measured
+    compile_steps = 2 if cfg.get('compile') else 0
     # the training step runs first: on CPU the peak RSS can only be read, never reset
     model.train()
     baseline = start_memory_tracking(device)
+    compile_s = sum(step_times(train_step, 0, compile_steps, sync))
     train_s = step_times(train_step, cfg['warmup'], cfg['repeats'], sync)
     peak = peak_memory_bytes(device, baseline)
 
     model.eval()
+    compile_s += sum(step_times(infer_step, 0, compile_steps // 2, sync))
     infer_s = step_times(infer_step, cfg['warmup'], cfg['repeats'], sync)
 
     n_tokens = tokens.numel()
     return {
         'status': 'ok',
+        'compile_s': compile_s if cfg.get('compile') else None,
         'train_tok_s': n_tokens / statistics.median(train_s),
         'infer_tok_s': n_tokens / statistics.median(infer_s),
         'peak_mib': peak / MIB,
@@ -207,7 +216,7 @@ def ratio(value, base) -> str:
 
 
 def markdown(rows: list[dict], args, info: dict) -> str:
-    base = {r['length']: r for r in rows if r['model'] == args.baseline and r['status'] == 'ok'}
+    base = {r['length']: r for r in rows if label(r) == args.baseline and r['status'] == 'ok'}
     lines = [
         '# routeformer benchmark',
         '',
@@ -217,22 +226,27 @@ def markdown(rows: list[dict], args, info: dict) -> str:
         f'- config: batch {args.batch}, dim {args.dim}, depth {args.depth}, heads {args.heads}, '
         f'vocab {args.vocab}, window {args.window}; median of {args.repeats} steps after {args.warmup} warmup',
         f'- peak memory: {memory_method(args.device)}',
-        f'- ratios: model / {args.baseline} at the same length',
+        f'- ratios: model / {args.baseline} at the same length'
+        + ('; compiled rows: torch.compile (inductor), compile s = the first steps, which compile, '
+           'not counted in tok/s' if args.compile != 'off' else ''),
         '',
-        '| model | length | params | train tok/s | infer tok/s | peak MiB | train vs base | infer vs base | mem vs base |',
-        '|---|---:|---:|---:|---:|---:|---:|---:|---:|',
+        '| model | compiled | length | params | train tok/s | infer tok/s | peak MiB | train vs base | infer vs base '
+        '| mem vs base | compile s |',
+        '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
     ]
     for r in rows:
+        compiled = 'yes' if r.get('compiled') else 'no'
         if r['status'] != 'ok':
-            cells = [r['model'], str(r['length']), '-'] + [r['status']] * 3 + ['-'] * 3
+            cells = [r['model'], compiled, str(r['length']), '-'] + [r['status']] * 3 + ['-'] * 4
         else:
             b = base.get(r['length'], {})
             cells = [
-                r['model'], str(r['length']), f"{r['params'] / 1e6:.2f}M",
+                r['model'], compiled, str(r['length']), f"{r['params'] / 1e6:.2f}M",
                 f"{r['train_tok_s']:,.0f}", f"{r['infer_tok_s']:,.0f}", f"{r['peak_mib']:,.1f}",
                 ratio(r['train_tok_s'], b.get('train_tok_s')),
                 ratio(r['infer_tok_s'], b.get('infer_tok_s')),
                 ratio(r['peak_mib'], b.get('peak_mib')),
+                '-' if r.get('compile_s') is None else f"{r['compile_s']:.1f}",
             ]
         lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines) + '\n'
@@ -247,17 +261,17 @@ def plot(rows: list[dict], args, path: Path) -> None:
     panels = [('train_tok_s', 'train tokens/s'), ('infer_tok_s', 'inference tokens/s'),
               ('peak_mib', 'peak MiB (train step)')]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
-    for ax, (key, label) in zip(axes, panels):
-        for model in args.models:
-            ok = [r for r in rows if r['model'] == model and r['status'] == 'ok']
+    for ax, (key, title) in zip(axes, panels):
+        for name in dict.fromkeys(label(r) for r in rows):
+            ok = [r for r in rows if label(r) == name and r['status'] == 'ok']
             if ok:
-                ax.plot([r['length'] for r in ok], [r[key] for r in ok], marker='o', label=model)
+                ax.plot([r['length'] for r in ok], [r[key] for r in ok], marker='o', label=name)
         ax.set_xscale('log', base=2)
         ax.set_xticks(args.lengths, labels=[str(n) for n in args.lengths])
         ax.xaxis.set_minor_locator(NullLocator())  # only the measured lengths are labelled
         ax.set_yscale('log')
         ax.set_xlabel('sequence length')
-        ax.set_title(label)
+        ax.set_title(title)
         ax.grid(True, which='both', alpha=0.3)
     if axes[0].lines:  # nothing to label when every configuration failed
         axes[0].legend()
@@ -267,8 +281,13 @@ def plot(rows: list[dict], args, path: Path) -> None:
     plt.close(fig)
 
 
+def label(row: dict) -> str:
+    """A row's name in ratios and plots: the model, `+compile` when compiled."""
+    return row['model'] + ('+compile' if row.get('compiled') else '')
+
+
 def describe(row: dict) -> str:
-    head = f"{row['model']:>20} n={row['length']:<6}"
+    head = f"{label(row):>28} n={row['length']:<6}"
     if row['status'] != 'ok':
         return f"{head} {row['status']}: {row.get('error', '')}"
     return (f"{head} train {row['train_tok_s']:>10,.0f} tok/s  infer {row['infer_tok_s']:>10,.0f} tok/s  "
@@ -303,15 +322,18 @@ def parse_args(argv=None):
     p.add_argument('--malloc', choices=list(MALLOC), default='default',
                    help="CPU workers' glibc allocator: default, or heap (freed memory is kept and reused: "
                         "faster for long sequences, higher peak RSS)")
-    p.add_argument('--baseline', help='model the ratios are taken against (default: the first model)')
+    p.add_argument('--compile', choices=['off', 'on', 'both'], default='off',
+                   help='torch.compile the models: off, on, or both (an eager and a compiled row per model)')
+    p.add_argument('--baseline', help='model the ratios are taken against, `NAME+compile` for its compiled row '
+                   '(default: the first model, eager unless --compile on)')
     p.add_argument('--out', type=Path, default=REPO_ROOT / 'benchmarks' / 'results')
     p.add_argument('--worker', metavar='CONFIG_JSON', help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     unknown = [m for m in args.models if not is_known(m)]
     if unknown:
         p.error(f"unknown model(s) {', '.join(unknown)}; registered: {', '.join(REGISTRY)}")
-    args.baseline = args.baseline or args.models[0]
-    if args.baseline not in args.models:
+    args.baseline = args.baseline or args.models[0] + ('+compile' if args.compile == 'on' else '')
+    if args.baseline.removesuffix('+compile') not in args.models:
         p.error(f'--baseline {args.baseline} is not among --models')
     if args.repeats < 1:
         p.error('--repeats must be at least 1')
@@ -325,14 +347,18 @@ def main(argv=None) -> None:
         return
 
     rows = []
+    modes = {'off': [False], 'on': [True], 'both': [False, True]}[args.compile]
     for model in args.models:
-        for length in args.lengths:
-            cfg = {'model': model, 'length': length, 'batch': args.batch, 'dim': args.dim,
-                   'depth': args.depth, 'heads': args.heads, 'vocab': args.vocab, 'window': args.window,
-                   'repeats': args.repeats, 'warmup': args.warmup, 'device': args.device, 'dtype': args.dtype}
-            row = {'model': model, 'length': length, **run_config(cfg, args.timeout, args.malloc)}
-            print(describe(row), flush=True)
-            rows.append(row)
+        for compiled in modes:
+            for length in args.lengths:
+                cfg = {'model': model, 'length': length, 'batch': args.batch, 'dim': args.dim,
+                       'depth': args.depth, 'heads': args.heads, 'vocab': args.vocab, 'window': args.window,
+                       'repeats': args.repeats, 'warmup': args.warmup, 'device': args.device, 'dtype': args.dtype,
+                       'compile': compiled}
+                row = {'model': model, 'compiled': compiled, 'length': length,
+                       **run_config(cfg, args.timeout, args.malloc)}
+                print(describe(row), flush=True)
+                rows.append(row)
 
     info = machine_info(args, rows)
     table = markdown(rows, args, info)

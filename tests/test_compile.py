@@ -113,3 +113,20 @@ def test_cached_decoding_step_is_one_graph(name):
         explained = dynamo.explain(model)(x[:, prefix:prefix + 1], cache=cache)
     reasons = [str(b.reason).splitlines()[0] for b in explained.break_reasons]
     assert explained.graph_count == 1 and not reasons, f'{explained.graph_count} graphs: {reasons}'
+
+
+def test_compiled_kmeans_updates_come_from_apply_statistics():
+    # a compiled graph registers no after-backward hook: the centroids move when asked to
+    from routeformer import RoutingTransformerLM, apply_statistics
+    torch.manual_seed(0)
+    model = RoutingTransformerLM(num_tokens=32, dim=16, depth=1, max_seq_len=16, heads=2, window_size=4, causal=True)
+    router = next(m for m in model.modules() if type(m).__name__ == 'KMeansRouter')
+    compiled = torch.compile(model, backend='aot_eager')
+    dynamo.reset()
+    for step in range(2):  # the first step sets the centroids from data, outside the graph
+        logits, aux = compiled(tokens())
+        before = router.means.clone()
+        (logits.mean() + aux).backward()
+        assert torch.equal(router.means, before), 'no hook may update the centroids of a compiled model'
+        apply_statistics(model)
+        assert not torch.equal(router.means, before)

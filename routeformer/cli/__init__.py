@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument('--eval-batches', type=positive_int, help='batches to score (default: the training setting)')
     ev.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N (default %(default)s)')
     ev.add_argument('--bf16', action='store_true', help='bfloat16 autocast (default: float32)')
+    ev.add_argument('--compile', action='store_true', help='torch.compile the model (compile time is reported apart)')
     ev.add_argument('--json', action='store_true', help='also print the result as one JSON line')
 
     sa = commands.add_parser('sample', help='generate from a prompt with the cached decoder')

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import replace
 
 import torch
@@ -41,10 +42,18 @@ def eval_main(args) -> int:
         raise CLIError(f'this data has a vocabulary of {source.num_tokens} tokens but the model {cfg.model.num_tokens}: '
                        f'evaluate it on the kind of data it was trained on')
     device = next(model.parameters()).device
-    result = evaluate(model, source, batch_size=args.batch_size or cfg.train.batch_size,
+    net = model
+    if args.compile:
+        net = torch.compile(model)
+        began = time.perf_counter()
+        evaluate(net, source, batch_size=args.batch_size or cfg.train.batch_size, batches=1, device=device,
+                 bf16=args.bf16)
+        print(f'compiled in {time.perf_counter() - began:.1f} s (one batch, not counted below)')
+    began = time.perf_counter()
+    result = evaluate(net, source, batch_size=args.batch_size or cfg.train.batch_size,
                       batches=args.eval_batches or cfg.train.eval_batches, device=device, bf16=args.bf16)
     print(f'{ckpt} (step {state["step"]}, {cfg.model.family}) on {source.description}')
-    print(metric_line(result))
+    print(metric_line(result) + f' in {time.perf_counter() - began:.1f} s')
     if args.json:
         print(json.dumps(dict(checkpoint=str(ckpt), step=state['step'], **result)))
     return 0

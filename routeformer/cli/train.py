@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..routers import discard_statistics
+from ..routers import apply_statistics, discard_statistics
 from . import checkpoint
 from .config import Config, TrainConfig, config_from_args, validate
 from .data import make_source
@@ -39,6 +39,7 @@ from .plot import plot_run, read_metrics
 from .sample import decode_text, generate
 
 MIB = 2 ** 20
+COMPILE_STEPS = 2  # see Trainer.loop
 PLOT_EVERY_S = 60  # redraw curves.png at a checkpoint at most this often (and always at the end)
 
 
@@ -280,14 +281,21 @@ class Trainer:
         rate, bad_streak, save_due = None, 0, False
         progress = tqdm(total=t.steps, initial=start, desc='train', unit='step', dynamic_ncols=True,
                         disable=not self.main or run.quiet, file=sys.stderr)
+        # compiled, the first steps of a process compile (a k-means model twice: its first step sets
+        # the centroids outside the graph); their time is compile time, not training time
+        compiling = range(start + 1, start + 1 + COMPILE_STEPS) if t.compile else range(0)
         with Interrupt(enabled=not d.enabled) as interrupt, contextlib.closing(progress):
             for step in range(start + 1, stop + 1):
                 began = time.perf_counter()
                 stepped, loss, ce = self.train_step(step)
                 elapsed = time.perf_counter() - began
-                self.clock['train_time'] += elapsed
                 self.clock['tokens'] += tokens_per_step
-                rate = tokens_per_step / elapsed if rate is None else 0.9 * rate + 0.1 * tokens_per_step / elapsed
+                if step in compiling:
+                    self.clock['compile_time'] = self.clock.get('compile_time', 0.) + elapsed
+                else:
+                    self.clock['train_time'] += elapsed
+                    self.clock['timed_tokens'] = self.clock.get('timed_tokens', 0) + tokens_per_step
+                    rate = tokens_per_step / elapsed if rate is None else 0.9 * rate + 0.1 * tokens_per_step / elapsed
                 loss, ce = (v / d.world for v in all_sum([loss, ce], d))
                 bad_streak = 0 if stepped else bad_streak + 1
                 self.skipped += not stepped
@@ -295,7 +303,8 @@ class Trainer:
                               tokens=self.clock['tokens'], train_time=self.clock['train_time'],
                               **({} if stepped else dict(skipped=True))))
                 progress.update(1)
-                progress.set_postfix(loss=f'{ce:.3f}', tok_s=f'{rate:,.0f}', refresh=False)
+                progress.set_postfix(loss=f'{ce:.3f}', tok_s='compiling' if rate is None else f'{rate:,.0f}',
+                                     refresh=False)
                 if not stepped:
                     self.check_streak(step, bad_streak, progress)
 
@@ -321,7 +330,8 @@ class Trainer:
         summary = dict(family=self.cfg.model.family, params=params, step=step, steps=t.steps,
                        complete=step == t.steps, metric=self.source.metric, val=last_val, skipped_steps=self.skipped,
                        train_time=self.clock['train_time'], tokens=self.clock['tokens'],
-                       tok_per_s=self.clock['tokens'] / max(self.clock['train_time'], 1e-9),
+                       tok_per_s=self.clock.get('timed_tokens', self.clock['tokens']) / max(self.clock['train_time'], 1e-9),
+                       compile_time=self.clock.get('compile_time'),
                        peak_memory_mib=peak_memory_mib(self.device, baseline), device=str(self.device),
                        processes=d.world, threads=torch.get_num_threads(), config=self.cfg.to_dict())
         if self.main:
@@ -339,6 +349,8 @@ class Trainer:
         loss, ce = batch_loss(self.net, batch, self.device, self.t.bf16)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.t.compile:
+            apply_statistics(self.model)  # what an eager model's backward hooks do (k-means updates)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.grad_clip if self.t.grad_clip > 0 else math.inf)
         bad = float(not (torch.isfinite(loss.detach()) & torch.isfinite(norm)).item())
         if all_sum([bad], self.d)[0] > 0:
@@ -400,8 +412,9 @@ class Trainer:
 
     def report(self, summary: dict, step: int, plot: Path, interrupted: bool) -> None:
         out = self.run.out
+        compiled = f', {summary["compile_time"]:.0f} s compiling' if summary.get('compile_time') else ''
         print(metric_line(summary['val']) + f' after {step} steps ({summary["train_time"]:.0f} s of training, '
-              f'{summary["tok_per_s"]:,.0f} tokens/s)')
+              f'{summary["tok_per_s"]:,.0f} tokens/s{compiled})')
         if summary['complete'] and self.source.metric == 'bpb' and self.t.sample_length > 0:
             prompt = first_line(self.source.corpus.val, limit=min(64, max(1, self.cfg.model.seq_len // 2)))
             with torch.random.fork_rng(devices=[]):
