@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch._functorch.config
 import torch.nn.functional as F
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -109,6 +110,8 @@ def measure(cfg: dict) -> dict:
     tokens = torch.randint(0, cfg['vocab'], (cfg['batch'], cfg['length']), device=device)
     targets = torch.randint_like(tokens, cfg['vocab'])
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+    if cfg.get('memory_budget') is not None:
+        torch._functorch.config.activation_memory_budget = cfg['memory_budget']
     net = torch.compile(model) if cfg.get('compile') else model
 
     def train_step():
@@ -324,6 +327,9 @@ def parse_args(argv=None):
                         "faster for long sequences, higher peak RSS)")
     p.add_argument('--compile', choices=['off', 'on', 'both'], default='off',
                    help='torch.compile the models: off, on, or both (an eager and a compiled row per model)')
+    p.add_argument('--memory-budget', type=float, metavar='FRACTION',
+                   help="compiled models: torch's activation memory budget (1 keeps every activation the "
+                        "partitioner would, lower recomputes more in the backward pass)")
     p.add_argument('--baseline', help='model the ratios are taken against, `NAME+compile` for its compiled row '
                    '(default: the first model, eager unless --compile on)')
     p.add_argument('--out', type=Path, default=REPO_ROOT / 'benchmarks' / 'results')
@@ -354,7 +360,7 @@ def main(argv=None) -> None:
                 cfg = {'model': model, 'length': length, 'batch': args.batch, 'dim': args.dim,
                        'depth': args.depth, 'heads': args.heads, 'vocab': args.vocab, 'window': args.window,
                        'repeats': args.repeats, 'warmup': args.warmup, 'device': args.device, 'dtype': args.dtype,
-                       'compile': compiled}
+                       'compile': compiled, 'memory_budget': args.memory_budget if compiled else None}
                 row = {'model': model, 'compiled': compiled, 'length': length,
                        **run_config(cfg, args.timeout, args.malloc)}
                 print(describe(row), flush=True)

@@ -325,7 +325,8 @@ class KMeansRouter(Router):
             dist.all_gather(every, mine)
             every = torch.cat(every, dim=1)
             outliers, _ = worst_of(every[..., :-1], every[..., -1], self.num_clusters)
-            self.means_ready = bool(initted.item())  # process 0's centroids, adopted (a sync the all-reduce made anyway)
+            # process 0's centroids, adopted (a sync that the all-reduce made anyway)
+            self.means_ready = bool(initted.item())
         new = l2norm(self.ema_decay * means + (1. - self.ema_decay) * l2norm(sums))
         # a centroid no token chose would never move again, and the clusters that remain grow until
         # routing is local attention in disguise: it restarts at the worst-served token instead

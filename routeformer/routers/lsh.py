@@ -152,7 +152,8 @@ class LSHRouter(Router):
         k = k.float()
         if exists(seed) and self.drop_for_hash_rate > 0.:
             # dropout on the hashed vectors only; argmax ignores the 1 / (1 - p) rescaling
-            k = k * (torch.rand(k.shape, generator=generator(seed, k.device, offset=1), device=k.device) >= self.drop_for_hash_rate)
+            keep = torch.rand(k.shape, generator=generator(seed, k.device, offset=1), device=k.device)
+            k = k * (keep >= self.drop_for_hash_rate)
         rot = self.rotations(batch=b, heads=h, dim=d, n_buckets=n_buckets, device=k.device, seed=seed)
         rounds, half = rot.shape[-2:]
         rot = rearrange(rot, '... d r k -> ... d (r k)')
