@@ -1,9 +1,9 @@
 """torch.compile: a training forward is one graph, compiled equals eager (outputs and every
 gradient), causality holds compiled, and a cached decoding step is one graph.
 
-The default run checks one configuration per family (graph capture for each, the compiled
-forward and backward through AOTAutograd for each, and through inductor for a few); `-m slow`
-checks every causal configuration with inductor.
+The default run checks one configuration per family (its training forward and backward compiled
+with fullgraph=True through AOTAutograd, and through inductor for a few); `-m slow` checks every
+causal configuration, with inductor too.
 """
 
 import copy
@@ -51,7 +51,9 @@ def draw_eval_rotations(model, x, kwargs):
     model.train(was_training)
 
 
-@pytest.mark.parametrize('name', per_config([n for n in CONFIGS if n not in KEEP_BREAKS], ONE_PER_FAMILY))
+# compiling with fullgraph=True (below) fails at any graph break, so the default run explains only
+# the families whose training forward is not compiled below (LSH is compared in eval mode)
+@pytest.mark.parametrize('name', per_config([n for n in CONFIGS if n not in KEEP_BREAKS], ['full', 'reformer_2hashes']))
 def test_training_forward_is_one_graph(name):
     model, x, kwargs = build(name)
     model.train()
