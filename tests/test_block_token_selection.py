@@ -201,7 +201,7 @@ def test_dsa_index_loss_is_the_kl_to_the_main_attention_and_trains_only_the_inde
     q, k, _ = (t.requires_grad_() for t in qkv(n=12))
     router = DSARouter(heads=2, dim_head=8, index_n_heads=2, index_head_dim=4, index_topk=4).double().train()
     plan = router(q, k, causal=True)
-    index = plan.info['index']                                                   # (b, n, k)
+    index = plan.router_state['index']                                                   # (b, n, k)
     valid = index >= 0
     # the KL, written out: the heads' softmax over the selected tokens, summed and renormalised
     picked = torch.stack([k[bi][:, index[bi].clamp(min=0)] for bi in range(2)])  # (b, h, n, k, d)
@@ -233,7 +233,7 @@ def test_dsa_dense_warmup_attends_everything_then_selects():
         plan = router(torch.randn(2, 2, 16, 8), torch.randn(2, 2, 16, 8), causal=True)
         plans.append(plan)
     assert plans[0].mask is None and plans[1].mask is None  # dense: full causal attention
-    assert plans[2].info['index'].shape[-1] == 2 and plans[2].mask.sum(-1).max() == 2 and int(router.steps) == 3
+    assert plans[2].router_state['index'].shape[-1] == 2 and plans[2].mask.sum(-1).max() == 2 and int(router.steps) == 3
     assert all(torch.isfinite(p.aux_loss) for p in plans)
     model(x)  # the model trains through both stages
 

@@ -136,7 +136,7 @@ def test_thresholds_come_from_training_forwards_and_keep_one_in_sparsity():
     with torch.no_grad():
         model(x, recordings=recordings)
     for rec in recordings:
-        selected = (rec['plan'].info['selected'] >= 0).sum(dim=-1).float()  # (b, h)
+        selected = (rec['plan'].router_state['selected'] >= 0).sum(dim=-1).float()  # (b, h)
         assert selected.mean().item() == pytest.approx(32 / 4, rel=0.35), selected
 
 
@@ -154,7 +154,7 @@ def test_a_nonfinite_token_counts_as_padding(value):
     masked(q, k, causal=True, mask=mask)
     assert torch.isfinite(poisoned.threshold()).all()
     assert torch.equal(poisoned.threshold(), masked.threshold())
-    assert not (plan.info['selected'][0] == 5).any()  # never selected
+    assert not (plan.router_state['selected'][0] == 5).any()  # never selected
 
 
 def test_discard_statistics_undoes_a_skipped_step():

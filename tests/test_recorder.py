@@ -169,7 +169,7 @@ def test_a_recording_holds_no_sequence_squared_tensor():
         recorder(torch.randn(1, n, 16))
     for rec in recorder.recordings[0]:
         tensors = [*rec.weights, *(getattr(rec.plan, f) for f in rec.plan.__dataclass_fields__)]
-        tensors += list(rec.plan.info.values())
+        tensors += list(rec.plan.router_state.values())
         sizes = [t.numel() for t in tensors if isinstance(t, torch.Tensor)]
         # 2 heads x 2 rounds x n queries x 16 slots each, against 2 x n x n for dense weights
         assert max(sizes) == 2 * 2 * n * 16 and sum(sizes) < n * n / 2

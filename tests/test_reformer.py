@@ -114,7 +114,7 @@ def test_multi_round_merge_equals_loop_over_rounds(causal, across, rounds):
     q, v = torch.randn(1, 2, n, d, dtype=torch.float64), torch.randn(1, 2, n, d, dtype=torch.float64)
     router = LSHRouter(bucket_size=w, n_hashes=rounds, n_buckets=4, attend_across_buckets=across).eval()
     out, plan = run_lsh(router, q, v, causal=causal)
-    buckets = plan.info['buckets']
+    buckets = plan.router_state['buckets']
     assert buckets.shape == (1, 2, rounds, n) and len(buckets.unique()) > 1
     for h in range(2):
         expected = lsh_reference(q[0, h], v[0, h], buckets[0, h], w, causal, across)
@@ -129,7 +129,7 @@ def test_no_duplicate_attention_equals_attention_over_union_of_rounds(causal):
     router = LSHRouter(bucket_size=w, n_hashes=3, n_buckets=4, allow_duplicate_attention=False).eval()
     out, plan = run_lsh(router, q, v, causal=causal)
     for h in range(2):
-        expected = lsh_reference(q[0, h], v[0, h], plan.info['buckets'][0, h], w, causal, duplicates=False)
+        expected = lsh_reference(q[0, h], v[0, h], plan.router_state['buckets'][0, h], w, causal, duplicates=False)
         assert torch.allclose(out[0, h], expected, atol=1e-10)
     # and it differs from counting each round's keys again
     with_duplicates, _ = run_lsh(LSHRouter(bucket_size=w, n_hashes=3, n_buckets=4).eval(), q, v, causal=causal)
@@ -173,20 +173,20 @@ def test_eval_rotations_are_fixed_and_saved_training_ones_fresh():
     router = LSHRouter(bucket_size=4, n_hashes=2, n_buckets=8)
     k = F.normalize(torch.randn(2, 2, 32, 8), dim=-1)
     router.eval()
-    a = router(k, k, causal=True).info['buckets']
-    assert torch.equal(a, router(k, k, causal=True).info['buckets'])
+    a = router(k, k, causal=True).router_state['buckets']
+    assert torch.equal(a, router(k, k, causal=True).router_state['buckets'])
     # the seed travels with the state dict; a fresh router draws different rotations
     other = LSHRouter(bucket_size=4, n_hashes=2, n_buckets=8).eval()
-    assert not torch.equal(a, other(k, k, causal=True).info['buckets'])
+    assert not torch.equal(a, other(k, k, causal=True).router_state['buckets'])
     other.load_state_dict(router.state_dict())
-    assert torch.equal(a, other(k, k, causal=True).info['buckets'])
+    assert torch.equal(a, other(k, k, causal=True).router_state['buckets'])
     router.train()
-    b, c = (router(k, k, causal=True).info['buckets'] for _ in range(2))
+    b, c = (router(k, k, causal=True).router_state['buckets'] for _ in range(2))
     assert not torch.equal(b, c)
     torch.manual_seed(5)
-    b2 = router(k, k, causal=True).info['buckets']
+    b2 = router(k, k, causal=True).router_state['buckets']
     torch.manual_seed(5)
-    assert torch.equal(b2, router(k, k, causal=True).info['buckets'])
+    assert torch.equal(b2, router(k, k, causal=True).router_state['buckets'])
 
 
 @pytest.mark.parametrize('block', [None, 16])
@@ -211,10 +211,10 @@ def test_drop_for_hash_rate_changes_training_hashes_only():
     dropped.load_state_dict(plain.state_dict())
     for router in (plain, dropped):
         torch.manual_seed(6)
-        router.buckets_seen = router(k, k, causal=False).info['buckets']
+        router.buckets_seen = router(k, k, causal=False).router_state['buckets']
     assert not torch.equal(plain.buckets_seen, dropped.buckets_seen)
     plain.eval(), dropped.eval()
-    assert torch.equal(plain(k, k, causal=False).info['buckets'], dropped(k, k, causal=False).info['buckets'])
+    assert torch.equal(plain(k, k, causal=False).router_state['buckets'], dropped(k, k, causal=False).router_state['buckets'])
 
 
 def test_padding_gets_its_own_bucket_and_cannot_move_real_tokens():
@@ -224,7 +224,7 @@ def test_padding_gets_its_own_bucket_and_cannot_move_real_tokens():
     mask = torch.arange(n) < torch.tensor([[n - 9], [n]])
     router = LSHRouter(bucket_size=4, n_hashes=2, n_buckets=4).eval()
     out, plan = run_lsh(router, q, v, causal=False, mask=mask)
-    assert (plan.info['buckets'][0, :, :, ~mask[0]] == 4).all()
+    assert (plan.router_state['buckets'][0, :, :, ~mask[0]] == 4).all()
     q2, v2 = q.clone(), v.clone()
     q2[0, :, ~mask[0]], v2[0, :, ~mask[0]] = torch.randn(2, 9, d), torch.randn(2, 9, d)
     out2, _ = run_lsh(router, q2, v2, causal=False, mask=mask)
@@ -505,12 +505,12 @@ def test_keys_go_through_cross_attention_not_into_the_buckets():
     assert (plain - with_keys).abs().max() > 1e-3
     assert torch.allclose(model(x, context=keys), with_keys)
     first, second = model.recordings[0], model.recordings[1]
-    lsh = [r for r in first if 'buckets' in r['plan'].info]
-    lsh_keys = [r for r in second if 'buckets' in r['plan'].info]
+    lsh = [r for r in first if 'buckets' in r['plan'].router_state]
+    lsh_keys = [r for r in second if 'buckets' in r['plan'].router_state]
     assert len(lsh) == len(lsh_keys) == 2
     # the first layer hashes the same tokens with or without keys: the keys are not hashed
-    assert torch.equal(lsh[0]['plan'].info['buckets'], lsh_keys[0]['plan'].info['buckets'])
-    assert lsh_keys[0]['plan'].info['buckets'].shape[-1] == SEQ
+    assert torch.equal(lsh[0]['plan'].router_state['buckets'], lsh_keys[0]['plan'].router_state['buckets'])
+    assert lsh_keys[0]['plan'].router_state['buckets'].shape[-1] == SEQ
     assert sum(r['cross'] for r in second) == 2 and not any(r['cross'] for r in first)
     # the default cross-attention reuses each layer's projections and norm: no weights of its own
     names = {n for n, _ in model.net.named_parameters()}
@@ -560,14 +560,14 @@ def test_recorder_attention_and_buckets(precision):
     with torch.autocast('cpu', dtype=torch.bfloat16, enabled=precision == 'autocast'):
         rec(tokens())
     entries = rec.recordings[0]
-    lsh = [e for e in entries if 'buckets' in e['plan'].info]
+    lsh = [e for e in entries if 'buckets' in e['plan'].router_state]
     assert len(lsh) == 2 and all(e['heads'] == (1, 3) for e in lsh)
     for e in lsh:
         attn = e['attn']
         assert attn.shape == (2, 2, SEQ, SEQ) and attn.dtype == torch.float32
         # the rounds' weights are weighted by their share of the merge: each row sums to one
         assert torch.allclose(attn.sum(-1), torch.ones(2, 2, SEQ), atol=2e-2)
-        assert e['plan'].info['buckets'].shape == (2, 2, 3, SEQ)
+        assert e['plan'].router_state['buckets'].shape == (2, 2, 3, SEQ)
 
 
 def test_lsh_attention_return_attn_matches_its_output():

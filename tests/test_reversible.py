@@ -182,7 +182,7 @@ class CountingRouter(FullRouter):
             assert isinstance(cached, RoutePlan)
             plan = cached
         else:
-            plan = RoutePlan(q_index=None, kv_index=None, info=dict(call=len(self.calls)))
+            plan = RoutePlan(q_index=None, kv_index=None, router_state=dict(call=len(self.calls)))
         self.calls.append((cached, plan))
         return plan
 

@@ -125,8 +125,8 @@ def test_causal_plan_equals_recent_keys_of_own_cluster(n, window, padded, shared
     real = torch.ones(2, n, dtype=torch.bool) if mask is None else mask
     q_clusters = nearest(l2norm(q), router.means).masked_fill(~real[:, None], -1)
     k_clusters = None if shared_qk else nearest(l2norm(k), router.means).masked_fill(~real[:, None], -1)
-    assert torch.equal(plan.info['clusters'], q_clusters)
-    assert shared_qk or torch.equal(plan.info['key_clusters'], k_clusters)
+    assert torch.equal(plan.router_state['clusters'], q_clusters)
+    assert shared_qk or torch.equal(plan.router_state['key_clusters'], k_clusters)
     # commitment loss: mean squared distance of a real query's (and key's) unit vector to its
     # centroid, per feature, times 1e-4
     vectors = [(q, q_clusters)] + ([] if shared_qk else [(k, k_clusters)])
@@ -149,13 +149,13 @@ def test_shared_qk_routes_by_the_query_and_separate_qk_routes_queries_and_keys_a
     # shared-QK keys are the normalised queries: a token's cluster is its query's
     shared = KMeansRouter(heads=2, dim_head=8, num_clusters=4, window_size=4, shared_qk=True).double().eval()
     plan = shared(q, l2norm(q), causal=True)
-    assert torch.equal(plan.info['clusters'], nearest(l2norm(q), shared.means)) and 'key_clusters' not in plan.info
+    assert torch.equal(plan.router_state['clusters'], nearest(l2norm(q), shared.means)) and 'key_clusters' not in plan.router_state
     assert not shared.needs_routing_keys
     router = KMeansRouter(heads=2, dim_head=8, num_clusters=4, window_size=4).double().eval()
     plan = router(q, k, causal=True)
     assert router.needs_routing_keys
-    assert torch.equal(plan.info['clusters'], nearest(l2norm(q), router.means))
-    assert torch.equal(plan.info['key_clusters'], nearest(l2norm(k), router.means))
+    assert torch.equal(plan.router_state['clusters'], nearest(l2norm(q), router.means))
+    assert torch.equal(plan.router_state['key_clusters'], nearest(l2norm(k), router.means))
 
 
 def balanced_reference(q, k, router, mask=None):
@@ -346,7 +346,7 @@ def test_dead_centroids_restart_at_the_worst_served_tokens(restart_dead):
     similarity = (x[0, 0] @ e1)
     worst = x[0, 0, similarity.argsort()[:2]]
     torch.testing.assert_close(means[1:], worst)  # the two tokens centroid 0 serves worst, worst first
-    clusters = router(x, None, causal=True).info['clusters']
+    clusters = router(x, None, causal=True).router_state['clusters']
     assert len(clusters.unique()) == 3  # and they take tokens again
 
 
@@ -364,7 +364,7 @@ def test_balance_offsets_spread_queries_and_keys_over_the_clusters(shared_qk):
     def loads():
         plan = router(q, k, causal=True)
         kinds = ('clusters',) if shared_qk else ('clusters', 'key_clusters')
-        return [torch.bincount(plan.info[kind].flatten(), minlength=4) for kind in kinds]
+        return [torch.bincount(plan.router_state[kind].flatten(), minlength=4) for kind in kinds]
 
     before = loads()
     assert before[0][0] > 48  # crowded
@@ -555,15 +555,15 @@ def test_recorder_shows_the_cluster_of_every_token():
         recorder(tokens())
     for h in handles:
         h.remove()
-    routed = [rec for rec in recorder.recordings[0] if 'clusters' in rec['plan'].info]
+    routed = [rec for rec in recorder.recordings[0] if 'clusters' in rec['plan'].router_state]
     assert len(routed) == 2 and all(rec['heads'] == (1, 4) for rec in routed)
     for rec, (router, _, (q, k)) in zip(routed, captured):
         # causal models share QK by default: one cluster per token, its query's
-        clusters = rec['plan'].info['clusters']
-        key_clusters = rec['plan'].info.get('key_clusters', clusters)
+        clusters = rec['plan'].router_state['clusters']
+        key_clusters = rec['plan'].router_state.get('key_clusters', clusters)
         assert clusters.shape == key_clusters.shape == (2, 3, 64)
         assert torch.equal(clusters, nearest(l2norm(q), router.means, router.balance[0]))
-        assert 'key_clusters' not in rec['plan'].info or torch.equal(
+        assert 'key_clusters' not in rec['plan'].router_state or torch.equal(
             key_clusters, nearest(l2norm(k), router.means, router.balance[1]))
         # attention only ever lands on keys of the query's own cluster
         same = clusters[..., :, None] == key_clusters[..., None, :]

@@ -96,8 +96,8 @@ def test_selecting_every_block_is_full_attention_with_gated_values(mode):
 def test_sortcut_selects_one_set_of_blocks_for_every_query_block():
     q, k, v = qkv()
     plan = router(n_sortcut=1)(q, k, causal=False)
-    blocks = plan.info['blocks']  # (b, h, c, 1): the shared choice, emptied where it is the own block
-    chosen = plan.info['select'][..., 0, 0]
+    blocks = plan.router_state['blocks']  # (b, h, c, 1): the shared choice, emptied where it is the own block
+    chosen = plan.router_state['select'][..., 0, 0]
     for c in range(4):
         expected = torch.where(chosen == c, -1, chosen)
         assert torch.equal(blocks[..., c, 0], expected)
@@ -109,7 +109,7 @@ def test_selected_blocks_contribute_their_values():
     q, k, v = qkv()
     plan = router(n_top_buckets=1)(q, k, causal=False)
     out, _ = attend(q, k, v, plan)
-    chosen = int(plan.info['blocks'][0, 0, 0, 0])  # the block query block 0 of sample 0, head 0 selected
+    chosen = int(plan.router_state['blocks'][0, 0, 0, 0])  # the block query block 0 of sample 0, head 0 selected
     assert chosen not in (-1, 0)
     others = [c for c in range(1, 4) if c != chosen]
 
@@ -137,7 +137,7 @@ def test_attention_sort_net_gates_are_softmax_of_block_scores_at_temperature():
     scores = scores.masked_fill(torch.eye(4, dtype=torch.bool), float('-inf'))  # own block excluded
     probs = (scores / 0.5).softmax(-1)
     top = probs.topk(2, dim=-1)
-    assert torch.equal(plan.info['blocks'], top.indices)
+    assert torch.equal(plan.router_state['blocks'], top.indices)
     gates = plan.kv_gate[..., :2 * W:W]
     assert torch.allclose(gates, top.values, atol=1e-12)
 
@@ -227,7 +227,7 @@ def test_causal_router_is_strictly_causal(name):
 def test_causal_plan_selects_only_completed_past_blocks():
     q, k, v = qkv(n=32)
     plan = router(causal=True, n_top_buckets=3)(q, k, causal=True)
-    blocks = plan.info['blocks']
+    blocks = plan.router_state['blocks']
     for c in range(8):
         assert torch.all(blocks[..., c, :] < c)
     seen, gate = dense_gates(plan, 32, 32)
@@ -261,7 +261,7 @@ def test_cross_router_takes_a_context_of_any_length_and_masks_it():
     r = router(kv_bucket_size=4, n_top_buckets=3, cross=True)
     plan = r(q, k, causal=False, mask=context_mask)
     assert plan.kv_index.max() < 11 and plan.kv_index.shape[-1] == 3 * 4
-    assert not (plan.info['blocks'][0] == 1).any()
+    assert not (plan.router_state['blocks'][0] == 1).any()
     out, _ = attend(q, k, v, plan, key_mask=context_mask)
     v2 = v.clone()
     v2[0, :, 4:8] = 100.

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..helpers import any_true, compiling, exists
 from . import backends
-from .plan import RoutePlan, flat_rows, gather, merge_shares, positions_of, scatter
+from .plan import RoutePlan, SlidingWindow, SortedBand, flat_rows, gather, merge_shares, positions_of, scatter
 from .recording import GroupWeights
 
 
@@ -38,10 +38,10 @@ def gather_keys(t: Tensor, plan: RoutePlan, bounds: list[tuple[int, int]]) -> li
     """The (b, h, g, j, d) keys (or values) of each piece of groups start:stop in `bounds`."""
     if plan.kv_index is None:
         grouped = rearrange(t, 'b h n d -> b h 1 n d')
-    elif 'sliding_windows' in plan.info:
+    elif isinstance(plan.layout, SlidingWindow):
         # contiguous windows (local attention): a strided view instead of an index gather, whose
         # backward would be a slow scatter-add; slots outside the sequence read zero padding
-        window, back, forward = plan.info['sliding_windows']
+        window, back, forward = plan.layout.window, plan.layout.back, plan.layout.forward
         padded = F.pad(t, (0, 0, back, forward))
         grouped = rearrange(padded.unfold(-2, back + window + forward, window), 'b h g d j -> b h g j d')
     else:
@@ -154,7 +154,7 @@ def piece_bounds(plan: RoutePlan, q: Tensor) -> list[tuple[int, int]]:
     (b, h, g, j, d) where groups have fewer queries than a head has features (one query per group:
     MoBA, DSA), each; one range unless keys are gathered by index."""
     g = 1 if plan.q_index is None else plan.q_index.shape[-2]
-    if plan.q_index is None or plan.kv_index is None or 'sliding_windows' in plan.info:
+    if plan.q_index is None or plan.kv_index is None or isinstance(plan.layout, SlidingWindow):
         return [(0, g)]
     b, h = q.shape[:2]
     i, j = plan.q_index.shape[-1], plan.kv_index.shape[-1]
@@ -178,7 +178,7 @@ class GatheredPieces:
         # and g, so a piece gathers its groups' rows once, and one group before them (group 0 twice
         # for the first), and its keys are overlapping windows of those rows: half the gathering.
         # Where group g - 1 is of another round, or the stand-in, its slots are outside every span.
-        self.look_back = exists(plan.span) and plan.info.get('look_one_back', False)
+        self.look_back = exists(plan.span) and isinstance(plan.layout, SortedBand) and not plan.layout.cyclic
         if self.look_back:
             kv_rows = flat_rows(plan.q_index, b, h, kv_len)
             kv_rows = torch.cat((kv_rows[:, :, :1], kv_rows), dim=2)  # group g - 1 at g; group 0 as the stand-in
@@ -281,7 +281,7 @@ class RoutedAttention(nn.Module):
         nothing gathered (GatheredPieces): what the flash_lse and auto backends do on a CPU in eager
         mode, without gates or relative positions to differentiate."""
         return (self.backend in ('flash_lse', 'auto') and not compiling() and exists(plan.q_index) and exists(plan.kv_index)
-                and not plan.contiguous_queries and 'sliding_windows' not in plan.info and rel_pos is None
+                and not plan.contiguous_queries and rel_pos is None
                 and all(t is None for t in (plan.k_gate, plan.kv_gate, plan.q_gate))
                 and not (exists(plan.bias) and plan.bias.requires_grad)
                 and backends.flash_usable(q, dropout_p=self.dropout if self.training else 0.,

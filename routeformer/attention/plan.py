@@ -7,6 +7,7 @@ sample or head (local and full attention); they broadcast.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Literal
@@ -18,6 +19,56 @@ from torch import Tensor
 from ..helpers import compiling
 
 Merge = Literal['overwrite', 'logsumexp']
+
+
+# ---------------------------------------------------------------- layouts
+# What shape a plan's groups have, as the kernels see it: the executor and the backends read the
+# layout, never a router's parameters. The index tensors of the plan hold the same groups in the
+# generic gathered form, so a backend that knows no layout can still run any plan.
+
+@dataclass(frozen=True)
+class Dense:
+    """The whole sequence as one group (q_index and kv_index None), optionally masked by `mask`."""
+
+
+@dataclass(frozen=True)
+class SlidingWindow:
+    """Contiguous query windows of `window` tokens, each attending the keys from `back` tokens
+    before its first query to `forward` tokens after its last (local attention)."""
+    window: int
+    back: int
+    forward: int
+
+
+@dataclass(frozen=True)
+class SortedBand:
+    """Tokens sorted by (bucket, position) in each of `rounds` rounds, cut into chunks of `chunk`:
+    group g is chunk g of the sorted order (q_index), and attends its own chunk and the one before
+    it (kv_index), the previous chunk of its round cyclically when `cyclic` (non-causal), none for
+    a round's first chunk otherwise. In the causal form every query's keys are one run of that
+    window (RoutePlan.span), so the whole plan is a banded attention over the sorted sequence.
+    `buckets` (b, h, r, n) are the bucket ids by original position."""
+    chunk: int
+    rounds: int
+    cyclic: bool
+    buckets: Tensor = field(compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class SelectedBlocks:
+    """Query t attends the key blocks blocks[..., t, :] (block ids of `block_size` tokens, -1 for
+    none; its own block included), causal inside them (MoBA); kv_index holds their positions."""
+    block_size: int
+    blocks: Tensor = field(compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class Gathered:
+    """Any groups of queries and keys gathered by index (clusters, Sinkhorn buckets, selected
+    tokens, a decoding step's cached keys): the generic form."""
+
+
+Layout = Dense | SlidingWindow | SortedBand | SelectedBlocks | Gathered
 
 
 @dataclass
@@ -35,11 +86,19 @@ class RoutePlan:
     merge: Merge = 'overwrite'      # how a position that is the query of several groups is combined
     q_offset: int = 0               # absolute position of query 0 (one new token against a cache)
     aux_loss: Tensor | None = None  # router's auxiliary loss (k-means commitment), 0-dim
-    info: dict = field(default_factory=dict)  # router metadata kept for the Recorder (bucket ids, clusters)
+    layout: Layout | None = None    # None: Dense without indices, Gathered with them
+    # the router's own: what a reversible recompute replays, what cached decoding continues from,
+    # what the Recorder shows (bucket ids, clusters). The executor never reads it.
+    router_state: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.layout is None:
+            self.layout = Dense() if self.q_index is None and self.kv_index is None else Gathered()
 
     @property
     def contiguous_queries(self) -> bool:
-        return self.q_index is None or self.info.get('contiguous_queries', False)
+        """Queries in sequence order, group after group: scattering back is a reshape."""
+        return self.q_index is None or isinstance(self.layout, SlidingWindow)
 
     def validate(self, q_len: int, kv_len: int) -> None:
         for name, index, length in (('q_index', self.q_index, q_len), ('kv_index', self.kv_index, kv_len)):
@@ -51,8 +110,14 @@ class RoutePlan:
     def to(self, device) -> 'RoutePlan':
         def move(t):
             return t.detach().to(device) if isinstance(t, Tensor) else t
-        fields = {name: move(getattr(self, name)) for name in self.__dataclass_fields__ if name != 'info'}
-        return RoutePlan(**fields, info={k: move(v) for k, v in self.info.items()})
+        skip = ('router_state', 'layout')
+        fields = {name: move(getattr(self, name)) for name in self.__dataclass_fields__ if name not in skip}
+        layout = self.layout
+        if dataclasses.is_dataclass(layout):
+            layout = dataclasses.replace(layout, **{f.name: move(getattr(layout, f.name))
+                                                    for f in dataclasses.fields(layout)
+                                                    if isinstance(getattr(layout, f.name), Tensor)})
+        return RoutePlan(**fields, layout=layout, router_state={k: move(v) for k, v in self.router_state.items()})
 
 
 class _GatherRows(torch.autograd.Function):
@@ -195,7 +260,7 @@ def scatter(pieces: list[Tensor], plan: RoutePlan, seq_len: int, lse: Tensor | N
     the union of the keys it saw (the shares of `merge_shares`, given as `shares` or computed from
     `lse`). Positions no group chose get zeros.
     """
-    if plan.q_index is None or plan.info.get('contiguous_queries', False):
+    if plan.contiguous_queries:
         out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
         return rearrange(out, 'b h g i d -> b h (g i) d')[:, :, :seq_len]
 

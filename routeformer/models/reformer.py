@@ -20,6 +20,7 @@ Axes: b batch, h heads, n sequence, d head dim, g groups, i queries per group, j
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import replace
 
@@ -69,9 +70,12 @@ def slice_plan(plan: RoutePlan, batch: int, heads: slice) -> RoutePlan:
             return t
         t = t[batch:batch + 1] if t.shape[0] > 1 else t
         return t[:, heads] if t.shape[1] > 1 else t
-    fields = {name: cut(getattr(plan, name)) for name in plan.__dataclass_fields__ if name not in ('aux_loss', 'info')}
-    return replace(plan, **fields, aux_loss=None,
-                   info={k: v for k, v in plan.info.items() if k == 'contiguous_queries'})
+    skip = ('aux_loss', 'router_state', 'layout')
+    fields = {name: cut(getattr(plan, name)) for name in plan.__dataclass_fields__ if name not in skip}
+    layout = plan.layout
+    tensors = {f.name: cut(getattr(layout, f.name)) for f in dataclasses.fields(layout)
+               if isinstance(getattr(layout, f.name), Tensor)}
+    return replace(plan, **fields, aux_loss=None, router_state={}, layout=replace(layout, **tensors))
 
 
 class ChunkedRoutedAttention(nn.Module):
@@ -438,7 +442,7 @@ class LSHSelfAttention(nn.Module):
         if exists(recordings):
             recordings.extend(record)
         attn = torch.cat([r['attn'] for r in record], dim=1)
-        buckets = [r['plan'].info['buckets'] for r in record if 'buckets' in r['plan'].info]
+        buckets = [r['plan'].router_state['buckets'] for r in record if 'buckets' in r['plan'].router_state]
         return out, attn, (buckets[0] if buckets else torch.empty(0))
 
 
@@ -483,7 +487,7 @@ class LSHAttention(nn.Module):
         query_len = default(query_len, n)
         attn = dense_weights(weights, plan, n, n, queries=slice(0, query_len))[:, 0] if self.return_attn \
             else qk.new_empty(0)
-        buckets = plan.info.get('buckets')
+        buckets = plan.router_state.get('buckets')
         if exists(buckets):
             n_buckets = self.router.buckets_for(n)
             offsets = torch.arange(buckets.shape[-2], device=buckets.device).view(-1, 1) * n_buckets

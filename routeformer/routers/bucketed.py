@@ -24,7 +24,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from ..attention.plan import RoutePlan
+from ..attention.plan import RoutePlan, SortedBand
 
 
 def rank_in_bucket(sorted_buckets: Tensor) -> Tensor:
@@ -88,7 +88,8 @@ def sort_and_chunk(buckets: Tensor, window: int, *, causal: bool, same_bucket: b
     # look_one_back (causal plans): the keys of every group are the queries of the group before it in
     # its round (none for the first) and its own, which the executor gathers once per piece
     return RoutePlan(q_index=groups(q_index), kv_index=groups(kv_index), mask=groups(mask), span=groups(span),
-                     merge='logsumexp' if r > 1 else 'overwrite', info=dict(buckets=buckets, look_one_back=causal))
+                     merge='logsumexp' if r > 1 else 'overwrite', layout=SortedBand(chunk=window, rounds=r, cyclic=not causal, buckets=buckets),
+                     router_state=dict(buckets=buckets))
 
 
 def sort_and_chunk_pairs(q_buckets: Tensor, k_buckets: Tensor, window: int) -> RoutePlan:
@@ -134,4 +135,4 @@ def sort_and_chunk_pairs(q_buckets: Tensor, k_buckets: Tensor, window: int) -> R
     # same bucket, and among the `window` keys of the key order that end where the query stands
     mask = same & rearrange(inside, '... j -> ... 1 j') & (slot < end) & (slot >= end - window)
     return RoutePlan(q_index=q_index, kv_index=kv_index, mask=mask,
-                     info=dict(buckets=q_buckets, key_buckets=k_buckets))
+                     router_state=dict(buckets=q_buckets, key_buckets=k_buckets))

@@ -156,7 +156,7 @@ class DSARouter(Router):
     def forward(self, q, k, *, causal, mask=None, cached=None):
         iq, w, ik = self.indexer(q, k)
         if exists(cached):  # a reversible recompute: the same selection, the loss with gradients
-            aux = self.index_loss(q, k, cached.info['index'], iq, w, ik) if self.training else None
+            aux = self.index_loss(q, k, cached.router_state['index'], iq, w, ik) if self.training else None
             return replace(cached, aux_loss=aux)
         if self.training and self.warming_up:
             self.warming_up = bool(self.steps < self.warmup)
@@ -167,7 +167,7 @@ class DSARouter(Router):
             index = self.every_token(q, mask, causal) if dense else self.select(iq, w, ik, mask, causal)
         plan = RoutePlan(q_index=None, kv_index=None) if dense else selection_plan(rearrange(index, 'b n k -> b 1 n k'),
                                                                                    k.shape[-2])
-        plan.info.update(index=index, index_keys=ik.detach())
+        plan.router_state.update(index=index, index_keys=ik.detach())
         if self.training:
             plan.aux_loss = self.index_loss(q, k, index, iq, w, ik)
         return plan
@@ -189,7 +189,7 @@ class DSARouter(Router):
         """The new query scores the indexer keys of every position so far (kept in `state`)."""
         if 'index_keys' not in state:
             prefill = state.get('prefill')
-            state['index_keys'] = prefill.info['index_keys'] if exists(prefill) else q.new_zeros(q.shape[0], 0, self.indexer.to_k.out_features)
+            state['index_keys'] = prefill.router_state['index_keys'] if exists(prefill) else q.new_zeros(q.shape[0], 0, self.indexer.to_k.out_features)
         iq, w, new = self.indexer(q, k[..., -1:, :])
         state['index_keys'] = ik = torch.cat((state['index_keys'], new), dim=1)
         index = self.select(iq, w, ik, mask, causal=True, offset=pos)

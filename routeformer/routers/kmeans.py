@@ -390,9 +390,9 @@ class KMeansRouter(Router):
             x = unit(directions)
         self.maybe_init(x, both_valid, cached)
         if exists(cached):
-            clusters = cached.info['clusters']
+            clusters = cached.router_state['clusters']
             if separate:
-                clusters = torch.cat((clusters, cached.info['key_clusters']), dim=-1)
+                clusters = torch.cat((clusters, cached.router_state['key_clusters']), dim=-1)
             return replace(cached, aux_loss=self.commitment_loss(directions, clusters.clamp(min=0), clusters >= 0))
 
         with torch.no_grad():
@@ -429,7 +429,7 @@ class KMeansRouter(Router):
             info = dict(clusters=clusters, key_clusters=key_clusters)
         q_index = plan.q_index.masked_fill(plan.q_index >= n, -1)
         kv_index = plan.kv_index.masked_fill(plan.kv_index >= n, -1)
-        return replace(plan, q_index=q_index, kv_index=kv_index, info=info)
+        return replace(plan, q_index=q_index, kv_index=kv_index, router_state=info)
 
     def route_balanced(self, q, k, *, mask, cached):
         """Each centroid takes its `window_size` most similar queries and keys; queries no centroid
@@ -442,7 +442,7 @@ class KMeansRouter(Router):
         self.maybe_init(both, both_valid, cached)
         directions = torch.cat((q, k), dim=-2)  # the commitment loss pulls queries and keys alike
         if exists(cached):
-            clusters = torch.cat((cached.info['clusters'], cached.info['key_clusters']), dim=-1)
+            clusters = torch.cat((cached.router_state['clusters'], cached.router_state['key_clusters']), dim=-1)
             return replace(cached, aux_loss=self.commitment_loss(directions, clusters.clamp(min=0), clusters >= 0))
 
         with torch.no_grad():
@@ -470,7 +470,7 @@ class KMeansRouter(Router):
         clusters = torch.cat((q_clusters, k_clusters), dim=-1)
         return RoutePlan(q_index=q_index, kv_index=kv_index, merge='logsumexp',
                          aux_loss=self.commitment_loss(directions, clusters.clamp(min=0), clusters >= 0),
-                         info=dict(clusters=q_clusters, key_clusters=k_clusters))
+                         router_state=dict(clusters=q_clusters, key_clusters=k_clusters))
 
     def route_cross(self, q, k, *, mask, cached):
         """Queries to their nearest centroid; each centroid takes its `context_window_size` most
@@ -485,7 +485,7 @@ class KMeansRouter(Router):
             both_valid = torch.cat((queries, mask[:, None, :]), dim=-1)
         self.maybe_init(both, both_valid, cached)
         if exists(cached):
-            clusters = torch.cat((cached.info['clusters'], cached.info['key_clusters']), dim=-1)
+            clusters = torch.cat((cached.router_state['clusters'], cached.router_state['key_clusters']), dim=-1)
             return replace(cached, aux_loss=self.commitment_loss(directions, clusters.clamp(min=0), clusters >= 0))
 
         with torch.no_grad():
@@ -505,7 +505,7 @@ class KMeansRouter(Router):
         clusters = torch.cat((q_clusters, k_clusters), dim=-1)
         return RoutePlan(q_index=q_index, kv_index=kv_index,
                          aux_loss=self.commitment_loss(directions, clusters.clamp(min=0), clusters >= 0),
-                         info=dict(clusters=q_clusters, key_clusters=k_clusters))
+                         router_state=dict(clusters=q_clusters, key_clusters=k_clusters))
 
     # ------------------------------------------------------------------ cached decoding
 
@@ -521,7 +521,7 @@ class KMeansRouter(Router):
             prefill = state.get('prefill')
             for name in names:
                 if exists(prefill):
-                    state[name] = prefill.info[name].to(q.device)
+                    state[name] = prefill.router_state[name].to(q.device)
                 else:
                     assert pos == 0, 'a k-means router decoding after a prefill needs the prefill plan'
                     state[name] = torch.zeros(*q.shape[:2], 0, dtype=torch.long, device=q.device)
@@ -538,7 +538,7 @@ class KMeansRouter(Router):
         mates = torch.where(state['key_clusters' if separate else 'clusters'] == new, positions, -1)
         kv_index = mates.topk(min(self.window_size, pos + 1), dim=-1).values
         return RoutePlan(q_index=None, kv_index=rearrange(kv_index, 'b h j -> b h 1 j'), q_offset=pos,
-                         info=dict(clusters=new))
+                         router_state=dict(clusters=new))
 
     def extra_repr(self):
         h, c, d = self.means.shape

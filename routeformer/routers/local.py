@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 
-from ..attention.plan import RoutePlan
+from ..attention.plan import RoutePlan, SlidingWindow
 from .base import Router
 
 
@@ -46,7 +46,7 @@ class LocalRouter(Router):
         kv_index = kv_index.masked_fill((kv_index < 0) | (kv_index >= k.shape[-2]), -1)
         q_index = torch.arange(n, device=q.device).view(1, 1, g, w)
         return RoutePlan(q_index=q_index, kv_index=kv_index.view(1, 1, g, -1),
-                         info=dict(contiguous_queries=True, sliding_windows=(w, back, fwd)))
+                         layout=SlidingWindow(window=w, back=back, forward=fwd))
 
     def decode(self, pos, *, q, k, state):
         start = max(0, (pos // self.window_size) * self.window_size - self.back)

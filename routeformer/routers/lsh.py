@@ -317,7 +317,7 @@ class LSHRouter(Router):
                 bias = bias - counts.to(precise).log()
             bias = rearrange(bias, 'b h r j -> b h r 1 j')
         return RoutePlan(q_index=q_index, kv_index=kv_index, bias=bias, q_offset=pos,
-                         merge='logsumexp' if r > 1 else 'overwrite', info=dict(buckets=buckets[..., pos:pos + 1]))
+                         merge='logsumexp' if r > 1 else 'overwrite', router_state=dict(buckets=buckets[..., pos:pos + 1]))
 
     def extra_repr(self):
         return (f'bucket_size={self.bucket_size}, n_hashes={self.n_hashes}, n_buckets={self.n_buckets}, '

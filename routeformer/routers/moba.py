@@ -17,13 +17,14 @@ Axes: b batch, h heads, n queries, m keys, c blocks, d head dim, k selected bloc
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor
 
-from ..attention.plan import RoutePlan
+from ..attention.plan import RoutePlan, SelectedBlocks
 from ..helpers import check_positive, compiling, exists, precise
 from .base import Router
 from .selection import block_slots, per_query_plan, select_top
@@ -126,8 +127,8 @@ class MoBARouter(Router):
             plan = block_union_plan(blocks, self.block_size)
             if plan is None:
                 plan = per_query_plan(block_slots(blocks, self.block_size, m))
-        plan.info['blocks'] = chosen
-        return plan
+        plan.router_state['blocks'] = chosen
+        return replace(plan, layout=SelectedBlocks(self.block_size, blocks))
 
     def decode(self, pos, *, q, k, state, mask=None):
         """The token at `pos` selects among the blocks complete before its own, as in the forward
@@ -138,7 +139,7 @@ class MoBARouter(Router):
         chosen = self.select(q, means, filled, torch.tensor([own], device=q.device), causal=True)
         own_block = torch.full((*chosen.shape[:-1], 1), own, dtype=torch.long, device=q.device)
         kv_index = block_slots(torch.cat((own_block, chosen), dim=-1), self.block_size, pos + 1)
-        return RoutePlan(q_index=None, kv_index=kv_index, q_offset=pos, info=dict(blocks=chosen))
+        return RoutePlan(q_index=None, kv_index=kv_index, q_offset=pos, router_state=dict(blocks=chosen))
 
     def extra_repr(self):
         return f'block_size={self.block_size}, top_k={self.top_k}'

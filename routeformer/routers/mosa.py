@@ -154,7 +154,7 @@ class MoSARouter(Router):
             self.accumulate(s.detach(), ok.expand(b, h, n))
         slots = rearrange(index, 'b h j -> b h 1 j')
         return RoutePlan(q_index=slots, kv_index=slots, q_gate=self.gates(s, index)[:, :, None],
-                         info=dict(selected=index))
+                         router_state=dict(selected=index))
 
     def _mark_backward(self, grad: Tensor) -> None:
         self._backward_ran = True
@@ -195,7 +195,7 @@ class MoSARouter(Router):
         if 'selected' not in state:
             prefill = state.get('prefill')
             if exists(prefill):
-                state['selected'] = prefill.info['selected'].to(q.device)
+                state['selected'] = prefill.router_state['selected'].to(q.device)
             else:
                 assert pos == 0, 'a MoSA router decoding after a prefill needs the prefill plan'
                 state['selected'] = torch.full((*q.shape[:2], 1), -1, dtype=torch.long, device=q.device)
@@ -216,7 +216,7 @@ class MoSARouter(Router):
         state['count'] = count + joins.long()
         gate = torch.where(joins, s, 0.)
         return RoutePlan(q_index=None, kv_index=rearrange(state['selected'], 'b h j -> b h 1 j'), q_offset=pos,
-                         q_gate=rearrange(gate, 'b h -> b h 1 1'), info=dict(joins=joins))
+                         q_gate=rearrange(gate, 'b h -> b h 1 1'), router_state=dict(joins=joins))
 
     def extra_repr(self):
         return (f'heads={self.weight.shape[0]}, sparsity={self.sparsity}, capacity={self.capacity}, '

@@ -22,7 +22,7 @@ def per_query_plan(kv_index: Tensor, **info) -> RoutePlan:
     """kv_index (b|1, h|1, n, j) -> the plan in which query t attends positions kv_index[..., t, :]."""
     n = kv_index.shape[-2]
     q_index = torch.arange(n, device=kv_index.device).view(1, 1, n, 1)
-    return RoutePlan(q_index=q_index, kv_index=kv_index, info=info)
+    return RoutePlan(q_index=q_index, kv_index=kv_index, router_state=info)
 
 
 def selection_plan(index: Tensor, length: int, **info) -> RoutePlan:
@@ -34,7 +34,7 @@ def selection_plan(index: Tensor, length: int, **info) -> RoutePlan:
     b, h, n, _ = index.shape
     picked = torch.zeros(b, h, n, length + 1, dtype=torch.bool, device=index.device)
     picked = picked.scatter_(-1, index.masked_fill(index < 0, length), True)[..., :length]
-    return RoutePlan(q_index=None, kv_index=None, mask=rearrange(picked, 'b h n m -> b h 1 n m'), info=info)
+    return RoutePlan(q_index=None, kv_index=None, mask=rearrange(picked, 'b h n m -> b h 1 n m'), router_state=info)
 
 
 # a dense masked group computes every key of the sequence for each query, a per-query group only

@@ -283,7 +283,7 @@ class SinkhornRouter(Router):
         sq = self.query_summary(q, q_mask)
         own_keys = self.query_summary(k, mask) if self.use_simple_sort_net else None
         blocks, select, gate = self.choose(sq, sk, k_count.expand(q.shape[0], -1), own_keys,
-                                           select=cached.info['select'] if exists(cached) else None)
+                                           select=cached.router_state['select'] if exists(cached) else None)
 
         if self.n_sortcut > 0:  # one choice for every query block
             blocks, gate = blocks.expand(-1, -1, c, -1), gate.expand(-1, -1, c, -1)
@@ -297,7 +297,7 @@ class SinkhornRouter(Router):
             info['q_window'] = q[..., recent, :].detach()
             info['q_window_mask'] = q_mask[:, recent] if exists(q_mask) else None
         q_index = torch.arange(c * w, device=q.device).view(1, 1, c, w)
-        return RoutePlan(q_index=q_index, kv_index=kv_index, kv_gate=kv_gate, info=info)
+        return RoutePlan(q_index=q_index, kv_index=kv_index, kv_gate=kv_gate, router_state=info)
 
     def gather_blocks(self, blocks: Tensor, gate: Tensor, m: int, *, first_block: int,
                       upto: int) -> tuple[Tensor, Tensor]:
@@ -334,7 +334,7 @@ class SinkhornRouter(Router):
         returns the (up to w) ones ending at it."""
         prefill = state.pop('prefill', None)  # the plan of the forward pass that filled the cache
         if exists(prefill):
-            state['q_window'], state['q_window_mask'] = prefill.info['q_window'], prefill.info['q_window_mask']
+            state['q_window'], state['q_window_mask'] = prefill.router_state['q_window'], prefill.router_state['q_window_mask']
         window, window_mask = state.get('q_window'), state.get('q_window_mask')
         if exists(window_mask) or exists(q_mask):
             def real(m, like):
