@@ -1,6 +1,6 @@
 """routeformer: long-sequence transformers with content-routed sparse attention."""
 
-from .attention import RoutedAttention, RoutePlan
+from .attention import RoutedAttention, RoutePlan, explain_backends, use_backend
 from .context import LayerContext
 from .kernels import coor_descent, topk
 from .layers.attention import Attention
@@ -36,7 +36,7 @@ __all__ = [
     'Autopadder', 'AutoregressiveWrapper', 'EncoderDecoder', 'Recorder', 'top_k', 'top_p',
     # the shared core
     'TransformerLM', 'TransformerEncDec', 'build_transformer', 'LM', 'Transformer', 'Block', 'Sublayer', 'Attention',
-    'FeedForward', 'LayerContext', 'RoutedAttention', 'RoutePlan',
+    'FeedForward', 'LayerContext', 'RoutedAttention', 'RoutePlan', 'explain_backends', 'use_backend',
     'ROUTERS', 'Router', 'FullRouter', 'LocalRouter', 'KMeansRouter', 'LSHRouter', 'SinkhornRouter', 'TopKRouter',
     'CoordinateDescentRouter', 'apply_statistics', 'discard_statistics',
     # seed checkpoints

@@ -8,12 +8,16 @@ shape, and returns (out, lse, weights).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, einsum
 
 from ..helpers import compiling, exists, max_neg_value
+from . import flex
 
 
 def reference(q, k, v, mask, *, scale, bias=None, dropout_p=0., causal=False, need_lse=False, need_weights=False):
@@ -185,41 +189,201 @@ def flash_pieces(source, q: Tensor, k: Tensor, v: Tensor, mem: tuple[Tensor, ...
     return list(results[:source.count]), list(results[source.count:])
 
 
-def flash_usable(q: Tensor, *, dropout_p: float, need_weights: bool) -> bool:
-    """Whether the CPU flash kernel can do the job: it has neither dropout nor weights to return."""
-    return exists(_flash_cpu_backward) and q.device.type == 'cpu' and dropout_p == 0. and not need_weights
-
-
 def flash_lse(q, k, v, mask, *, scale, bias=None, dropout_p=0., causal=False, need_lse=False, need_weights=False):
     """The CPU flash kernel with a differentiable log-sum-exp (multi-group merges): no (i, j)
-    weights are kept for the backward pass. Falls back to the reference path where the kernel does
-    not apply (other devices, dropout, weights asked for, a bias that needs a gradient) and in a
-    compiled graph, where the compiler fuses the reference path's softmax itself."""
-    usable = (flash_usable(q, dropout_p=dropout_p, need_weights=need_weights) and not causal
-              and not (exists(bias) and bias.requires_grad))
-    if not usable or (need_lse and compiling()):
-        return reference(q, k, v, mask, scale=scale, bias=bias, dropout_p=dropout_p, causal=causal,
-                         need_lse=need_lse, need_weights=need_weights)
+    weights are kept for the backward pass. Without the log-sum-exp it is SDPA. What it cannot do
+    (dropout, weights, other devices) its declaration (FlashCPU) refuses."""
+    assert dropout_p == 0. and not need_weights, 'the CPU flash kernel applies no dropout and returns no weights'
     if not need_lse:
         return sdpa(q, k, v, mask, scale=scale, bias=bias, causal=causal)
     b, h, g, i, _ = q.shape
+    j = k.shape[-2]
+    if causal:
+        causal_mask = torch.ones(i, j, dtype=torch.bool, device=q.device).tril(j - i)
+        mask = causal_mask if mask is None else mask & causal_mask
     k, v = k.to(q.dtype), v.to(q.dtype)
     q, k, v = (rearrange(t, 'b h g n d -> (b h) g n d') for t in (q, k, v))
-    out, lse = _FlashLSE.apply(q, k, v, mask, bias, scale, (b, h, g, i, k.shape[-2]))
+    out, lse = _FlashLSE.apply(q, k, v, mask, bias, scale, (b, h, g, i, j))
     return (rearrange(out, '(b h) g n d -> b h g n d', b=b), rearrange(lse, '(b h) g n -> b h g n', b=b), None)
 
 
-BACKENDS = dict(reference=reference, sdpa=sdpa, flash_lse=flash_lse)
+# ---------------------------------------------------------------- declarations and selection
+
+@dataclass(frozen=True)
+class Call:
+    """What one executor call asks of a backend; each backend's `refusals` are checked against it."""
+    layout: str             # the plan's layout class: Dense, SlidingWindow, SortedBand, SelectedBlocks, Gathered
+    device: str             # 'cpu', 'cuda', ...
+    dtype: torch.dtype
+    need_lse: bool          # several groups of a query merge by their log-sum-exp
+    need_weights: bool      # the attention weights are kept (Recorder)
+    dropout: bool           # attention dropout is on
+    grad: bool              # gradients flow through the call
+    compiling: bool         # inside a torch.compile graph
+    bias_grad: bool         # logits added per pair that need a gradient (relative positions)
 
 
-def select(name: str, *, need_lse: bool, need_weights: bool):
-    """'auto' takes SDPA when it can do the job and the reference path when the caller needs the
-    log-sum-exp (multi-group merges) or the attention weights (Recorder)."""
+class Backend:
+    """A kernel for gathered groups (`kernel`, the interface at the top of this module) and what it
+    supports; `refusals(call)` says why it cannot run a call (empty when it can)."""
+    name: str
+    kernel = None
+
+    def refusals(self, call: Call) -> list[str]:
+        raise NotImplementedError
+
+    def __repr__(self):
+        return f'{type(self).__name__}({self.name!r})'
+
+
+class Reference(Backend):
+    """einsum + softmax: every layout, device and output; the test oracle."""
+    name, kernel = 'reference', staticmethod(reference)
+
+    def refusals(self, call):
+        return []
+
+
+class SDPA(Backend):
+    """torch's scaled_dot_product_attention over the gathered groups."""
+    name, kernel = 'sdpa', staticmethod(sdpa)
+
+    def refusals(self, call):
+        reasons = []
+        if call.need_lse:
+            reasons.append('it returns no log-sum-exp, which merging a query\'s groups needs (hash rounds, '
+                           'overlapping clusters)')
+        if call.need_weights:
+            reasons.append('it returns no attention weights')
+        return reasons
+
+
+class FlashCPU(Backend):
+    """torch's CPU flash kernel with a differentiable log-sum-exp; groups gathered by index take the
+    executor's lean path through it (nothing gathered is kept for the backward pass). Without the
+    log-sum-exp it is SDPA."""
+    name, kernel = 'flash_lse', staticmethod(flash_lse)
+
+    def refusals(self, call):
+        reasons = []
+        if call.device != 'cpu':
+            reasons.append(f'it is the CPU kernel and the call is on {call.device}')
+        if _flash_cpu_backward is None:
+            reasons.append('this torch has no CPU flash kernel that returns the log-sum-exp')
+        if call.dropout:
+            reasons.append('it applies no attention dropout')
+        if call.need_weights:
+            reasons.append('it returns no attention weights')
+        if call.bias_grad:
+            reasons.append('it takes no gradient for logits added per pair (relative positions)')
+        if call.compiling and call.need_lse:
+            reasons.append('inside a compiled graph its log-sum-exp is an opaque kernel; the reference '
+                           'einsum, which the compiler fuses, takes its place')
+        return reasons
+
+
+class Flex(Backend):
+    """FlexAttention (flex.py): one call per plan, skipping the key blocks no query sees."""
+    name, kernel = 'flex', staticmethod(flex.groups)
+
+    def refusals(self, call):
+        reasons = []
+        if not flex.available():
+            reasons.append('this torch has no torch.nn.attention.flex_attention')
+        if call.dropout:
+            reasons.append('it applies no attention dropout')
+        if call.need_weights:
+            reasons.append('it returns no attention weights')
+        if call.bias_grad:
+            reasons.append('it takes no gradient for logits added per pair (relative positions)')
+        if call.device == 'cpu':
+            if call.grad:
+                reasons.append('FlexAttention has no backward pass on the CPU (torch 2.13): train there with '
+                               'backend="auto"')
+            if call.compiling and (call.need_lse or call.dtype == torch.float64):
+                reasons.append('compiled FlexAttention on the CPU returns no log-sum-exp and takes no float64')
+        elif call.device != 'cuda':
+            reasons.append(f'FlexAttention runs on CPU and CUDA, not {call.device}')
+        return reasons
+
+
+BACKENDS = {b.name: b for b in (Reference(), SDPA(), FlashCPU(), Flex())}
+
+# 'auto' takes the first of these that supports the call. On the CPU the flash kernel (lean path)
+# wins at training and inference; FlexAttention would serve CPU inference only, and measured
+# slower there (benchmarks/flex_cpu.py). On a GPU one FlexAttention call per plan replaces the
+# gathered groups; dense attention keeps flash SDPA.
+AUTO_ORDER = dict(cpu=('flash_lse', 'sdpa', 'reference'), cuda=('flex', 'sdpa', 'reference'))
+AUTO_ORDER_DENSE = dict(cuda=('sdpa', 'flex', 'reference'))
+
+
+@dataclass
+class Choice:
+    """The backend a call runs on, and why every other one was passed over."""
+    backend: Backend
+    call: Call
+    rejected: dict[str, list[str]]
+    layer: str = ''
+
+    def __str__(self):
+        why = '; '.join(f'{name}: {", ".join(reasons)}' for name, reasons in self.rejected.items())
+        where = f'{self.layer}: ' if self.layer else ''
+        return f'{where}{self.call.layout} -> {self.backend.name}' + (f' (passed over: {why})' if why else '')
+
+
+def check_name(name: str) -> None:
     if name not in ('auto', *BACKENDS):
         raise ValueError(f'unknown attention backend {name!r}; choose one of auto, {", ".join(BACKENDS)}')
-    if name == 'auto':
-        return reference if (need_lse or need_weights) else sdpa
-    if name == 'sdpa' and (need_lse or need_weights):
-        raise ValueError('backend "sdpa" cannot return the log-sum-exp or attention weights this '
-                         'configuration needs; use backend="auto" or "reference"')
-    return BACKENDS[name]
+
+
+def choose(name: str, call: Call) -> Choice:
+    """The one place a backend is selected. A named backend that cannot run the call is an error
+    that says why; 'auto' takes the first in AUTO_ORDER that can. The Recorder's calls (weights
+    kept) always run the reference, the backend that returns them."""
+    check_name(name)
+    if call.need_weights:
+        name = 'reference'
+    if name != 'auto':
+        reasons = BACKENDS[name].refusals(call)
+        if reasons:
+            raise ValueError(f'attention backend {name!r} cannot run this {call.layout} call: {"; ".join(reasons)}. '
+                             f'Use backend="auto", or see routeformer.explain_backends')
+        return Choice(BACKENDS[name], call, {})
+    order = (AUTO_ORDER_DENSE if call.layout == 'Dense' else {}).get(call.device) or AUTO_ORDER.get(
+        call.device, ('sdpa', 'reference'))
+    rejected = {}
+    for candidate in order:
+        reasons = BACKENDS[candidate].refusals(call)
+        if not reasons:
+            return Choice(BACKENDS[candidate], call, rejected)
+        rejected[candidate] = reasons
+    return Choice(BACKENDS['reference'], call, rejected)  # the reference refuses nothing
+
+
+_explained: list | None = None
+
+
+@contextmanager
+def explaining():
+    """Collects the Choice of every executor call made inside it (outside compiled graphs)."""
+    global _explained
+    outer, _explained = _explained, []
+    try:
+        yield _explained
+    finally:
+        _explained = outer
+
+
+def note(choice: Choice, executor) -> None:
+    if _explained is not None and not compiling():
+        _explained.append((executor, choice))
+
+
+def explain_backends(model, *args, **kwargs) -> list[Choice]:
+    """Runs `model(*args, **kwargs)` and returns the Choice of every attention call it made: which
+    layer, which layout, which backend, and why the others were passed over. The choice depends on
+    the call (device, dtype, training or eval, gradients on or off), so run it as you will."""
+    names = {id(m): name for name, m in model.named_modules()}
+    with explaining() as log:
+        model(*args, **kwargs)
+    return [Choice(c.backend, c.call, c.rejected, layer=names.get(id(executor), '')) for executor, c in log]

@@ -17,7 +17,7 @@ from einops import rearrange, reduce, repeat
 from torch import Tensor, nn
 
 from ..helpers import any_true, compiling, exists
-from . import backends
+from . import backends, flex
 from .plan import RoutePlan, SlidingWindow, SortedBand, flat_rows, gather, merge_shares, positions_of, scatter
 from .recording import GroupWeights
 
@@ -230,12 +230,15 @@ class GatheredPieces:
 
 
 class RoutedAttention(nn.Module):
-    """gather -> attend inside groups -> scatter back. Groups are attended piece by piece
-    (PIECE_BYTES), each piece gathering only its own queries and keys."""
+    """gather -> attend inside groups -> scatter back, on the backend that `backends.choose` picks
+    for each call. Groups are attended piece by piece (PIECE_BYTES), each piece gathering only its
+    own queries and keys; the flash_lse backend takes the lean path (GatheredPieces) where it can,
+    and the flex backend one FlexAttention call over the sequence where the layout allows
+    (flex.runs_whole)."""
 
     def __init__(self, *, dropout: float = 0., backend: str = 'auto'):
         super().__init__()
-        backends.select(backend, need_lse=False, need_weights=False)  # fail early on a typo
+        backends.check_name(backend)  # fail early on a typo
         self.dropout = dropout
         self.backend = backend
 
@@ -249,9 +252,18 @@ class RoutedAttention(nn.Module):
         Returns (out (b, h, n, d), GroupWeights or None); weights come only with `need_weights`,
         which runs the reference backend, the one that returns them."""
         q_len, kv_len = q.shape[-2], k.shape[-2]
-        bounds = piece_bounds(plan, q)
         need_lse = plan.merge == 'logsumexp'
-        if self.lean(plan, q, need_weights=need_weights, rel_pos=rel_pos):
+        choice = backends.choose(self.backend, self.call(q, k, v, plan, mem_kv=mem_kv, need_lse=need_lse,
+                                                          need_weights=need_weights, rel_pos=rel_pos))
+        backends.note(choice, self)
+        name = choice.backend.name
+        if name == 'flex' and flex.runs_whole(plan, key_mask=key_mask, exclude_self=exclude_self, rel_pos=rel_pos):
+            out, lse = flex.attend_whole(q, k, v, plan, causal=causal, key_mask=key_mask, mem_kv=mem_kv,
+                                         exclude_self=exclude_self, need_lse=need_lse)
+            return scatter([out], plan, q_len, lse=lse), None
+
+        bounds = piece_bounds(plan, q)
+        if name == 'flash_lse' and self.lean(plan, rel_pos=rel_pos):
             b, h, d = q.shape[0], q.shape[1], q.shape[-1]
             source = GatheredPieces(plan, bounds, b=b, h=h, q_len=q_len, kv_len=kv_len, scale=d ** -0.5,
                                     n_mem=0 if mem_kv is None else mem_kv[0].shape[-2], causal=causal,
@@ -266,9 +278,10 @@ class RoutedAttention(nn.Module):
         qgs, kgs, vgs = gather_queries(q, plan, bounds), gather_keys(k, plan, bounds), gather_keys(v, plan, bounds)
         pieces = []
         for (start, stop), qg, kg, vg in zip(bounds, qgs, kgs, vgs):
-            pieces.append(self.attend(qg, kg, vg, slice_groups(plan, start, stop), q_len=q_len, kv_len=kv_len,
-                                      causal=causal, key_mask=key_mask, mem_kv=mem_kv, exclude_self=exclude_self,
-                                      need_lse=need_lse, need_weights=need_weights, rel_pos=rel_pos))
+            pieces.append(self.attend(qg, kg, vg, slice_groups(plan, start, stop), kernel=choice.backend.kernel,
+                                      q_len=q_len, kv_len=kv_len, causal=causal, key_mask=key_mask, mem_kv=mem_kv,
+                                      exclude_self=exclude_self, need_lse=need_lse, need_weights=need_weights,
+                                      rel_pos=rel_pos))
         outs, lses, probs = zip(*pieces)
         lse, probs = (None if t[0] is None else torch.cat(t, dim=2) for t in (lses, probs))
         # the merge shares, once: the scatter weighs the group outputs by them, the Recorder the weights
@@ -276,18 +289,29 @@ class RoutedAttention(nn.Module):
         out = scatter(list(outs), plan, q_len, shares=shares)
         return out, (GroupWeights(probs, shares) if need_weights else None)
 
-    def lean(self, plan: RoutePlan, q: Tensor, *, need_weights: bool, rel_pos) -> bool:
+    def call(self, q: Tensor, k: Tensor, v: Tensor, plan: RoutePlan, *, mem_kv, need_lse: bool, need_weights: bool,
+             rel_pos) -> backends.Call:
+        """What this call asks of a backend (backends.Call)."""
+        grad_enabled = torch.is_grad_enabled()
+        inputs = (q, k, v, *(mem_kv or ()), *(t for t in (plan.k_gate, plan.kv_gate, plan.q_gate) if exists(t)))
+        bias_grad = exists(plan.bias) and plan.bias.requires_grad
+        if exists(rel_pos):
+            bias_grad = bias_grad or any(p.requires_grad for p in rel_pos.parameters())
+        return backends.Call(layout=type(plan.layout).__name__, device=q.device.type, dtype=q.dtype,
+                             need_lse=need_lse, need_weights=need_weights, dropout=self.training and self.dropout > 0.,
+                             grad=grad_enabled and any(t.requires_grad for t in inputs), compiling=compiling(),
+                             bias_grad=grad_enabled and bias_grad)
+
+    def lean(self, plan: RoutePlan, *, rel_pos) -> bool:
         """Whether groups gathered by index go through the CPU flash kernel as one node that keeps
-        nothing gathered (GatheredPieces): what the flash_lse and auto backends do on a CPU in eager
-        mode, without gates or relative positions to differentiate."""
-        return (self.backend in ('flash_lse', 'auto') and not compiling() and exists(plan.q_index) and exists(plan.kv_index)
+        nothing gathered (GatheredPieces): eager, without gates or relative positions to
+        differentiate."""
+        return (not compiling() and exists(plan.q_index) and exists(plan.kv_index)
                 and not plan.contiguous_queries and rel_pos is None
                 and all(t is None for t in (plan.k_gate, plan.kv_gate, plan.q_gate))
-                and not (exists(plan.bias) and plan.bias.requires_grad)
-                and backends.flash_usable(q, dropout_p=self.dropout if self.training else 0.,
-                                          need_weights=need_weights))
+                and not (exists(plan.bias) and plan.bias.requires_grad))
 
-    def attend(self, qg: Tensor, kg: Tensor, vg: Tensor, plan: RoutePlan, *, q_len: int, kv_len: int,
+    def attend(self, qg: Tensor, kg: Tensor, vg: Tensor, plan: RoutePlan, *, kernel, q_len: int, kv_len: int,
                causal: bool, key_mask, mem_kv, exclude_self: bool, need_lse: bool, need_weights: bool,
                rel_pos) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """Attention inside the gathered groups of `plan`: (out (b, h, g, i, d), lse, weights)."""
@@ -320,9 +344,7 @@ class RoutedAttention(nn.Module):
                 kernel_causal = False
             mask, bias = admit_memory(mask, bias, mk.shape[-2])
 
-        backend = 'reference' if need_weights else self.backend
-        attend = backends.select(backend, need_lse=need_lse, need_weights=need_weights)
-        out, lse, weights = attend(qg, kg, vg, mask, scale=qg.shape[-1] ** -0.5, bias=bias,
+        out, lse, weights = kernel(qg, kg, vg, mask, scale=qg.shape[-1] ** -0.5, bias=bias,
                                    dropout_p=self.dropout if self.training else 0.,
                                    causal=kernel_causal, need_lse=need_lse, need_weights=need_weights)
         if exists(empty):
@@ -333,3 +355,13 @@ class RoutedAttention(nn.Module):
         if exists(plan.q_gate):
             out = out * rearrange(plan.q_gate, '... i -> ... i 1').to(out.dtype)
         return out, lse, weights
+
+
+def use_backend(model: nn.Module, backend: str) -> nn.Module:
+    """Sets the attention backend of every executor inside `model` (each backend's meaning in
+    backends.py; 'auto' picks per call) and returns the model."""
+    backends.check_name(backend)
+    for m in model.modules():
+        if isinstance(m, RoutedAttention):
+            m.backend = backend
+    return model

@@ -35,8 +35,12 @@ from ..routers.topk import (CoordinateDescentRouter, batched_gather, causal_quer
                             causal_query_step, route_back, straight_through)
 
 
-def backend_for(use_flash_attn: bool) -> str:
-    # use_flash_attn: torch's fused SDPA; otherwise the einsum path, as in the seed
+def backend_for(use_flash_attn: bool, backend: str | None = None) -> str:
+    """The attention backend of a CoLT5 layer: `backend` when given (its meaning in
+    attention/backends.py, as for every model); otherwise the seed's `use_flash_attn`: torch's
+    fused SDPA, or the einsum path."""
+    if backend is not None:
+        return backend
     return 'sdpa' if use_flash_attn else 'reference'
 
 
@@ -76,7 +80,7 @@ class HeavyAttention(nn.Module):
     something to attend to. Output (b, i, d) before any query gate."""
 
     def __init__(self, dim: int, *, dim_head: int = 64, heads: int = 8, multiply_keys_by_score: bool = False,
-                 use_flash: bool = False):
+                 backend: str = 'reference'):
         super().__init__()
         self.heads, self.dim_head = heads, dim_head
         self.multiply_keys_by_score = multiply_keys_by_score
@@ -86,7 +90,7 @@ class HeavyAttention(nn.Module):
         self.to_kv = nn.Linear(dim, inner * 2, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
         self.null_kv = nn.Parameter(torch.randn(2, heads, 1, dim_head))
-        self.executor = RoutedAttention(backend=backend_for(use_flash))
+        self.executor = RoutedAttention(backend=backend)
 
     def project_q(self, x: Tensor) -> Tensor:
         return rearrange(self.to_q(self.norm(x)), 'b n (h e) -> b h n e', h=self.heads)
@@ -265,7 +269,7 @@ class RoutedBranches(nn.Module):
     def __init__(self, dim: int, *, num_heavy_tokens_q: int, num_heavy_tokens_kv: int, num_routed_kv: int,
                  heavy_dim_head: int, heavy_heads: int, router_straight_through: bool, router_kwargs: dict,
                  multiply_keys_by_score: bool, multiply_queries_by_score: bool, use_triton: bool,
-                 use_null_q_tokens: bool, use_flash_attn: bool, rotary_emb: bool = False):
+                 use_null_q_tokens: bool, backend: str, rotary_emb: bool = False):
         super().__init__()
         check_positive(num_heavy_tokens_q=num_heavy_tokens_q, num_heavy_tokens_kv=num_heavy_tokens_kv,
                        num_routed_kv=num_routed_kv)
@@ -279,7 +283,7 @@ class RoutedBranches(nn.Module):
         self.kv_router = CoordinateDescentRouter(dim, num_routing_tokens=num_routed_kv,
                                                  straight_through=router_straight_through, **router_kwargs)
         self.heavy_attn = HeavyAttention(dim, dim_head=heavy_dim_head, heads=heavy_heads,
-                                         multiply_keys_by_score=multiply_keys_by_score, use_flash=use_flash_attn)
+                                         multiply_keys_by_score=multiply_keys_by_score, backend=backend)
         self.rotary_emb = RotaryEmbedding(heavy_dim_head) if rotary_emb else None
 
     def routed_heavy(self, x: Tensor, *, mask: Tensor | None, num_q: int, num_kv: int,
@@ -313,7 +317,7 @@ class ConditionalRoutedAttention(nn.Module):
                  light_window_size: int = 128, heavy_dim_head: int = 64, heavy_heads: int = 8,
                  router_straight_through: bool = True, router_kwargs: dict = {}, multiply_keys_by_score: bool = False,
                  multiply_queries_by_score: bool = False, use_triton: bool = False, use_null_q_tokens: bool = True,
-                 use_flash_attn: bool = False, rotary_emb: bool = False):
+                 use_flash_attn: bool = False, rotary_emb: bool = False, backend: str | None = None):
         super().__init__()
         if has_light_attn and light_window_size < 2:
             raise ValueError(f'light_window_size must be at least 2 (tokens see half of it either side), '
@@ -323,13 +327,13 @@ class ConditionalRoutedAttention(nn.Module):
         self.light_attn = Attention(
             dim, heads=light_heads, dim_head=light_dim_head, n_local_heads=light_heads,
             local_router=LocalRouter(light_window_size // 2, look_backward=1, look_forward=1),
-            backend=backend_for(use_flash_attn), out_bias=False) if has_light_attn else None
+            backend=backend_for(use_flash_attn, backend), out_bias=False) if has_light_attn else None
         self.routed = RoutedBranches(
             dim, num_heavy_tokens_q=num_heavy_tokens_q, num_heavy_tokens_kv=num_heavy_tokens_kv,
             num_routed_kv=num_routed_kv, heavy_dim_head=heavy_dim_head, heavy_heads=heavy_heads,
             router_straight_through=router_straight_through, router_kwargs=router_kwargs,
             multiply_keys_by_score=multiply_keys_by_score, multiply_queries_by_score=multiply_queries_by_score,
-            use_triton=use_triton, use_null_q_tokens=use_null_q_tokens, use_flash_attn=use_flash_attn,
+            use_triton=use_triton, use_null_q_tokens=use_null_q_tokens, backend=backend_for(use_flash_attn, backend),
             rotary_emb=rotary_emb)
 
     # the seed's attribute names
@@ -369,20 +373,21 @@ class ConditionalRoutedImageAttention(nn.Module):
                  heavy_dim_head: int = 64, heavy_heads: int = 8, router_straight_through: bool = True,
                  router_kwargs: dict = {}, multiply_keys_by_score: bool = False,
                  multiply_queries_by_score: bool = False, use_triton: bool = False, use_null_q_tokens: bool = True,
-                 use_flash_attn: bool = False, channel_first: bool = False):
+                 use_flash_attn: bool = False, channel_first: bool = False, backend: str | None = None):
         super().__init__()
         check_positive(light_window_size=light_window_size)
         self.channel_first, self.light_window_size = channel_first, light_window_size
         self.num_heavy_tokens_q, self.num_heavy_tokens_kv = num_heavy_tokens_q, num_heavy_tokens_kv
         self.light_norm = RMSNorm(dim)
         self.light_attn = Attention(dim, heads=light_heads, dim_head=light_dim_head,
-                                    backend=backend_for(use_flash_attn), out_bias=False)
+                                    backend=backend_for(use_flash_attn, backend), out_bias=False)
         self.routed = RoutedBranches(
             dim, num_heavy_tokens_q=num_heavy_tokens_q, num_heavy_tokens_kv=num_heavy_tokens_kv,
             num_routed_kv=num_routed_kv, heavy_dim_head=heavy_dim_head, heavy_heads=heavy_heads,
             router_straight_through=router_straight_through, router_kwargs=router_kwargs,
             multiply_keys_by_score=multiply_keys_by_score, multiply_queries_by_score=multiply_queries_by_score,
-            use_triton=use_triton, use_null_q_tokens=use_null_q_tokens, use_flash_attn=use_flash_attn)
+            use_triton=use_triton, use_null_q_tokens=use_null_q_tokens,
+            backend=backend_for(use_flash_attn, backend))
 
     q_router = property(lambda self: self.routed.q_router)
     kv_router = property(lambda self: self.routed.kv_router)
@@ -435,7 +440,8 @@ class ConditionalRoutedCrossAttention(nn.Module):
     def __init__(self, dim: int, *, num_tokens_q: int, num_tokens_kv: int, num_sets_kv: int = 1, dim_head: int = 64,
                  heads: int = 8, router_straight_through: bool = True, router_kwargs: dict = {},
                  kv_routing_tokens: int = 1, multiply_keys_by_score: bool = False, use_triton: bool = False,
-                 use_null_q_tokens: bool = True, use_flash_attn: bool = False, route_block_size: int | None = None):
+                 use_null_q_tokens: bool = True, use_flash_attn: bool = False, route_block_size: int | None = None,
+                 backend: str | None = None):
         super().__init__()
         if num_sets_kv != 1 and kv_routing_tokens != 1 and num_sets_kv != kv_routing_tokens:
             raise ValueError(f'num_sets_kv ({num_sets_kv}) and kv_routing_tokens ({kv_routing_tokens}) both set the '
@@ -451,7 +457,8 @@ class ConditionalRoutedCrossAttention(nn.Module):
                                                  num_routing_tokens=routes, route_block_size=route_block_size,
                                                  **router_kwargs)
         self.heavy_attn = HeavyAttention(dim, dim_head=dim_head, heads=heads,
-                                         multiply_keys_by_score=multiply_keys_by_score, use_flash=use_flash_attn)
+                                         multiply_keys_by_score=multiply_keys_by_score,
+                                         backend=backend_for(use_flash_attn, backend))
 
     def forward(self, x: Tensor, context: Tensor, *, num_tokens_q: int | None = None, num_tokens_kv: int | None = None,
                 mask: Tensor | None = None, context_mask: Tensor | None = None) -> Tensor:
@@ -476,7 +483,8 @@ class ConditionalRoutedTransformerBlock(nn.Module):
                  light_ff_mult: float = 0.5, heavy_ff_mult: float = 4, router_straight_through: bool = True,
                  router_kwargs: dict = {}, multiply_keys_by_score: bool = False,
                  multiply_queries_by_score: bool = False, use_triton: bool = False, use_null_q_tokens: bool = True,
-                 use_flash_attn: bool = False, rotary_emb: bool = False, has_light_attn: bool = True):
+                 use_flash_attn: bool = False, rotary_emb: bool = False, has_light_attn: bool = True,
+                 backend: str | None = None):
         super().__init__()
         self.conditional_ff = ConditionalRoutedFeedForward(
             dim, num_heavy_tokens=num_heavy_ff_tokens, light_ff_mult=light_ff_mult, heavy_ff_mult=heavy_ff_mult,
@@ -488,7 +496,7 @@ class ConditionalRoutedTransformerBlock(nn.Module):
             heavy_heads=heavy_heads, router_straight_through=router_straight_through, router_kwargs=router_kwargs,
             multiply_keys_by_score=multiply_keys_by_score, multiply_queries_by_score=multiply_queries_by_score,
             use_triton=use_triton, use_null_q_tokens=use_null_q_tokens, use_flash_attn=use_flash_attn,
-            rotary_emb=rotary_emb)
+            rotary_emb=rotary_emb, backend=backend)
 
     def forward(self, x: Tensor, mask: Tensor | None = None, num_heavy_attn_tokens_q: int | None = None,
                 num_heavy_attn_tokens_kv: int | None = None, num_heavy_ff_tokens: int | None = None) -> Tensor:

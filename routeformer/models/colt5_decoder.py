@@ -55,7 +55,8 @@ class ConditionalRoutedAutoregressiveAttention(nn.Module):
                  heavy_window_size: int | None = None, heavy_dim_head: int = 64, heavy_heads: int = 8,
                  router_straight_through: bool = True, router_kwargs: dict = {}, multiply_keys_by_score: bool = False,
                  multiply_queries_by_score: bool = False, use_triton: bool = False, use_null_q_tokens: bool = True,
-                 use_flash_attn: bool = False, rotary_emb: bool = False, light_rotary_emb: bool = False):
+                 use_flash_attn: bool = False, rotary_emb: bool = False, light_rotary_emb: bool = False,
+                 backend: str | None = None):
         super().__init__()
         self.heavy_window_size = default(heavy_window_size, light_window_size)
         check_positive(light_window_size=light_window_size, heavy_window_size=self.heavy_window_size)
@@ -63,14 +64,14 @@ class ConditionalRoutedAutoregressiveAttention(nn.Module):
         self.light_norm = nn.LayerNorm(dim)
         self.light_attn = Attention(
             dim, heads=light_heads, dim_head=light_dim_head, causal=True, n_local_heads=light_heads,
-            local_router=LocalRouter(light_window_size, look_backward=1), backend=backend_for(use_flash_attn),
+            local_router=LocalRouter(light_window_size, look_backward=1), backend=backend_for(use_flash_attn, backend),
             rotary=RotaryEmbedding(light_dim_head) if light_rotary_emb else None, out_bias=False)
         self.routed = RoutedBranches(
             dim, num_heavy_tokens_q=num_heavy_tokens_q, num_heavy_tokens_kv=num_heavy_tokens_kv,
             num_routed_kv=num_routed_kv, heavy_dim_head=heavy_dim_head, heavy_heads=heavy_heads,
             router_straight_through=router_straight_through, router_kwargs=router_kwargs,
             multiply_keys_by_score=multiply_keys_by_score, multiply_queries_by_score=multiply_queries_by_score,
-            use_triton=use_triton, use_null_q_tokens=use_null_q_tokens, use_flash_attn=use_flash_attn,
+            use_triton=use_triton, use_null_q_tokens=use_null_q_tokens, backend=backend_for(use_flash_attn, backend),
             rotary_emb=rotary_emb)
 
     q_router = property(lambda self: self.routed.q_router)
@@ -273,7 +274,7 @@ class ConditionalRoutedTransformerLM(LM):
                  multiply_queries_by_score: bool = False, use_triton: bool = False, use_null_q_tokens: bool = True,
                  use_flash_attn: bool = False, pos_emb: str | None = 'rotary', emb_dim: int | None = None,
                  emb_dropout: float = 0., tie_embedding: bool = False, return_embeddings: bool = False,
-                 layer_dropout: float = 0., shift_tokens: bool = False):
+                 layer_dropout: float = 0., shift_tokens: bool = False, backend: str | None = None):
         heavy_window_size = default(heavy_window_size, light_window_size)
         # token shift (as in the other families): half the features come from the previous position
         shifts = (0, 1) if shift_tokens else None
@@ -288,7 +289,7 @@ class ConditionalRoutedTransformerLM(LM):
                 router_straight_through=router_straight_through, router_kwargs=router_kwargs,
                 multiply_keys_by_score=multiply_keys_by_score, multiply_queries_by_score=multiply_queries_by_score,
                 use_triton=use_triton, use_null_q_tokens=use_null_q_tokens, use_flash_attn=use_flash_attn,
-                rotary_emb=rotary, light_rotary_emb=rotary)
+                rotary_emb=rotary, light_rotary_emb=rotary, backend=backend)
             ff = ConditionalRoutedFeedForward(
                 dim, num_heavy_tokens=num_heavy_ff_tokens, light_ff_mult=light_ff_mult, heavy_ff_mult=heavy_ff_mult,
                 router_straight_through=router_straight_through, router_kwargs=router_kwargs, use_triton=use_triton,

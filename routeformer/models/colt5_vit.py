@@ -42,7 +42,7 @@ class ConditionalRoutedViT(nn.Module):
                  attn_light_window_size: int, ff_num_heavy_tokens: int, ff_heavy_mult: float, ff_light_mult: float,
                  channels: int = 3, router_straight_through: bool = True, router_kwargs: dict = {},
                  router_use_triton: bool = False, flash_attn: bool = True, attn_num_routed_kv: int = 1,
-                 default_coor_descent_eps: float = 1.):
+                 default_coor_descent_eps: float = 1., backend: str | None = None):
         super().__init__()
         image_h, image_w = pair(image_size)
         patch_h, patch_w = pair(patch_size)
@@ -63,7 +63,8 @@ class ConditionalRoutedViT(nn.Module):
                 num_routed_kv=attn_num_routed_kv, light_dim_head=attn_light_dim_head, light_heads=attn_light_heads,
                 light_window_size=attn_light_window_size, heavy_dim_head=attn_heavy_dim_head,
                 heavy_heads=attn_heavy_heads, router_straight_through=router_straight_through,
-                router_kwargs=router_kwargs, use_triton=router_use_triton, use_flash_attn=flash_attn)
+                router_kwargs=router_kwargs, use_triton=router_use_triton, use_flash_attn=flash_attn,
+                backend=backend)
             ff = ConditionalRoutedFeedForward(
                 dim, num_heavy_tokens=ff_num_heavy_tokens, light_ff_mult=ff_light_mult, heavy_ff_mult=ff_heavy_mult,
                 router_straight_through=router_straight_through, router_kwargs=router_kwargs,

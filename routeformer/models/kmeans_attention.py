@@ -43,7 +43,7 @@ class KmeansAttention(KMeansUpdates, nn.Module):
     def __init__(self, num_clusters: int, window_size: int, num_heads: int, head_dim: int, causal: bool = False,
                  dropout: float = 0., ema_decay: float = 0.999, commitment: float = 1e-4,
                  context_window_size: int | None = None, receives_context: bool = False, num_mem_kv: int = 0,
-                 shared_qk: bool = False):
+                 shared_qk: bool = False, backend: str = 'auto'):
         super().__init__()
         if num_mem_kv < 0:
             raise ValueError(f'num_mem_kv must be >= 0, got {num_mem_kv}')
@@ -54,7 +54,7 @@ class KmeansAttention(KMeansUpdates, nn.Module):
                                    window_size=window_size, context_window_size=context_window_size,
                                    ema_decay=ema_decay, commitment=commitment, shared_qk=self.shared_qk,
                                    cross_attention=receives_context)
-        self.executor = RoutedAttention(dropout=dropout)
+        self.executor = RoutedAttention(dropout=dropout, backend=backend)
         self.mem_kv = nn.Parameter(torch.randn(2, num_heads, num_mem_kv, head_dim) * head_dim ** -0.5) \
             if num_mem_kv > 0 else None
 

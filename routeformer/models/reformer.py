@@ -44,10 +44,6 @@ from ..wrappers.encoder_decoder import EncoderDecoder
 from .builder import build_pos_emb, build_transformer
 from .transformer_lm import split_kwargs
 
-# hash rounds merge by log-sum-exp: the fused kernel that returns it (reference path elsewhere)
-BACKEND = 'flash_lse'
-
-
 # ---------------------------------------------------------------- attention parts
 
 class OneValueHead(nn.Module):
@@ -87,6 +83,10 @@ class ChunkedRoutedAttention(nn.Module):
     def __init__(self, executor: RoutedAttention, chunks: int):
         super().__init__()
         self.executor, self.chunks = executor, chunks
+
+    @property
+    def backend(self) -> str:
+        return self.executor.backend
 
     def pieces(self, b: int, h: int):
         """(sample, head slice) rectangles covering `chunks` near-equal runs of the flattened b x h."""
@@ -160,7 +160,8 @@ def tie_cross_attention(block, *, attn_dropout: float, post_attn_dropout: float,
     cross_sublayer.norm, cross_sublayer.rezero = own_sublayer.norm, own_sublayer.rezero
     heads, dim_head = own.heads, own.to_q.out_features // own.heads
     tied = Attention(own.to_q.in_features, heads=heads, dim_head=dim_head, shared_qk=True, cross_attend=True,
-                     dropout=attn_dropout, post_attn_dropout=post_attn_dropout, backend=BACKEND)
+                     dropout=attn_dropout, post_attn_dropout=post_attn_dropout,
+                     backend=own.executor.backend)
     tied.to_q, tied.to_v, tied.to_out = own.to_q, own.to_v, own.to_out
     customise_attention(tied, one_value_head=False, attn_chunks=attn_chunks)
     cross_sublayer.fn = tied
@@ -200,7 +201,7 @@ def build_reformer(*, dim: int, depth: int, max_seq_len: int | None, heads: int,
         dim=dim, depth=depth, heads=heads, dim_head=dim_head, causal=causal, make_router=make_router,
         n_local_attn_heads=n_local_attn_heads, local_attn_window_size=2 * bucket_size, shared_qk=True,
         num_mem_kv=num_mem_kv, attn_dropout=lsh_dropout, attn_layer_dropout=post_attn_dropout, ff_chunks=ff_chunks,
-        reversible=reversible, rotary=rotary, receives_context=True, backend=BACKEND,
+        reversible=reversible, rotary=rotary, receives_context=True,
         mem_kv_from_inputs=kwargs.pop('mem_kv_from_inputs', True), **kwargs)
 
     blocks = list({id(block): block for block in transformer.blocks}.values())
@@ -402,7 +403,7 @@ class LSHSelfAttention(nn.Module):
                  random_rotations_per_head=False, attend_across_buckets=True, allow_duplicate_attention=True,
                  num_mem_kv=0, one_value_head=False, use_full_attn=False, full_attn_thres=None, return_attn=False,
                  post_attn_dropout=0., dropout=0., n_local_attn_heads=0, *, rehash_each_round: bool = True,
-                 drop_for_hash_rate: float = 0., n_buckets: int | None = None):
+                 drop_for_hash_rate: float = 0., n_buckets: int | None = None, backend: str = 'auto'):
         super().__init__()
         check_positive(heads=heads, bucket_size=bucket_size)
         if dim_head is None and dim % heads != 0:
@@ -417,7 +418,7 @@ class LSHSelfAttention(nn.Module):
         self.attn = Attention(dim, heads=heads, dim_head=dim_head, causal=causal, router=router, local_router=local,
                               n_local_heads=n_local_attn_heads, shared_qk=True, num_mem_kv=num_mem_kv,
                               mem_kv_from_inputs=True,
-                              dropout=dropout, post_attn_dropout=post_attn_dropout, backend=BACKEND)
+                              dropout=dropout, post_attn_dropout=post_attn_dropout, backend=backend)
         customise_attention(self.attn, one_value_head=one_value_head, attn_chunks=default(attn_chunks, 1))
         self.dim, self.return_attn = dim, return_attn
         self.bucket_size, self.num_mem_kv, self.full_attn_thres = bucket_size, num_mem_kv, default(full_attn_thres, bucket_size)
@@ -457,7 +458,8 @@ class LSHAttention(nn.Module):
 
     def __init__(self, dropout=0., bucket_size=64, n_hashes=8, causal=False, allow_duplicate_attention=True,
                  attend_across_buckets=True, rehash_each_round=True, drop_for_hash_rate=0.,
-                 random_rotations_per_head=False, return_attn=False, *, n_buckets: int | None = None):
+                 random_rotations_per_head=False, return_attn=False, *, n_buckets: int | None = None,
+                 backend: str = 'auto'):
         super().__init__()
         if not 0. <= dropout < 1.:
             raise ValueError(f'dropout must be in [0, 1), got {dropout}')
@@ -467,7 +469,7 @@ class LSHAttention(nn.Module):
                                 allow_duplicate_attention=allow_duplicate_attention,
                                 rehash_each_round=rehash_each_round, drop_for_hash_rate=drop_for_hash_rate,
                                 random_rotations_per_head=random_rotations_per_head)
-        self.executor = RoutedAttention(dropout=dropout, backend=BACKEND)
+        self.executor = RoutedAttention(dropout=dropout, backend=backend)
 
     def forward(self, qk: Tensor, v: Tensor, query_len: int | None = None, input_mask: Tensor | None = None,
                 input_attn_mask: Tensor | None = None, pos_emb: Tensor | None = None):
