@@ -103,3 +103,17 @@ def test_heap_allocator_option_reaches_the_worker(monkeypatch):
     assert bench.run_config(cfg, timeout=5)['status'] == 'ok'
     assert bench.run_config(cfg, timeout=5, malloc='heap')['status'] == 'ok'
     assert seen[0] is None and 'glibc.malloc.mmap_max=0' in seen[1]
+
+
+def test_flex_cpu_benchmark_writes_its_table(tmp_path):
+    script = Path(__file__).resolve().parents[1] / 'benchmarks' / 'flex_cpu.py'
+    out = tmp_path / 'flex'
+    proc = subprocess.run([sys.executable, str(script), '--models', 'routeformer-local,routeformer-reformer',
+                           '--lengths', '256', '--dim', '32', '--heads', '2', '--window', '64', '--repeats', '1',
+                           '--generate-at', '256', '--new-tokens', '2', '--out', str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((out / 'results.json').read_text())['rows']
+    assert [r['model'] for r in rows] == ['routeformer-local', 'routeformer-reformer']
+    assert all(r['max_abs_diff'] < 1e-4 and r['flex_tok_s'] > 0 for r in rows)
+    assert '| routeformer-local | 256 |' in (out / 'results.md').read_text()

@@ -144,3 +144,55 @@ def test_bf16_autocast_training_step_is_finite(config):
     assert torch.isfinite(loss)
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+# ---------------------------------------------------------------- the flex backend on the GPU
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('factory', FACTORIES, ids=CONFIG_IDS)
+def test_flex_equals_reference_forward_and_gradients(factory, dtype):
+    import routeformer
+    model, context = factory()
+    model.to(CUDA, dtype).eval()  # fixed routing, no dropout: one function for both backends
+    vocab, n = getattr(model, 'num_tokens', NUM_TOKENS), sequence_length(model)
+    x = tokens(n=n, vocab=vocab).to(CUDA)
+    kwargs = dict(context=to_cuda(context).to(dtype)) if context is not None else {}
+
+    def run(backend):
+        routeformer.use_backend(model, backend).zero_grad()
+        out = logits_of(model(x, **kwargs))
+        out.float().logsumexp(-1).sum().backward()
+        return out.float(), {name: p.grad.float().clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    (ref_out, ref_grads), (out, grads) = run('reference'), run('flex')
+    tol = dict(rtol=1e-3, atol=1e-4) if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(out, ref_out, **tol)
+    assert grads.keys() == ref_grads.keys() and grads
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], **tol, msg=name)
+
+
+@pytest.mark.parametrize('factory', FACTORIES, ids=CONFIG_IDS)
+def test_flex_is_causal_on_the_gpu(factory):
+    import routeformer
+    model, context = factory()
+    routeformer.use_backend(model.to(CUDA), 'flex')
+    vocab, n = getattr(model, 'num_tokens', NUM_TOKENS), sequence_length(model)
+    assert_causal(model, x=tokens(n=n, vocab=vocab).to(CUDA), vocab=vocab,
+                  **(dict(context=to_cuda(context)) if context is not None else {}))
+
+
+@pytest.mark.parametrize('config', ['full', 'all_local', 'routing', 'reformer_2hashes', 'sinkhorn_top1', 'moba'])
+def test_training_step_has_no_host_sync(config):
+    model, context = dict(CAUSAL_CONFIGS)[config]()
+    model.to(CUDA).train()
+    vocab, n = getattr(model, 'num_tokens', NUM_TOKENS), sequence_length(model)
+    x = tokens(n=n, vocab=vocab).to(CUDA)
+    kwargs = dict(context=to_cuda(context)) if context is not None else {}
+    logits_of(model(x, **kwargs)).sum().backward()  # first step: lazy initialisation may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode('error')
+    try:
+        logits_of(model(x, **kwargs)).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode('default')

@@ -222,3 +222,10 @@ def test_every_model_class_takes_backend():
         num_tokens=8, dim=16, depth=1, max_seq_len=16, num_heavy_attn_tokens_q=4, num_heavy_attn_tokens_kv=4,
         num_heavy_ff_tokens=4, light_window_size=4, backend='flex')
     assert {m.backend for m in colt5.modules() if isinstance(m, routeformer.RoutedAttention)} == {'flex'}
+
+
+def test_flex_refuses_decoding_steps_and_oversized_uncompiled_calls():
+    flex_backend = backends.BACKENDS['flex']
+    assert any('decoding step' in r for r in flex_backend.refusals(call(decoding=True)))
+    assert not flex_backend.refusals(call(pairs=2 ** 30))  # compiled: the block mask skips what it must
+    assert any('scores all' in r for r in flex_backend.refusals(call(pairs=2 ** 30, need_lse=True)))

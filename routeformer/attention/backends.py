@@ -1,9 +1,12 @@
-"""Attention kernels over gathered groups.
+"""Attention backends: kernels over gathered groups, what each supports, and the one place that
+chooses among them.
 
 Axes: b batch, h heads, g groups, i queries per group, j keys per group, d head dim.
-Every backend takes q (b, h, g, i, d), k and v (b, h, g, j, d), an optional bool mask
+Every kernel takes q (b, h, g, i, d), k and v (b, h, g, j, d), an optional bool mask
 broadcastable to (b, h, g, i, j) (True = may attend) and an optional additive bias of the same
-shape, and returns (out, lse, weights).
+shape, and returns (out, lse, weights). Each Backend pairs a kernel with its declaration:
+`refusals(call)` lists why it cannot run a call (device, dtype, outputs, gradients, compilation),
+and `choose` picks the backend of every executor call from them; `explain_backends` reports it.
 """
 
 from __future__ import annotations
@@ -221,6 +224,8 @@ class Call:
     grad: bool              # gradients flow through the call
     compiling: bool         # inside a torch.compile graph
     bias_grad: bool         # logits added per pair that need a gradient (relative positions)
+    decoding: bool = False  # one new query against a cache
+    pairs: int = 0          # the (query, key) pairs of the call over the whole (sorted) sequence
 
 
 class Backend:
@@ -282,6 +287,11 @@ class FlashCPU(Backend):
         return reasons
 
 
+# uncompiled FlexAttention materialises the scores of every pair: beyond this many (1 GiB of
+# float32) it is refused instead of running out of memory
+FLEX_CPU_PAIRS = 2 ** 28
+
+
 class Flex(Backend):
     """FlexAttention (flex.py): one call per plan, skipping the key blocks no query sees."""
     name, kernel = 'flex', staticmethod(flex.groups)
@@ -296,7 +306,13 @@ class Flex(Backend):
             reasons.append('it returns no attention weights')
         if call.bias_grad:
             reasons.append('it takes no gradient for logits added per pair (relative positions)')
+        if call.decoding:
+            reasons.append('a decoding step is one query against a cache whose length changes every step, '
+                           'for which the compiled kernel would be compiled again each time')
         if call.device == 'cpu':
+            if not flex.compiled_on(torch.device('cpu'), call.dtype, call.need_lse) and call.pairs > FLEX_CPU_PAIRS:
+                reasons.append(f'uncompiled FlexAttention (the CPU path for the log-sum-exp and float64) scores all '
+                               f'{call.pairs:,} pairs, over the {FLEX_CPU_PAIRS:,} it is allowed')
             if call.grad:
                 reasons.append('FlexAttention has no backward pass on the CPU (torch 2.13): train there with '
                                'backend="auto"')
@@ -338,13 +354,17 @@ def check_name(name: str) -> None:
 
 def choose(name: str, call: Call) -> Choice:
     """The one place a backend is selected. A named backend that cannot run the call is an error
-    that says why; 'auto' takes the first in AUTO_ORDER that can. The Recorder's calls (weights
+    that says why, except a decoding step, which then runs where 'auto' puts it; 'auto' takes the
+    first in AUTO_ORDER that can. The Recorder's calls (weights
     kept) always run the reference, the backend that returns them."""
     check_name(name)
     if call.need_weights:
         name = 'reference'
     if name != 'auto':
         reasons = BACKENDS[name].refusals(call)
+        if reasons and call.decoding:  # a decoding step the named backend refuses: auto's choice, and why
+            choice = choose('auto', call)
+            return Choice(choice.backend, call, {name: reasons, **choice.rejected})
         if reasons:
             raise ValueError(f'attention backend {name!r} cannot run this {call.layout} call: {"; ".join(reasons)}. '
                              f'Use backend="auto", or see routeformer.explain_backends')

@@ -258,9 +258,8 @@ class RoutedAttention(nn.Module):
         backends.note(choice, self)
         name = choice.backend.name
         if name == 'flex' and flex.runs_whole(plan, key_mask=key_mask, exclude_self=exclude_self, rel_pos=rel_pos):
-            out, lse = flex.attend_whole(q, k, v, plan, causal=causal, key_mask=key_mask, mem_kv=mem_kv,
-                                         exclude_self=exclude_self, need_lse=need_lse)
-            return scatter([out], plan, q_len, lse=lse), None
+            return flex.attend_whole(q, k, v, plan, causal=causal, key_mask=key_mask, mem_kv=mem_kv,
+                                     exclude_self=exclude_self, need_lse=need_lse), None
 
         bounds = piece_bounds(plan, q)
         if name == 'flash_lse' and self.lean(plan, rel_pos=rel_pos):
@@ -297,7 +296,17 @@ class RoutedAttention(nn.Module):
         bias_grad = exists(plan.bias) and plan.bias.requires_grad
         if exists(rel_pos):
             bias_grad = bias_grad or any(p.requires_grad for p in rel_pos.parameters())
+        b, h, n = q.shape[:3]
+        # the pairs a kernel that scores everything would score: the whole sorted sequence for a
+        # band, the sequence for queries in order, every group's otherwise
+        if isinstance(plan.layout, SortedBand):
+            pairs = b * h * plan.q_index.shape[-2:].numel() ** 2
+        elif plan.contiguous_queries or plan.kv_index is None:
+            pairs = b * h * n * k.shape[-2]
+        else:
+            pairs = b * h * plan.q_index.shape[-2:].numel() * plan.kv_index.shape[-1]
         return backends.Call(layout=type(plan.layout).__name__, device=q.device.type, dtype=q.dtype,
+                             decoding=n == 1 and plan.q_offset > 0, pairs=pairs,
                              need_lse=need_lse, need_weights=need_weights, dropout=self.training and self.dropout > 0.,
                              grad=grad_enabled and any(t.requires_grad for t in inputs), compiling=compiling(),
                              bias_grad=grad_enabled and bias_grad)

@@ -28,7 +28,7 @@ from einops import rearrange, repeat
 from torch import Tensor
 
 from ..helpers import compiling, exists
-from .plan import Dense, RoutePlan, SelectedBlocks, SlidingWindow, SortedBand
+from .plan import Dense, RoutePlan, SelectedBlocks, SlidingWindow, SortedBand, scatter
 
 try:
     from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
@@ -161,15 +161,15 @@ def runs_whole(plan: RoutePlan, *, key_mask, exclude_self: bool, rel_pos) -> boo
         return not exclude_self and (plan.mask is None or isinstance(layout, Dense))
     if isinstance(layout, SortedBand):
         return not layout.cyclic and exists(plan.span) and key_mask is None
-    if isinstance(layout, SelectedBlocks):
-        return not exclude_self and plan.q_offset == 0 and plan.mask is None
+    if isinstance(layout, SelectedBlocks):  # the blocks say it all; the plan's own mask is its gathered form
+        return not exclude_self and plan.q_offset == 0
     return False
 
 
 def attend_whole(q: Tensor, k: Tensor, v: Tensor, plan: RoutePlan, *, causal: bool, key_mask, mem_kv,
-                 exclude_self: bool, need_lse: bool) -> tuple[Tensor, Tensor | None]:
-    """A plan that `runs_whole`: (out (b, h, g, i, d), lse (b, h, g, i) or None), its groups as the
-    plan's q_index names them (one group of the whole sequence for Dense and SlidingWindow)."""
+                 exclude_self: bool, need_lse: bool) -> Tensor:
+    """A plan that `runs_whole`: its output (b, h, n, d), the sorted band's rounds merged by their
+    log-sum-exp."""
     from .executor import span_bounds  # the executor's reading of spans, one copy
 
     b, h, n, _ = q.shape
@@ -186,17 +186,17 @@ def attend_whole(q: Tensor, k: Tensor, v: Tensor, plan: RoutePlan, *, causal: bo
         base = rearrange(torch.arange(g, device=q.device) - 1, 'g -> g 1 1') * w
         lo, hi = (rearrange((base + t).expand(b, h, g, w, 1), 'b h g i 1 -> b h (g i)') for t in (lo, hi))
         out, lse = attend_ranges(qs, ks, vs, lo, hi, scale=scale, need_lse=need_lse, mem_kv=mem_kv)
-        return rearrange(out, 'b h (g i) d -> b h g i d', g=g), (
-            None if lse is None else rearrange(lse, 'b h (g i) -> b h g i', g=g))
+        return scatter([rearrange(out, 'b h (g i) d -> b h g i d', g=g)], plan, n,
+                       lse=None if lse is None else rearrange(lse, 'b h (g i) -> b h g i', g=g))
     if isinstance(layout, SelectedBlocks):
-        out, lse = attend_selected_blocks(q, k, v, layout, causal=causal, key_mask=key_mask, mem_kv=mem_kv,
-                                          need_lse=need_lse)
+        out, _ = attend_selected_blocks(q, k, v, layout, causal=causal, key_mask=key_mask, mem_kv=mem_kv,
+                                        need_lse=False)
     else:
         lo, hi = (t.expand(b, h, n) for t in sequence_ranges(plan, n, n_kv, causal, q.device))
         pair_mask = None if plan.mask is None else plan.mask[:, :, 0].expand(b, h, n, n_kv)
-        out, lse = attend_ranges(q, k, v, lo, hi, scale=scale, need_lse=need_lse, mem_kv=mem_kv,
-                                 key_valid=key_mask, pair_mask=pair_mask)
-    return rearrange(out, 'b h n d -> b h 1 n d'), None if lse is None else rearrange(lse, 'b h n -> b h 1 n')
+        out, _ = attend_ranges(q, k, v, lo, hi, scale=scale, need_lse=False, mem_kv=mem_kv,
+                               key_valid=key_mask, pair_mask=pair_mask)
+    return out  # queries in sequence order, each in one group: nothing to merge
 
 
 def attend_selected_blocks(q: Tensor, k: Tensor, v: Tensor, layout: SelectedBlocks, *, causal: bool, key_mask,
@@ -209,11 +209,13 @@ def attend_selected_blocks(q: Tensor, k: Tensor, v: Tensor, layout: SelectedBloc
     # (b, h, n, c): which of the sequence's blocks each query selected
     picked = torch.zeros(b, h, n, -(-n_kv // size) + 1, dtype=torch.bool, device=q.device)
     picked = picked.scatter_(-1, chosen.masked_fill(chosen < 0, picked.shape[-1] - 1), True)[..., :-1]
-    # a kernel key block is computed by a query block when any of its queries selected a block in it
-    tokens = repeat(picked, 'b h n c -> b h n (c s)', s=size)[..., :n_kv]
-    kernel_blocks = F.pad(tokens, (0, blocks(n_kv) * BLOCK - n_kv))
-    kernel_blocks = rearrange(kernel_blocks, 'b h n (c s) -> b h n c s', s=BLOCK).any(dim=-1)
-    flags = rearrange(F.pad(kernel_blocks, (0, 0, 0, blocks(n) * BLOCK - n)), 'b h (q s) c -> b h q s c',
+    # a kernel key block is computed by a query block when any of its queries selected a block that
+    # overlaps it: the (c, kernel key blocks) overlaps, block against block, never token against token
+    starts = torch.arange(picked.shape[-1], device=q.device) * size
+    kernel_start = torch.arange(blocks(n_kv), device=q.device) * BLOCK
+    overlaps = (starts[:, None] < kernel_start + BLOCK) & (kernel_start < starts[:, None] + size)
+    per_query = (picked.to(torch.float32) @ overlaps.to(torch.float32)) > 0                  # (b, h, n, kernel blocks)
+    flags = rearrange(F.pad(per_query, (0, 0, 0, blocks(n) * BLOCK - n)), 'b h (q s) c -> b h q s c',
                       s=BLOCK).any(dim=-2)
     k, v, front, flags = with_memory(k.to(q.dtype), v.to(q.dtype), mem_kv, flags)
     n_mem = 0 if mem_kv is None else mem_kv[0].shape[-2]
