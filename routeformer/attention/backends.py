@@ -263,6 +263,18 @@ class SDPA(Backend):
         return reasons
 
 
+def fused_kernel_refusals(call: Call) -> list[str]:
+    """What neither fused kernel (the CPU flash kernel, FlexAttention) does."""
+    reasons = []
+    if call.dropout:
+        reasons.append('it applies no attention dropout')
+    if call.need_weights:
+        reasons.append('it returns no attention weights')
+    if call.bias_grad:
+        reasons.append('it takes no gradient for logits added per pair (relative positions)')
+    return reasons
+
+
 class FlashCPU(Backend):
     """torch's CPU flash kernel with a differentiable log-sum-exp; groups gathered by index take the
     executor's lean path through it (nothing gathered is kept for the backward pass). Without the
@@ -275,12 +287,7 @@ class FlashCPU(Backend):
             reasons.append(f'it is the CPU kernel and the call is on {call.device}')
         if _flash_cpu_backward is None:
             reasons.append('this torch has no CPU flash kernel that returns the log-sum-exp')
-        if call.dropout:
-            reasons.append('it applies no attention dropout')
-        if call.need_weights:
-            reasons.append('it returns no attention weights')
-        if call.bias_grad:
-            reasons.append('it takes no gradient for logits added per pair (relative positions)')
+        reasons += fused_kernel_refusals(call)
         if call.compiling and call.need_lse:
             reasons.append('inside a compiled graph its log-sum-exp is an opaque kernel; the reference '
                            'einsum, which the compiler fuses, takes its place')
@@ -300,12 +307,7 @@ class Flex(Backend):
         reasons = []
         if not flex.available():
             reasons.append('this torch has no torch.nn.attention.flex_attention')
-        if call.dropout:
-            reasons.append('it applies no attention dropout')
-        if call.need_weights:
-            reasons.append('it returns no attention weights')
-        if call.bias_grad:
-            reasons.append('it takes no gradient for logits added per pair (relative positions)')
+        reasons += fused_kernel_refusals(call)
         if call.decoding:
             reasons.append('a decoding step is one query against a cache whose length changes every step, '
                            'for which the compiled kernel would be compiled again each time')
