@@ -229,3 +229,16 @@ def test_flex_refuses_decoding_steps_and_oversized_uncompiled_calls():
     assert any('decoding step' in r for r in flex_backend.refusals(call(decoding=True)))
     assert not flex_backend.refusals(call(pairs=2 ** 30))  # compiled: the block mask skips what it must
     assert any('scores all' in r for r in flex_backend.refusals(call(pairs=2 ** 30, need_lse=True)))
+
+
+@pytest.mark.slow
+def test_many_shapes_in_one_process_stay_compiled():
+    # past torch's default recompile limit (8) the compiler would fall back to the uncompiled
+    # implementation, which scores every pair and warns
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', UserWarning)
+        for n in range(256, 256 + 128 * 10, 128):
+            model = TransformerLM(num_tokens=16, dim=32, depth=1, max_seq_len=n, heads=2, causal=True).eval()
+            x = torch.randint(0, 16, (1, n))
+            assert torch.allclose(run(model, x, 'flex'), run(model, x, 'reference'), **TOLERANCE)

@@ -37,6 +37,8 @@ except ImportError:  # torch without FlexAttention: the backend declares itself 
 
 # the kernel's block of query and key slots
 BLOCK = 128
+# compiled kernels kept per process (see `kernel`)
+RECOMPILE_LIMIT = 256
 _compiled = None
 
 
@@ -61,7 +63,11 @@ def kernel(q: Tensor, k: Tensor, v: Tensor, block_mask, *, scale: float, need_ls
     elif compiled_on(q.device, q.dtype, need_lse):
         if _compiled is None:
             _compiled = torch.compile(flex_attention, dynamic=False)
-        result = _compiled(q, k, v, **args)
+        # every shape, mask kind and captured size is a graph of its own: past torch's default of 8
+        # per function (a process that runs several models or lengths) the compiler would silently
+        # run the uncompiled implementation, which scores every pair
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            result = _compiled(q, k, v, **args)
     else:
         with warnings.catch_warnings():  # the uncompiled path is chosen on purpose here
             warnings.filterwarnings('ignore', message='flex_attention called without torch.compile')
