@@ -242,3 +242,11 @@ def test_many_shapes_in_one_process_stay_compiled():
             model = TransformerLM(num_tokens=16, dim=32, depth=1, max_seq_len=n, heads=2, causal=True).eval()
             x = torch.randint(0, 16, (1, n))
             assert torch.allclose(run(model, x, 'flex'), run(model, x, 'reference'), **TOLERANCE)
+
+
+def test_auto_takes_flex_for_long_selected_blocks_at_cpu_inference():
+    long_moba = call(layout='SelectedBlocks', length=backends.FLEX_CPU_MIN_LENGTH)
+    assert choose('auto', long_moba).backend.name == 'flex'
+    assert choose('auto', call(layout='SelectedBlocks', length=512)).backend.name == 'flash_lse'
+    training = choose('auto', call(layout='SelectedBlocks', length=backends.FLEX_CPU_MIN_LENGTH, grad=True))
+    assert training.backend.name == 'flash_lse' and 'no backward pass' in ' '.join(training.rejected['flex'])

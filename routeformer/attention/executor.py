@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..helpers import any_true, compiling, exists
 from . import backends, flex
-from .plan import RoutePlan, SlidingWindow, SortedBand, flat_rows, gather, merge_shares, positions_of, scatter
+from .plan import RoutePlan, SelectedBlocks, SlidingWindow, SortedBand, flat_rows, gather, merge_shares, positions_of, scatter
 from .recording import GroupWeights
 
 
@@ -301,12 +301,12 @@ class RoutedAttention(nn.Module):
         # band, the sequence for queries in order, every group's otherwise
         if isinstance(plan.layout, SortedBand):
             pairs = b * h * plan.q_index.shape[-2:].numel() ** 2
-        elif plan.contiguous_queries or plan.kv_index is None:
+        elif plan.contiguous_queries or plan.kv_index is None or isinstance(plan.layout, SelectedBlocks):
             pairs = b * h * n * k.shape[-2]
         else:
             pairs = b * h * plan.q_index.shape[-2:].numel() * plan.kv_index.shape[-1]
         return backends.Call(layout=type(plan.layout).__name__, device=q.device.type, dtype=q.dtype,
-                             decoding=n == 1 and plan.q_offset > 0, pairs=pairs,
+                             decoding=n == 1 and plan.q_offset > 0, pairs=pairs, length=n,
                              need_lse=need_lse, need_weights=need_weights, dropout=self.training and self.dropout > 0.,
                              grad=grad_enabled and any(t.requires_grad for t in inputs), compiling=compiling(),
                              bias_grad=grad_enabled and bias_grad)
