@@ -46,12 +46,12 @@ class SortedBand:
     group g is chunk g of the sorted order (q_index), and attends its own chunk and the one before
     it (kv_index), the previous chunk of its round cyclically when `cyclic` (non-causal), none for
     a round's first chunk otherwise. In the causal form every query's keys are one run of that
-    window (RoutePlan.span), so the whole plan is a banded attention over the sorted sequence.
-    `buckets` (b, h, r, n) are the bucket ids by original position."""
+    window (RoutePlan.span), so the whole plan is a banded attention over the sorted sequence;
+    otherwise `mask` holds the same-bucket pairs (the bucket ids are the router's, in
+    router_state)."""
     chunk: int
     rounds: int
     cyclic: bool
-    buckets: Tensor = field(compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,13 @@ class Gathered:
 
 
 Layout = Dense | SlidingWindow | SortedBand | SelectedBlocks | Gathered
+
+
+def map_layout_tensors(layout: Layout, fn) -> Layout:
+    """The layout with `fn` applied to its tensor fields (SelectedBlocks' block ids)."""
+    tensors = {f.name: fn(getattr(layout, f.name)) for f in dataclasses.fields(layout)
+               if isinstance(getattr(layout, f.name), Tensor)}
+    return dataclasses.replace(layout, **tensors) if tensors else layout
 
 
 @dataclass
@@ -112,12 +119,8 @@ class RoutePlan:
             return t.detach().to(device) if isinstance(t, Tensor) else t
         skip = ('router_state', 'layout')
         fields = {name: move(getattr(self, name)) for name in self.__dataclass_fields__ if name not in skip}
-        layout = self.layout
-        if dataclasses.is_dataclass(layout):
-            layout = dataclasses.replace(layout, **{f.name: move(getattr(layout, f.name))
-                                                    for f in dataclasses.fields(layout)
-                                                    if isinstance(getattr(layout, f.name), Tensor)})
-        return RoutePlan(**fields, layout=layout, router_state={k: move(v) for k, v in self.router_state.items()})
+        return RoutePlan(**fields, layout=map_layout_tensors(self.layout, move),
+                         router_state={k: move(v) for k, v in self.router_state.items()})
 
 
 class _GatherRows(torch.autograd.Function):

@@ -20,7 +20,6 @@ Axes: b batch, h heads, n sequence, d head dim, g groups, i queries per group, j
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import replace
 
@@ -30,7 +29,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..attention.executor import RoutedAttention
-from ..attention.plan import RoutePlan
+from ..attention.plan import RoutePlan, map_layout_tensors
 from ..attention.recording import cat_weights, dense_weights
 from ..context import LayerContext
 from ..helpers import check_positive, default, exists, l2norm, single_output
@@ -68,10 +67,7 @@ def slice_plan(plan: RoutePlan, batch: int, heads: slice) -> RoutePlan:
         return t[:, heads] if t.shape[1] > 1 else t
     skip = ('aux_loss', 'router_state', 'layout')
     fields = {name: cut(getattr(plan, name)) for name in plan.__dataclass_fields__ if name not in skip}
-    layout = plan.layout
-    tensors = {f.name: cut(getattr(layout, f.name)) for f in dataclasses.fields(layout)
-               if isinstance(getattr(layout, f.name), Tensor)}
-    return replace(plan, **fields, aux_loss=None, router_state={}, layout=replace(layout, **tensors))
+    return replace(plan, **fields, aux_loss=None, router_state={}, layout=map_layout_tensors(plan.layout, cut))
 
 
 class ChunkedRoutedAttention(nn.Module):

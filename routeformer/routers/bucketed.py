@@ -88,8 +88,8 @@ def sort_and_chunk(buckets: Tensor, window: int, *, causal: bool, same_bucket: b
     # look_one_back (causal plans): the keys of every group are the queries of the group before it in
     # its round (none for the first) and its own, which the executor gathers once per piece
     return RoutePlan(q_index=groups(q_index), kv_index=groups(kv_index), mask=groups(mask), span=groups(span),
-                     merge='logsumexp' if r > 1 else 'overwrite', layout=SortedBand(chunk=window, rounds=r, cyclic=not causal, buckets=buckets),
-                     router_state=dict(buckets=buckets))
+                     merge='logsumexp' if r > 1 else 'overwrite',
+                     layout=SortedBand(chunk=window, rounds=r, cyclic=not causal), router_state=dict(buckets=buckets))
 
 
 def sort_and_chunk_pairs(q_buckets: Tensor, k_buckets: Tensor, window: int) -> RoutePlan:
