@@ -14,6 +14,7 @@ good checkpoint kept (no checkpoint is written during such a streak).
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import os
 import shutil
@@ -121,9 +122,15 @@ def main(args) -> int:
         run = prepare(args, cfg, out)
         d = setup(run.cfg.train.device)
         try:
-            return Trainer(run, d).fit()
+            code = Trainer(run, d).fit()
+            # the trainer's DistributedDataParallel holds the process group and gloo threads: free it
+            # while the group lives, and leave together, since gloo aborts a process whose peer is
+            # still tearing down its side of a connection
+            gc.collect()
+            barrier(d)
         finally:
             teardown(d)
+        return code
 
 
 # ---------------------------------------------------------------- memory
