@@ -31,7 +31,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # benchmark the checkout's routeformer, and let `module:function` model specs name repo modules
 sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.models import REGISTRY, ModelConfig, is_known, resolve_builder  # noqa: E402
+from benchmarks.models import REGISTRY, BenchShape, is_known, resolve_builder  # noqa: E402
 from routeformer import apply_statistics  # noqa: E402
 
 MIB = 2 ** 20
@@ -102,7 +102,7 @@ def measure(cfg: dict) -> dict:
     torch.manual_seed(0)
     try:
         builder = resolve_builder(cfg['model'])
-        model = builder(ModelConfig(cfg['vocab'], cfg['dim'], cfg['depth'], cfg['heads'],
+        model = builder(BenchShape(cfg['vocab'], cfg['dim'], cfg['depth'], cfg['heads'],
                                     cfg['window'], cfg['length']))
     except ImportError as e:
         return {'status': 'not installed', 'error': str(e)}

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from models import ModelConfig, resolve_builder  # noqa: E402
+from models import BenchShape, resolve_builder  # noqa: E402
 
 import routeformer  # noqa: E402
 from routeformer import AutoregressiveWrapper  # noqa: E402
@@ -43,7 +43,7 @@ def logits(out):
 
 def measure(name: str, length: int, args) -> dict:
     torch.manual_seed(0)
-    model = resolve_builder(name)(ModelConfig(args.vocab, args.dim, args.depth, args.heads, args.window, length)).eval()
+    model = resolve_builder(name)(BenchShape(args.vocab, args.dim, args.depth, args.heads, args.window, length)).eval()
     tokens = torch.randint(0, args.vocab, (args.batch, length))
     row = dict(model=name, length=length)
 

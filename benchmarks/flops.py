@@ -27,7 +27,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.bench import add_model_arguments, loss_of, step_times  # noqa: E402
-from benchmarks.models import ModelConfig, resolve_builder  # noqa: E402
+from benchmarks.models import BenchShape, resolve_builder  # noqa: E402
 
 
 class CountFlops(TorchDispatchMode):
@@ -54,7 +54,7 @@ def matmul_gflops(rows: int, dim: int, hidden: int, repeats: int) -> float:
     return 2 * rows * dim * hidden / statistics.median(times) / 1e9
 
 
-def measure(name: str, cfg: ModelConfig, repeats: int) -> dict:
+def measure(name: str, cfg: BenchShape, repeats: int) -> dict:
     torch.manual_seed(0)
     model = resolve_builder(name)(cfg).train()
     tokens = torch.randint(0, cfg.vocab, (1, cfg.seq_len))
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     p.add_argument('--repeats', type=int, default=3)
     args = p.parse_args(argv)
 
-    cfg = ModelConfig(args.vocab, args.dim, args.depth, args.heads, args.window, args.length)
+    cfg = BenchShape(args.vocab, args.dim, args.depth, args.heads, args.window, args.length)
     peak = matmul_gflops(args.length, args.dim, 4 * args.dim, repeats=10)
     print(f'{torch.get_num_threads()} threads, torch {torch.__version__}, float32; '
           f'({args.length} x {args.dim}) @ ({args.dim} x {4 * args.dim}): {peak:.1f} GFLOP/s\n')

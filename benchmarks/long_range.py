@@ -19,18 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+from routeformer.cli import main as routeformer
 
-from routeformer.cli.compare import family_overrides, fmt_seconds, parse_families, run_compare  # noqa: E402
-from routeformer.cli.config import Config, merge, validate  # noqa: E402
-from routeformer.cli.families import FAMILIES  # noqa: E402
-from routeformer.cli.plot import read_metrics  # noqa: E402
-
+FAMILIES = 'full,local,routing,reformer,sinkhorn,colt5,moba,dsa,nsa,mosa'  # `routeformer families`
 # same model for every family and task; the budget is in steps (wall time is reported)
 MODEL = dict(dim=64, depth=2, heads=4, window=32, seq_len=256)
 TRAIN = dict(batch_size=16, warmup=100, eval_every=100, eval_batches=8, save_every=200, sample_length=0)
@@ -92,8 +86,6 @@ FAMILY_ARGS = {
 FAMILY_ARGS['mosa'] = lambda cfg: dict(sparsity=2, **({'pos_emb': 'absolute'} if cfg.data.task == 'duplication' else {}))
 
 
-def family_args(family: str, cfg: Config, overrides: dict) -> dict:
-    return {**TOKEN_SHIFT, **(FAMILY_ARGS[family](cfg) if family in FAMILY_ARGS else {}), **overrides.get(family, {})}
 # the smoke run: same code, small numbers
 TINY = dict(model=dict(dim=32, depth=1, heads=2, window=16, seq_len=64),
             train=dict(steps=20, eval_every=10, eval_batches=2, batch_size=8, save_every=10, warmup=5))
@@ -101,28 +93,51 @@ TINY_TASKS = {'duplication': dict(data=dict(task='duplication', vocab=8)),
               'recall': dict(data=dict(task='recall', vocab=16, recall_pairs=4, recall_queries=2))}
 
 
-def task_config(task: str, tiny: bool, steps: int | None) -> Config:
-    cfg = merge(Config(), dict(model=MODEL, train=TRAIN), source='long_range.py')
-    cfg = merge(cfg, {**TASKS[task], 'train': {**TRAIN, **TASKS[task]['train']}}, source='long_range.py')
+def task_config(task: str, tiny: bool, steps: int | None) -> dict:
+    """The `routeformer` config file of one task: {'model': ..., 'data': ..., 'train': ...}."""
+    cfg = dict(model=dict(MODEL), data=dict(TASKS[task]['data']), train={**TRAIN, **TASKS[task]['train']})
     if tiny:
-        cfg = merge(cfg, {**TINY, **TINY_TASKS[task]}, source='long_range.py --tiny')
+        for section, values in {**TINY, **TINY_TASKS[task]}.items():
+            cfg[section].update(values)
     if steps:
-        cfg = replace(cfg, train=replace(cfg.train, steps=steps))
-    validate(cfg)
+        cfg['train']['steps'] = steps
     return cfg
 
 
-def chance(cfg: Config) -> float:
-    d = cfg.data
-    if d.task == 'duplication':
-        return 1 / ((d.vocab or 16) - 1)
-    vocab = d.vocab or 64
+def chance(data: dict) -> float:
+    if data['task'] == 'duplication':
+        return 1 / (data['vocab'] - 1)
+    vocab = data['vocab']
     return 1 / (vocab - 1 - (vocab - 1) // 2)
+
+
+def family_arg_flags(family: str, cfg: dict, overrides: list[str]) -> list[str]:
+    """`--family-arg FAMILY:KEY=VALUE` flags: token shift, FAMILY_ARGS, then the command line's."""
+    task = SimpleNamespace(data=SimpleNamespace(**cfg['data']), model=SimpleNamespace(**cfg['model']))
+    args = {**TOKEN_SHIFT, **(FAMILY_ARGS[family](task) if family in FAMILY_ARGS else {})}
+    return [f for key, value in args.items() for f in ('--family-arg', f'{family}:{key}={value!r}')] + \
+           [f for item in overrides if item.startswith(f'{family}:') for f in ('--family-arg', item)]
+
+
+def first_step_at(metrics: Path, accuracy: float) -> int | None:
+    """The first validation step at `accuracy` or above, from a run's metrics.jsonl."""
+    for line in metrics.read_text().splitlines() if metrics.is_file() else []:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a torn last line
+            continue
+        if row.get('split') == 'val' and row.get('accuracy') is not None and row['accuracy'] >= accuracy:
+            return row['step']
+    return None
+
+
+def fmt_seconds(t: float) -> str:
+    return f'{t:.0f} s' if t < 120 else f'{t / 60:.1f} min'
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--families', default=','.join(FAMILIES))
+    parser.add_argument('--families', default=FAMILIES)
     parser.add_argument('--tasks', default=','.join(TASKS))
     parser.add_argument('--steps', type=int, help='override the step budget of every task')
     parser.add_argument('--tiny', action='store_true', help='tiny sizes: check that the script works')
@@ -134,27 +149,33 @@ def main(argv=None) -> int:
                         help='model keyword argument for one family, repeatable (overrides FAMILY_ARGS)')
     args = parser.parse_args(argv)
 
-    families = parse_families(args.families)
-    overrides = family_overrides(args.family_arg, families)
+    families = [f for f in args.families.split(',') if f]
     tasks = [t for t in args.tasks.split(',') if t]
     out = Path(args.out)
     rows = []
     for task in tasks:
         cfg = task_config(task, args.tiny, args.steps)
-        results = run_compare(cfg, families, out / task, family_args={f: family_args(f, cfg, overrides) for f in families},
-                              resume=args.resume,
-                              timeout=args.timeout, quiet=args.quiet,
-                              title=f'{task}, seq_len {cfg.model.seq_len}, window {cfg.model.window}')
-        full = next((r.summary['val']['accuracy'] for r in results if r.family == 'full' and r.summary), None)
-        for r in results:
-            acc = r.summary['val']['accuracy'] if r.summary else None
-            val = [m for m in read_metrics(out / task / r.family / 'metrics.jsonl') if m['split'] == 'val']
-            reached = next((m['step'] for m in val if m['accuracy'] >= 0.95), None) if r.summary else None
-            rows.append(dict(task=task, family=r.family, accuracy=acc, vs_full=acc / full if acc is not None and full else None,
-                             chance=chance(cfg), reached_95=reached, steps=r.summary.get('step'),
-                             train_time=r.summary.get('train_time'),
-                             wall=r.wall, status=r.status, message=r.message, seq_len=cfg.model.seq_len,
-                             window=cfg.model.window))
+        folder = out / task
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / 'long_range_config.json').write_text(json.dumps(cfg, indent=1))
+        argv = ['compare', '--config', str(folder / 'long_range_config.json'), '--families', ','.join(families),
+                '--out', str(folder), *[f for family in families for f in family_arg_flags(family, cfg, args.family_arg)],
+                *(['--resume'] if args.resume else []), *(['--quiet'] if args.quiet else []),
+                *(['--timeout', str(args.timeout)] if args.timeout else [])]
+        status = routeformer(argv)
+        if status == 2:  # a bad flag or setting: the command said what to change
+            return 2
+        results = {r['family']: r for r in json.loads((folder / 'compare.json').read_text())}
+        full = (results.get('full', {}).get('summary') or {}).get('val', {}).get('accuracy')
+        for family in families:
+            r = results[family]
+            summary = r['summary'] or {}
+            acc = summary['val']['accuracy'] if summary else None
+            rows.append(dict(task=task, family=family, accuracy=acc, vs_full=acc / full if acc is not None and full else None,
+                             chance=chance(cfg['data']), reached_95=first_step_at(folder / family / 'metrics.jsonl', 0.95),
+                             steps=summary.get('step'), train_time=summary.get('train_time'), wall=r['wall'],
+                             status=r['status'], message=r['message'], seq_len=cfg['model']['seq_len'],
+                             window=cfg['model']['window']))
 
     lines = ['| task | model | accuracy | vs full | chance | 95% at step | steps | wall time | status |',
              '|---|---|---|---|---|---|---|---|---|']

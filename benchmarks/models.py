@@ -1,6 +1,6 @@
 """Model registry for benchmarks/bench.py.
 
-Each entry maps a name to a builder `(ModelConfig) -> nn.Module`. The module maps token ids
+Each entry maps a name to a builder `(BenchShape) -> nn.Module`. The module maps token ids
 `(b, n)` to logits `(b, n, vocab)`, or to a tuple `(logits, aux_loss)`. Builders import their
 package inside the function so that a missing optional package fails only its own rows.
 To compare a new model family, add one builder here (and install its seed package).
@@ -16,7 +16,7 @@ from torch import nn
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class BenchShape:
     vocab: int
     dim: int
     depth: int
@@ -25,7 +25,7 @@ class ModelConfig:
     seq_len: int
 
 
-Builder = Callable[[ModelConfig], nn.Module]
+Builder = Callable[[BenchShape], nn.Module]
 REGISTRY: dict[str, Builder] = {}
 
 
@@ -48,7 +48,7 @@ def is_known(name: str) -> bool:
     return name in REGISTRY or ':' in name
 
 
-def _routeformer_lm(cfg: ModelConfig, **kwargs) -> nn.Module:
+def _routeformer_lm(cfg: BenchShape, **kwargs) -> nn.Module:
     from routeformer import TransformerLM
     return TransformerLM(
         num_tokens=cfg.vocab, dim=cfg.dim, depth=cfg.depth, heads=cfg.heads,
@@ -57,18 +57,18 @@ def _routeformer_lm(cfg: ModelConfig, **kwargs) -> nn.Module:
 
 
 @register('routeformer-full')
-def routeformer_full(cfg: ModelConfig) -> nn.Module:
+def routeformer_full(cfg: BenchShape) -> nn.Module:
     return _routeformer_lm(cfg)
 
 
 @register('routeformer-local')
-def routeformer_local(cfg: ModelConfig) -> nn.Module:
+def routeformer_local(cfg: BenchShape) -> nn.Module:
     # every head attends within its local window
     return _routeformer_lm(cfg, n_local_attn_heads=cfg.heads, local_attn_window_size=cfg.window)
 
 
 @register('routeformer-moba')
-def routeformer_moba(cfg: ModelConfig) -> nn.Module:
+def routeformer_moba(cfg: BenchShape) -> nn.Module:
     # each query: its own block and the 3 best blocks of `window` keys
     from routeformer import MoBATransformerLM
     return MoBATransformerLM(num_tokens=cfg.vocab, dim=cfg.dim, depth=cfg.depth, heads=cfg.heads,
@@ -77,7 +77,7 @@ def routeformer_moba(cfg: ModelConfig) -> nn.Module:
 
 
 @register('routeformer-dsa')
-def routeformer_dsa(cfg: ModelConfig) -> nn.Module:
+def routeformer_dsa(cfg: BenchShape) -> nn.Module:
     # a lightning indexer of 4 heads of 32 picks 2 * window tokens per query
     from routeformer import DSATransformerLM
     return DSATransformerLM(num_tokens=cfg.vocab, dim=cfg.dim, depth=cfg.depth, heads=cfg.heads,
@@ -86,7 +86,7 @@ def routeformer_dsa(cfg: ModelConfig) -> nn.Module:
 
 
 @register('routeformer-mosa')
-def routeformer_mosa(cfg: ModelConfig) -> nn.Module:
+def routeformer_mosa(cfg: BenchShape) -> nn.Module:
     # every head selects 2 * window tokens of the sequence and attends among them
     from routeformer import MoSATransformerLM
     return MoSATransformerLM(num_tokens=cfg.vocab, dim=cfg.dim, depth=cfg.depth, heads=cfg.heads,
@@ -95,7 +95,7 @@ def routeformer_mosa(cfg: ModelConfig) -> nn.Module:
 
 
 @register('routeformer-nsa')
-def routeformer_nsa(cfg: ModelConfig) -> nn.Module:
+def routeformer_nsa(cfg: BenchShape) -> nn.Module:
     # as `--family nsa`: blocks of window / 2 compressed every window / 4, the best 4 blocks of
     # window keys, a sliding window of window keys
     from routeformer import NSATransformerLM
@@ -106,7 +106,7 @@ def routeformer_nsa(cfg: ModelConfig) -> nn.Module:
 
 
 @register('x-transformers')
-def x_transformers_decoder(cfg: ModelConfig) -> nn.Module:
+def x_transformers_decoder(cfg: BenchShape) -> nn.Module:
     # full causal attention through torch SDPA: the reference point
     from x_transformers import Decoder, TransformerWrapper
     return TransformerWrapper(
@@ -116,7 +116,7 @@ def x_transformers_decoder(cfg: ModelConfig) -> nn.Module:
 
 
 @register('routeformer-sinkhorn')
-def routeformer_sinkhorn(cfg: ModelConfig) -> nn.Module:
+def routeformer_sinkhorn(cfg: BenchShape) -> nn.Module:
     # causal sinkhorn attention, blocks of `window` tokens, attention sort net, 2 selected blocks
     from routeformer import SinkhornTransformerLM
     return SinkhornTransformerLM(num_tokens=cfg.vocab, dim=cfg.dim, depth=cfg.depth, heads=cfg.heads,
@@ -124,7 +124,7 @@ def routeformer_sinkhorn(cfg: ModelConfig) -> nn.Module:
 
 
 @register('routeformer-sinkhorn-sortcut')
-def routeformer_sinkhorn_sortcut(cfg: ModelConfig) -> nn.Module:
+def routeformer_sinkhorn_sortcut(cfg: BenchShape) -> nn.Module:
     # the seed README's long-sequence recipe: reversible layers, chunked feed-forward and sortcut
     # (every query attends to the first 2 sorted key blocks: linear memory). Sortcut picks key
     # blocks once for the whole sequence, so the model is non-causal (the seed's 204k demonstration)
@@ -135,7 +135,7 @@ def routeformer_sinkhorn_sortcut(cfg: ModelConfig) -> nn.Module:
 
 
 @register('sinkhorn-transformer')
-def sinkhorn_transformer_seed(cfg: ModelConfig) -> nn.Module:
+def sinkhorn_transformer_seed(cfg: BenchShape) -> nn.Module:
     # the seed package (sinkhorn-transformer 0.11.4) with the same settings
     from sinkhorn_transformer import SinkhornTransformerLM
     return SinkhornTransformerLM(num_tokens=cfg.vocab, dim=cfg.dim, depth=cfg.depth, heads=cfg.heads,
@@ -144,27 +144,27 @@ def sinkhorn_transformer_seed(cfg: ModelConfig) -> nn.Module:
 
 # Routing Transformer, benchmark settings: 2 of the heads local (window `window`), the rest k-means
 # routed with clusters of `window` tokens; shared-QK, as both packages default to for causal models
-def _routing_kwargs(cfg: ModelConfig) -> dict:
+def _routing_kwargs(cfg: BenchShape) -> dict:
     return dict(num_tokens=cfg.vocab, dim=cfg.dim, depth=cfg.depth, max_seq_len=cfg.seq_len, heads=cfg.heads,
                 dim_head=cfg.dim // cfg.heads, window_size=cfg.window, n_local_attn_heads=min(2, cfg.heads),
                 local_attn_window_size=cfg.window, causal=True)
 
 
 @register('routeformer-routing')
-def routeformer_routing(cfg: ModelConfig) -> nn.Module:
+def routeformer_routing(cfg: BenchShape) -> nn.Module:
     from routeformer import RoutingTransformerLM
     return RoutingTransformerLM(**_routing_kwargs(cfg))
 
 
 @register('routeformer-routing-reversible')
-def routeformer_routing_reversible(cfg: ModelConfig) -> nn.Module:
+def routeformer_routing_reversible(cfg: BenchShape) -> nn.Module:
     # the seed README's long-sequence recipe: reversible layers and chunked feed-forward
     from routeformer import RoutingTransformerLM
     return RoutingTransformerLM(**_routing_kwargs(cfg), reversible=True, ff_chunks=16)
 
 
 @register('routing-transformer')
-def routing_transformer_seed(cfg: ModelConfig) -> nn.Module:
+def routing_transformer_seed(cfg: BenchShape) -> nn.Module:
     # the seed package (routing-transformer 1.6.1) with the same settings
     from routing_transformer import RoutingTransformerLM
     return RoutingTransformerLM(**_routing_kwargs(cfg))
@@ -175,7 +175,7 @@ def routing_transformer_seed(cfg: ModelConfig) -> nn.Module:
 # key/values in 2 routes, flash path). A block, not an LM: both packages' blocks are wrapped the same
 # way, token embedding -> `depth` x (block(x) + x) -> linear head.
 class _BlockLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, make_block: Callable[[], nn.Module]):
+    def __init__(self, cfg: BenchShape, make_block: Callable[[], nn.Module]):
         super().__init__()
         self.emb = nn.Embedding(cfg.vocab, cfg.dim)
         self.blocks = nn.ModuleList([make_block() for _ in range(cfg.depth)])
@@ -188,7 +188,7 @@ class _BlockLM(nn.Module):
         return self.head(h)
 
 
-def _colt5_block_kwargs(cfg: ModelConfig) -> dict:
+def _colt5_block_kwargs(cfg: BenchShape) -> dict:
     return dict(dim=cfg.dim, light_dim_head=64, light_heads=cfg.heads, light_window_size=cfg.window,
                 heavy_window_size=cfg.window, heavy_dim_head=64, heavy_heads=cfg.heads,
                 num_heavy_tokens_q=max(1, cfg.window // 4), num_heavy_tokens_kv=1024, num_routed_kv=2,
@@ -196,13 +196,13 @@ def _colt5_block_kwargs(cfg: ModelConfig) -> dict:
 
 
 @register('routeformer-colt5')
-def routeformer_colt5(cfg: ModelConfig) -> nn.Module:
+def routeformer_colt5(cfg: BenchShape) -> nn.Module:
     from routeformer import ConditionalRoutedAutoregressiveAttention
     return _BlockLM(cfg, lambda: ConditionalRoutedAutoregressiveAttention(**_colt5_block_kwargs(cfg)))
 
 
 @register('colt5-attention')
-def colt5_attention_seed(cfg: ModelConfig) -> nn.Module:
+def colt5_attention_seed(cfg: BenchShape) -> nn.Module:
     # the seed package (colt5-attention 0.11.2); its Triton kernel only on CUDA (it falls back on CPU anyway)
     import torch
     from colt5_attention import ConditionalRoutedAutoregressiveAttention
@@ -214,26 +214,26 @@ def colt5_attention_seed(cfg: ModelConfig) -> nn.Module:
 # the other families' windows of 128: with look-one-back a query sees two buckets, a window's worth of
 # keys), 4 hash rounds, reversible layers and the seed's default chunking (ff_chunks 100, attn_chunks 1)
 # in both packages
-def _reformer_kwargs(cfg: ModelConfig) -> dict:
+def _reformer_kwargs(cfg: BenchShape) -> dict:
     return dict(num_tokens=cfg.vocab, dim=cfg.dim, depth=cfg.depth, max_seq_len=cfg.seq_len, heads=cfg.heads,
                 dim_head=cfg.dim // cfg.heads, bucket_size=max(1, cfg.window // 2), n_hashes=4, causal=True)
 
 
 @register('routeformer-reformer')
-def routeformer_reformer(cfg: ModelConfig) -> nn.Module:
+def routeformer_reformer(cfg: BenchShape) -> nn.Module:
     from routeformer import ReformerLM
     return ReformerLM(**_reformer_kwargs(cfg))
 
 
 @register('routeformer-reformer-chunked')
-def routeformer_reformer_chunked(cfg: ModelConfig) -> nn.Module:
+def routeformer_reformer_chunked(cfg: BenchShape) -> nn.Module:
     # the seed README's recipe for the longest sequences: attention one head at a time
     from routeformer import ReformerLM
     return ReformerLM(**_reformer_kwargs(cfg), attn_chunks=cfg.heads)
 
 
 @register('reformer-pytorch')
-def reformer_pytorch_seed(cfg: ModelConfig) -> nn.Module:
+def reformer_pytorch_seed(cfg: BenchShape) -> nn.Module:
     # the seed package (reformer-pytorch 1.4.4) with the same settings
     from reformer_pytorch import ReformerLM
     return ReformerLM(**_reformer_kwargs(cfg))

@@ -42,9 +42,9 @@ class Attention(nn.Module):
                  local_qkv: bool = False, out_bias: bool = True, mem_kv_from_inputs: bool = False):
         super().__init__()
         if not 0 <= n_local_heads <= heads:
-            raise ValueError(f'n_local_attn_heads ({n_local_heads}) must be between 0 and heads ({heads})')
+            raise ValueError(f'n_local_heads ({n_local_heads}) must be between 0 and heads ({heads})')
         if n_local_heads > 0 and local_router is None:
-            raise ValueError('n_local_attn_heads > 0 needs a local router')
+            raise ValueError('n_local_heads > 0 needs a local_router')
         self.heads, self.causal, self.cross_attend, self.shared_qk = heads, causal and not cross_attend, cross_attend, shared_qk
         self.dim_head = dim_head
         inner, dim_kv = heads * dim_head, default(dim_context, dim)

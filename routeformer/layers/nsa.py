@@ -94,7 +94,7 @@ class NSAAttention(Attention):
         if router is not None:
             raise ValueError('NSA attention routes its heads itself: it takes no router')
         if kwargs.get('n_local_heads', 0) >= heads:
-            raise ValueError(f'n_local_attn_heads ({kwargs["n_local_heads"]}) must be less than heads ({heads}): '
+            raise ValueError(f'n_local_heads ({kwargs["n_local_heads"]}) must be less than heads ({heads}): '
                              f'NSA needs at least one head of its own')
         super().__init__(dim, heads=heads, dim_head=dim_head, causal=causal, **kwargs)
         # the plain layer put full attention on the heads after the local ones: those are NSA's

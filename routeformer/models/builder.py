@@ -65,6 +65,8 @@ def build_transformer(*, dim: int, depth: int, heads: int = 8, dim_head: int | N
     local_heads = cast_tuple(n_local_attn_heads, depth)
     if len(local_heads) != depth:
         raise ValueError(f'n_local_attn_heads has {len(local_heads)} entries but depth is {depth}')
+    if any(not 0 <= n <= heads for n in local_heads):
+        raise ValueError(f'n_local_attn_heads ({n_local_attn_heads}) must be between 0 and heads ({heads})')
     for name, layers in (('pkm_layers', pkm_layers), ('moe_layers', moe_layers)):
         if any(not 1 <= layer <= depth for layer in layers):
             raise ValueError(f'{name} {tuple(layers)} must be layer numbers between 1 and depth ({depth})')

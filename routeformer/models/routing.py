@@ -104,6 +104,8 @@ def build_routing_transformer(*, dim: int, depth: int, max_seq_len: int, heads: 
     # positions come from `rel_pos_emb` (rotary) here, routers from the k-means options
     pop_unknown_kwargs({k: v for k, v in kwargs.items() if k not in TRANSFORMER_KWARGS - {'rotary'}}, owner)
     check_positive(heads=heads, window_size=window_size)
+    if not 0. <= kmeans_ema_decay < 1.:
+        raise ValueError(f'kmeans_ema_decay must be in [0, 1), got {kmeans_ema_decay}')
     num_clusters = default(num_clusters, max_seq_len // window_size)
     if num_clusters < 1:
         raise ValueError(f'max_seq_len ({max_seq_len}) // window_size ({window_size}) gives no cluster: '

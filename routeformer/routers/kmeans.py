@@ -202,7 +202,7 @@ class KMeansRouter(Router):
         super().__init__()
         check_positive(heads=heads, dim_head=dim_head, num_clusters=num_clusters, window_size=window_size)
         if not 0. <= ema_decay < 1.:
-            raise ValueError(f'kmeans_ema_decay must be in [0, 1), got {ema_decay}')
+            raise ValueError(f'ema_decay must be in [0, 1), got {ema_decay}')
         self.num_clusters, self.window_size = num_clusters, window_size
         self.context_window_size = window_size if context_window_size is None else context_window_size
         if self.context_window_size < 1:
