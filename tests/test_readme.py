@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / 'README.md').read_text()
 
@@ -23,3 +25,17 @@ def test_readme_starts_with_the_two_commands_and_ci_runs_the_second():
 def test_readme_python_examples_run():
     for block in code_blocks('python'):
         exec(compile(block, 'README.md', 'exec'), {})
+
+
+@pytest.mark.parametrize('page', sorted(p.name for p in (ROOT / 'docs').glob('*.md')))
+def test_docs_python_examples_run(page):
+    text = (ROOT / 'docs' / page).read_text()
+    for block in re.findall(r'```python\n(.*?)```', text, flags=re.S):
+        exec(compile(block, f'docs/{page}', 'exec'), {})
+
+
+def test_readme_is_a_front_door_and_its_links_resolve():
+    assert len(README.splitlines()) < 200, 'measurement history belongs in benchmarks/README.md'
+    for target in re.findall(r'\]\(([^)#]+)(?:#[^)]*)?\)', README):
+        if not target.startswith('http'):
+            assert (ROOT / target).exists(), target
