@@ -93,7 +93,7 @@ TINY_TASKS = {'duplication': dict(data=dict(task='duplication', vocab=8)),
               'recall': dict(data=dict(task='recall', vocab=16, recall_pairs=4, recall_queries=2))}
 
 
-def task_config(task: str, tiny: bool, steps: int | None) -> dict:
+def task_config(task: str, tiny: bool, steps: int | None, seed: int = 0) -> dict:
     """The `routeformer` config file of one task: {'model': ..., 'data': ..., 'train': ...}."""
     cfg = dict(model=dict(MODEL), data=dict(TASKS[task]['data']), train={**TRAIN, **TASKS[task]['train']})
     if tiny:
@@ -101,6 +101,7 @@ def task_config(task: str, tiny: bool, steps: int | None) -> dict:
             cfg[section].update(values)
     if steps:
         cfg['train']['steps'] = steps
+    cfg['train']['seed'] = seed
     return cfg
 
 
@@ -140,6 +141,7 @@ def main(argv=None) -> int:
     parser.add_argument('--families', default=FAMILIES)
     parser.add_argument('--tasks', default=','.join(TASKS))
     parser.add_argument('--steps', type=int, help='override the step budget of every task')
+    parser.add_argument('--seed', type=int, default=0, help='seed of the initial weights and the data order')
     parser.add_argument('--tiny', action='store_true', help='tiny sizes: check that the script works')
     parser.add_argument('--out', default='benchmarks/results/long_range')
     parser.add_argument('--resume', action='store_true')
@@ -154,7 +156,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     rows = []
     for task in tasks:
-        cfg = task_config(task, args.tiny, args.steps)
+        cfg = task_config(task, args.tiny, args.steps, args.seed)
         folder = out / task
         folder.mkdir(parents=True, exist_ok=True)
         (folder / 'long_range_config.json').write_text(json.dumps(cfg, indent=1))

@@ -39,6 +39,25 @@ def check_mask(mask: Tensor | None, shape: tuple, name: str, like: str) -> Tenso
     return mask.bool()
 
 
+def trunk_context(x: Tensor, *, dim: int, max_seq_len: int | None, input_mask: Tensor | None,
+                  context: Tensor | None, context_mask: Tensor | None) -> LayerContext:
+    """The checked inputs of a trunk that maps features (b, n, dim) to features: the padding mask
+    of x, and an optional context (b, m, dim_context) with its own mask."""
+    if x.ndim != 3 or x.shape[-1] != dim:
+        raise ValueError(f'expected features of shape (batch, seq_len, dim={dim}), got {tuple(x.shape)}')
+    check_batch(x.shape, 'the input')
+    b, n, _ = x.shape
+    if exists(max_seq_len) and n > max_seq_len:
+        raise ValueError(f'sequence length {n} is longer than max_seq_len {max_seq_len}: truncate the '
+                         f'input or build the model with a larger max_seq_len')
+    input_mask = check_mask(input_mask, (b, n), 'input_mask', 'the input (batch, seq_len)')
+    if exists(context):
+        context_mask = check_mask(context_mask, context.shape[:2], 'context_mask', 'the context (batch, context_len)')
+    elif exists(context_mask):
+        raise ValueError('context_mask was given without a context')
+    return LayerContext(mask=input_mask, context=context, context_mask=context_mask)
+
+
 def reject_aux_layers(transformer: nn.Module, owner: str) -> None:
     """Models that return a bare tensor (the Reformer and Sinkhorn seed APIs) cannot carry an aux loss."""
     if any(isinstance(m, MoE) for m in transformer.modules()):

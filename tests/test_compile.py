@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch._dynamo as dynamo
 
-from test_causality import CAUSAL_CONFIGS, assert_causal, tokens
+from probes import CAUSAL_CONFIGS, assert_causal, tokens
 
 CONFIGS = dict(CAUSAL_CONFIGS)
 ONE_PER_FAMILY = ['full', 'all_local', 'routing', 'reformer_2hashes', 'sinkhorn_top1', 'colt5', 'moba', 'dsa',

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from routeformer import AutoregressiveWrapper, coor_descent, topk
-from test_causality import CAUSAL_CONFIGS, NUM_TOKENS, SEQ, assert_causal, logits_of, tokens
+from probes import CAUSAL_CONFIGS, NUM_TOKENS, SEQ, assert_causal, logits_of, tokens
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
 CUDA = torch.device('cuda')

@@ -14,7 +14,7 @@ or empty are skipped; our own bookkeeping (k-means balance counters, LSH rotatio
 initial value. Anything else unmatched is an error that lists it.
 
 Same weights give the same outputs where both implementations compute the same function
-(float32, eval mode, to ~1e-5; see tests/test_seed_weights.py). They differ where the seed has a
+(float32, eval mode, to ~1e-5; see tests/compat/test_seed_weights.py). They differ where the seed has a
 known defect or routes differently by design:
 - Routing: the seed's causal clusters leak (each cluster takes its top-w tokens over the whole
   sequence) and tokens chosen by no cluster get zeros; ours routes each token by itself. Outputs

@@ -12,6 +12,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..attention.executor import RoutedAttention
+from ..attention.plan import RoutePlan
 from ..attention.recording import AttentionRecord
 from ..context import LayerContext
 from ..helpers import default, exists, l2norm

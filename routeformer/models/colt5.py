@@ -15,6 +15,7 @@ i routed queries (per window), j routed keys (per window), c candidates.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import replace
 
 import torch
@@ -33,6 +34,7 @@ from ..layers.norms import RMSNorm
 from ..routers.local import LocalRouter
 from ..routers.topk import (CoordinateDescentRouter, batched_gather, causal_query_route, causal_query_state,
                             causal_query_step, route_back, straight_through)
+from .options import call_arguments
 
 
 def backend_for(use_flash_attn: bool, backend: str | None = None) -> str:
@@ -251,7 +253,6 @@ class ConditionalRoutedFeedForward(nn.Module):
         return self.light_ff(x) + self.heavy_ff(x) * rearrange(gate, 'b -> b 1 1').to(x.dtype)
 
     def causal_route(self, x, mask, num_tokens):
-        n = x.shape[1]
         s = self.router.scores(x)[:, 0]
         s, pad = pad_to_multiple(s, self.window_size, dim=-1)
         valid = default(mask, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device))
@@ -260,6 +261,15 @@ class ConditionalRoutedFeedForward(nn.Module):
                                              temperature=self.router.eps, straight=self.router.straight_through,
                                              need_soft=self.router.needs_soft(s))
         return rearrange(index, 'b g i -> b (g i)'), rearrange(gates, 'b g i -> b (g i)')
+
+
+class SeedRoutedNames:
+    """The seed's attribute names on a layer whose routed branches live in `self.routed`."""
+
+    q_router = property(lambda self: self.routed.q_router)
+    kv_router = property(lambda self: self.routed.kv_router)
+    heavy_attn = property(lambda self: self.routed.heavy_attn)
+    null_q_token = property(lambda self: self.routed.null_q_token)
 
 
 class RoutedBranches(nn.Module):
@@ -286,6 +296,13 @@ class RoutedBranches(nn.Module):
                                          multiply_keys_by_score=multiply_keys_by_score, backend=backend)
         self.rotary_emb = RotaryEmbedding(heavy_dim_head) if rotary_emb else None
 
+    @classmethod
+    def from_arguments(cls, arguments: dict, **overrides) -> RoutedBranches:
+        """From a routed attention layer's own arguments (`call_arguments(locals())`): the ones
+        this takes, then `overrides`."""
+        names = inspect.signature(cls.__init__).parameters
+        return cls(**{**{k: v for k, v in arguments.items() if k in names}, **overrides})
+
     def routed_heavy(self, x: Tensor, *, mask: Tensor | None, num_q: int, num_kv: int,
                      random_route: bool = False) -> Tensor:
         """Heavy branch over the whole sequence x (b, n, d): (b, n, d)."""
@@ -306,7 +323,7 @@ class RoutedBranches(nn.Module):
         return scatter_heavy(x, out, idx_q, self.null_q_token)
 
 
-class ConditionalRoutedAttention(nn.Module):
+class ConditionalRoutedAttention(SeedRoutedNames, nn.Module):
     """Light local attention over every token (each sees about light_window_size / 2 tokens either
     side) + heavy full attention among num_heavy_tokens_q routed queries and num_heavy_tokens_kv
     routed key/values (split into `num_routed_kv` routes over the heavy heads). Non-causal.
@@ -328,19 +345,9 @@ class ConditionalRoutedAttention(nn.Module):
             dim, heads=light_heads, dim_head=light_dim_head, n_local_heads=light_heads,
             local_router=LocalRouter(light_window_size // 2, look_backward=1, look_forward=1),
             backend=backend_for(use_flash_attn, backend), out_bias=False) if has_light_attn else None
-        self.routed = RoutedBranches(
-            dim, num_heavy_tokens_q=num_heavy_tokens_q, num_heavy_tokens_kv=num_heavy_tokens_kv,
-            num_routed_kv=num_routed_kv, heavy_dim_head=heavy_dim_head, heavy_heads=heavy_heads,
-            router_straight_through=router_straight_through, router_kwargs=router_kwargs,
-            multiply_keys_by_score=multiply_keys_by_score, multiply_queries_by_score=multiply_queries_by_score,
-            use_triton=use_triton, use_null_q_tokens=use_null_q_tokens, backend=backend_for(use_flash_attn, backend),
-            rotary_emb=rotary_emb)
+        self.routed = RoutedBranches.from_arguments(call_arguments(locals()),
+                                                    backend=backend_for(use_flash_attn, backend))
 
-    # the seed's attribute names
-    q_router = property(lambda self: self.routed.q_router)
-    kv_router = property(lambda self: self.routed.kv_router)
-    heavy_attn = property(lambda self: self.routed.heavy_attn)
-    null_q_token = property(lambda self: self.routed.null_q_token)
 
     def forward(self, x: Tensor, *, num_heavy_tokens_q: int | None = None, num_heavy_tokens_kv: int | None = None,
                 mask: Tensor | None = None) -> Tensor:
@@ -362,7 +369,7 @@ def light_local_attention(attn: Attention, x: Tensor, mask: Tensor | None, ctx: 
     return out[:, :n]
 
 
-class ConditionalRoutedImageAttention(nn.Module):
+class ConditionalRoutedImageAttention(SeedRoutedNames, nn.Module):
     """For feature maps (b, H, W, d), or (b, d, H, W) with `channel_first`. Light branch: full
     attention inside each light_window_size x light_window_size patch (H and W are padded up to
     multiples of it). Heavy branch: queries and key/values routed from the whole map, so a pixel
@@ -381,18 +388,9 @@ class ConditionalRoutedImageAttention(nn.Module):
         self.light_norm = RMSNorm(dim)
         self.light_attn = Attention(dim, heads=light_heads, dim_head=light_dim_head,
                                     backend=backend_for(use_flash_attn, backend), out_bias=False)
-        self.routed = RoutedBranches(
-            dim, num_heavy_tokens_q=num_heavy_tokens_q, num_heavy_tokens_kv=num_heavy_tokens_kv,
-            num_routed_kv=num_routed_kv, heavy_dim_head=heavy_dim_head, heavy_heads=heavy_heads,
-            router_straight_through=router_straight_through, router_kwargs=router_kwargs,
-            multiply_keys_by_score=multiply_keys_by_score, multiply_queries_by_score=multiply_queries_by_score,
-            use_triton=use_triton, use_null_q_tokens=use_null_q_tokens,
-            backend=backend_for(use_flash_attn, backend))
+        self.routed = RoutedBranches.from_arguments(call_arguments(locals()),
+                                                    backend=backend_for(use_flash_attn, backend))
 
-    q_router = property(lambda self: self.routed.q_router)
-    kv_router = property(lambda self: self.routed.kv_router)
-    heavy_attn = property(lambda self: self.routed.heavy_attn)
-    null_q_token = property(lambda self: self.routed.null_q_token)
 
     def forward(self, x: Tensor, *, num_heavy_tokens_q: int | None = None, num_heavy_tokens_kv: int | None = None,
                 mask: Tensor | None = None) -> Tensor:

@@ -35,14 +35,16 @@ from ..routers.topk import (causal_kv_candidates, causal_query_route, causal_que
                             merge_window, route_back, straight_through)
 from ..transformer import Block, Sublayer, Transformer
 from .builder import build_pos_emb
-from .colt5 import ConditionalRoutedFeedForward, RoutedBranches, backend_for, check_positive, light_local_attention
+from .colt5 import (ConditionalRoutedFeedForward, RoutedBranches, SeedRoutedNames, backend_for, check_positive,
+                    light_local_attention)
+from .options import call_arguments
 
 
 def valid_mask(x: Tensor, mask: Tensor | None) -> Tensor:
     return default(mask, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device))
 
 
-class ConditionalRoutedAutoregressiveAttention(nn.Module):
+class ConditionalRoutedAutoregressiveAttention(SeedRoutedNames, nn.Module):
     """Causal CoLT5 attention. Light: causal local attention (window light_window_size, sees its
     window and the previous one). Heavy: per window of heavy_window_size tokens (default the light
     window), num_heavy_tokens_q routed queries attend to num_heavy_tokens_kv key/values routed from
@@ -66,18 +68,9 @@ class ConditionalRoutedAutoregressiveAttention(nn.Module):
             dim, heads=light_heads, dim_head=light_dim_head, causal=True, n_local_heads=light_heads,
             local_router=LocalRouter(light_window_size, look_backward=1), backend=backend_for(use_flash_attn, backend),
             rotary=RotaryEmbedding(light_dim_head) if light_rotary_emb else None, out_bias=False)
-        self.routed = RoutedBranches(
-            dim, num_heavy_tokens_q=num_heavy_tokens_q, num_heavy_tokens_kv=num_heavy_tokens_kv,
-            num_routed_kv=num_routed_kv, heavy_dim_head=heavy_dim_head, heavy_heads=heavy_heads,
-            router_straight_through=router_straight_through, router_kwargs=router_kwargs,
-            multiply_keys_by_score=multiply_keys_by_score, multiply_queries_by_score=multiply_queries_by_score,
-            use_triton=use_triton, use_null_q_tokens=use_null_q_tokens, backend=backend_for(use_flash_attn, backend),
-            rotary_emb=rotary_emb)
+        self.routed = RoutedBranches.from_arguments(call_arguments(locals()),
+                                                    backend=backend_for(use_flash_attn, backend))
 
-    q_router = property(lambda self: self.routed.q_router)
-    kv_router = property(lambda self: self.routed.kv_router)
-    heavy_attn = property(lambda self: self.routed.heavy_attn)
-    null_q_token = property(lambda self: self.routed.null_q_token)
 
     @property
     def multiple_of(self) -> int:

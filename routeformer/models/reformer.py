@@ -21,7 +21,7 @@ Axes: b batch, h heads, n sequence, d head dim, g groups, i queries per group, j
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from einops import rearrange, repeat
@@ -41,6 +41,7 @@ from ..routers.lsh import LSHRouter, buckets_for_length
 from ..transformer import Transformer
 from ..wrappers.encoder_decoder import EncoderDecoder
 from .builder import build_pos_emb, build_transformer
+from .options import Options, call_arguments
 from .transformer_lm import split_kwargs
 
 # ---------------------------------------------------------------- attention parts
@@ -166,50 +167,91 @@ def tie_cross_attention(block, *, attn_dropout: float, post_attn_dropout: float,
 
 # ---------------------------------------------------------------- the stack
 
-def build_reformer(*, dim: int, depth: int, max_seq_len: int | None, heads: int, dim_head: int | None,
-                   bucket_size: int, n_hashes: int, ff_chunks: int, attn_chunks: int | None, causal: bool,
-                   lsh_dropout: float, post_attn_dropout: float, lsh_attend_across_buckets: bool,
-                   lsh_allow_duplicate_attention: bool, random_rotations_per_head: bool, use_full_attn: bool,
-                   full_attn_thres: int, num_mem_kv: int, one_value_head: bool, n_local_attn_heads,
-                   rehash_each_round: bool, drop_for_hash_rate: float, receives_context: bool, reversible: bool,
-                   rotary: bool, **kwargs) -> Transformer:
-    """Reformer's flat keyword arguments -> a Transformer of shared-QK LSH attention layers (local
-    attention in the first `n_local_attn_heads` heads, window 2 * bucket_size). Any other keyword
-    argument of `build_transformer` passes through."""
-    check_positive(heads=heads, bucket_size=bucket_size)
+@dataclass(frozen=True)
+class ReformerOptions(Options):
+    """LSH attention and the Reformer's own layers, under reformer-pytorch's names (defaults:
+    `Reformer`'s).
+
+    `bucket_size`: tokens per hash bucket (and twice that is the local heads' window); `n_hashes`:
+    hash rounds, merged by log-sum-exp; `max_seq_len` fixes the number of buckets to max_seq_len /
+    bucket_size; `use_full_attn` replaces LSH by full attention, as does a sequence of at most
+    `full_attn_thres` tokens; `lsh_attend_across_buckets`, `lsh_allow_duplicate_attention`,
+    `rehash_each_round`, `random_rotations_per_head` and `drop_for_hash_rate` as in LSHRouter;
+    `lsh_dropout`: attention dropout; `post_attn_dropout`: dropout of each attention layer's output;
+    `one_value_head`: one value projection for every head; `attn_chunks`: attention run in that many
+    slices of batch x heads, one alive at a time; `receives_context`: cross-attention layers with
+    their own weights (without it, `keys=` goes through cross-attention that reuses each layer's
+    projections)."""
+
+    bucket_size: int = 64
+    n_hashes: int = 8
+    max_seq_len: int | None = None
+    use_full_attn: bool = False
+    full_attn_thres: int = 0
+    lsh_attend_across_buckets: bool = True
+    lsh_allow_duplicate_attention: bool = True
+    rehash_each_round: bool = True
+    random_rotations_per_head: bool = False
+    drop_for_hash_rate: float = 0.
+    lsh_dropout: float = 0.
+    post_attn_dropout: float = 0.
+    one_value_head: bool = False
+    attn_chunks: int | None = None
+    receives_context: bool = False
+
+
+# the shells' arguments that are neither options nor `build_transformer`'s
+SHELL_ONLY = ('reverse_thres', 'num_tokens', 'emb_dim', 'return_embeddings', 'weight_tie_embedding', 'fixed_position_emb',
+              'absolute_position_emb', 'axial_position_emb', 'axial_position_shape', 'emb_dropout')
+
+
+def build_reformer(options: ReformerOptions, *, dim: int, depth: int, heads: int, dim_head: int | None, causal: bool,
+                   n_local_attn_heads, **kwargs) -> Transformer:
+    """A Transformer of shared-QK LSH attention layers (local attention in the first
+    `n_local_attn_heads` heads). Any other keyword argument of `build_transformer` passes through."""
+    o = options
+    check_positive(heads=heads, bucket_size=o.bucket_size)
     if dim_head is None and dim % heads != 0:
         raise ValueError(f'dim ({dim}) is not divisible by heads ({heads}): set dim_head')
-    if attn_chunks is not None and attn_chunks < 1:
-        raise ValueError(f'attn_chunks must be a positive integer, got {attn_chunks}')
+    if o.attn_chunks is not None and o.attn_chunks < 1:
+        raise ValueError(f'attn_chunks must be a positive integer, got {o.attn_chunks}')
+    attn_chunks = default(o.attn_chunks, 1)
     # a fixed bucket count when the length is known: a token's bucket then never depends on how
     # long the sequence is (padding, cached decoding)
-    n_buckets = buckets_for_length(max_seq_len, bucket_size) if exists(max_seq_len) else None
+    n_buckets = buckets_for_length(o.max_seq_len, o.bucket_size) if exists(o.max_seq_len) else None
 
     def make_router(layer):
-        if use_full_attn:
+        if o.use_full_attn:
             return FullRouter()
-        return LSHRouter(bucket_size=bucket_size, n_hashes=n_hashes, n_buckets=n_buckets, full_attn_thres=full_attn_thres,
-                         attend_across_buckets=lsh_attend_across_buckets,
-                         allow_duplicate_attention=lsh_allow_duplicate_attention, rehash_each_round=rehash_each_round,
-                         random_rotations_per_head=random_rotations_per_head, drop_for_hash_rate=drop_for_hash_rate)
+        return LSHRouter(bucket_size=o.bucket_size, n_hashes=o.n_hashes, n_buckets=n_buckets,
+                         full_attn_thres=o.full_attn_thres, attend_across_buckets=o.lsh_attend_across_buckets,
+                         allow_duplicate_attention=o.lsh_allow_duplicate_attention,
+                         rehash_each_round=o.rehash_each_round, random_rotations_per_head=o.random_rotations_per_head,
+                         drop_for_hash_rate=o.drop_for_hash_rate)
 
     transformer = build_transformer(
         dim=dim, depth=depth, heads=heads, dim_head=dim_head, causal=causal, make_router=make_router,
-        n_local_attn_heads=n_local_attn_heads, local_attn_window_size=2 * bucket_size, shared_qk=True,
-        num_mem_kv=num_mem_kv, attn_dropout=lsh_dropout, attn_layer_dropout=post_attn_dropout, ff_chunks=ff_chunks,
-        reversible=reversible, rotary=rotary, receives_context=True,
+        n_local_attn_heads=n_local_attn_heads, local_attn_window_size=2 * o.bucket_size, shared_qk=True,
+        attn_dropout=o.lsh_dropout, attn_layer_dropout=o.post_attn_dropout, receives_context=True,
         mem_kv_from_inputs=kwargs.pop('mem_kv_from_inputs', True), **kwargs)
 
     blocks = list({id(block): block for block in transformer.blocks}.values())
     # tied layers share their attention: customise each attention module once
     attentions = {id(m): m for block in blocks for m in block.modules() if isinstance(m, Attention)}
     for module in attentions.values():
-        customise_attention(module, one_value_head=one_value_head, attn_chunks=default(attn_chunks, 1))
+        customise_attention(module, one_value_head=o.one_value_head, attn_chunks=attn_chunks)
     for block in blocks:
-        if not receives_context:
-            tie_cross_attention(block, attn_dropout=lsh_dropout, post_attn_dropout=post_attn_dropout,
-                                attn_chunks=default(attn_chunks, 1))
+        if not o.receives_context:
+            tie_cross_attention(block, attn_dropout=o.lsh_dropout, post_attn_dropout=o.post_attn_dropout,
+                                attn_chunks=attn_chunks)
     return transformer
+
+
+def reformer_stack(arguments: dict, owner: str, **overrides) -> Transformer:
+    """A shell's arguments (`call_arguments(locals())`) -> its stack."""
+    options, trunk = ReformerOptions.split(arguments)
+    trunk = {k: v for k, v in trunk.items() if k not in SHELL_ONLY}
+    return build_reformer(options, **{**split_kwargs(trunk, owner), **overrides})
 
 
 def context_of(context: Tensor | None, keys: Tensor | None) -> Tensor | None:
@@ -224,7 +266,7 @@ def no_input_attn_mask(input_attn_mask) -> None:
                          'input_mask, and use causal=True for autoregressive masking')
 
 
-class _ReformerOptions:
+class _ReverseThreshold:
     """What Reformer and ReformerLM share besides the stack: the reverse threshold."""
 
     def use_recompute(self, n: int) -> None:
@@ -232,16 +274,15 @@ class _ReformerOptions:
         self.transformer.recompute_in_backward = n > self.reverse_thres
 
 
-class Reformer(_ReformerOptions, nn.Module):
+class Reformer(_ReverseThreshold, nn.Module):
     """A stack of reversible shared-QK LSH attention layers: `forward(x (b, n, dim)) -> (b, n, dim)`.
 
-    Arguments as reformer-pytorch's `Reformer`, plus: `max_seq_len` (optional; fixes the number of
-    buckets to max_seq_len / bucket_size and bounds the input length), `twin_attention` (both
-    reversible branches are attention), `receives_context` (cross-attention layers with their own
-    weights, which then need `keys=`; without it `keys=` goes through cross-attention that reuses
-    each layer's projections), `rehash_each_round`, `drop_for_hash_rate`, `reversible`, `rotary`
-    (rotary positions in attention; on by default) and any keyword argument of
-    `build_transformer`. `forward(x, input_mask=None, context=None, context_mask=None, *, keys=None)`.
+    Arguments as reformer-pytorch's `Reformer` (the LSH ones are described in `ReformerOptions`),
+    plus: `max_seq_len` (optional; fixes the number of buckets and bounds the input length),
+    `twin_attention` (both reversible branches are attention), `receives_context`,
+    `rehash_each_round`, `drop_for_hash_rate`, `reversible`, `rotary` (rotary positions in
+    attention; on by default) and any keyword argument of `build_transformer`.
+    `forward(x, input_mask=None, context=None, context_mask=None, *, keys=None)`.
     """
 
     multiple_of = LM.multiple_of
@@ -258,19 +299,7 @@ class Reformer(_ReformerOptions, nn.Module):
         super().__init__()
         self.dim, self.max_seq_len, self.reverse_thres = dim, max_seq_len, reverse_thres
         self.bucket_size, self.num_mem_kv, self.full_attn_thres = bucket_size, num_mem_kv, full_attn_thres
-        self.transformer = build_reformer(
-            dim=dim, depth=depth, max_seq_len=max_seq_len, heads=heads, dim_head=dim_head, bucket_size=bucket_size,
-            n_hashes=n_hashes, ff_chunks=ff_chunks, attn_chunks=attn_chunks, causal=causal, weight_tie=weight_tie,
-            lsh_dropout=lsh_dropout, ff_dropout=ff_dropout, ff_activation=ff_activation, ff_mult=ff_mult,
-            ff_glu=ff_glu, post_attn_dropout=post_attn_dropout, layer_dropout=layer_dropout,
-            lsh_attend_across_buckets=lsh_attend_across_buckets,
-            lsh_allow_duplicate_attention=lsh_allow_duplicate_attention,
-            random_rotations_per_head=random_rotations_per_head, use_scale_norm=use_scale_norm, use_rezero=use_rezero,
-            use_full_attn=use_full_attn, full_attn_thres=full_attn_thres, num_mem_kv=num_mem_kv,
-            one_value_head=one_value_head, n_local_attn_heads=n_local_attn_heads, pkm_layers=pkm_layers,
-            pkm_num_keys=pkm_num_keys, twin_attention=twin_attention, receives_context=receives_context,
-            rehash_each_round=rehash_each_round, drop_for_hash_rate=drop_for_hash_rate, reversible=reversible,
-            rotary=rotary, **split_kwargs(kwargs, type(self).__name__))
+        self.transformer = reformer_stack(call_arguments(locals()), type(self).__name__)
 
     def forward(self, x: Tensor, input_mask: Tensor | None = None, context: Tensor | None = None,
                 context_mask: Tensor | None = None, *, keys: Tensor | None = None,
@@ -304,7 +333,7 @@ class NormalizedTiedLogits(nn.Module):
         return h @ l2norm(self.embedding.weight).t().to(h.dtype)
 
 
-class ReformerLM(_ReformerOptions, LM):
+class ReformerLM(_ReverseThreshold, LM):
     """Reformer language model with reformer-pytorch's arguments. Returns logits (b, n, num_tokens),
     or the final hidden states with `return_embeddings`.
 
@@ -326,24 +355,13 @@ class ReformerLM(_ReformerOptions, LM):
                  receives_context: bool = False, lsh_attend_across_buckets: bool = True,
                  lsh_allow_duplicate_attention: bool = True, rehash_each_round: bool = True,
                  drop_for_hash_rate: float = 0., reversible: bool = True, emb_dropout: float = 0., **kwargs):
+        arguments = call_arguments(locals())
         if kwargs.get('moe_layers'):
             raise ValueError('ReformerLM returns logits only, so a mixture-of-experts aux loss would be lost: '
                              'use TransformerLM (which returns (logits, aux_loss)) for moe_layers')
         pos_kind = ('axial' if axial_position_emb else 'absolute' if absolute_position_emb
                     else 'fixed' if fixed_position_emb else 'rotary')
-        transformer = build_reformer(
-            dim=dim, depth=depth, max_seq_len=max_seq_len, heads=heads, dim_head=dim_head, bucket_size=bucket_size,
-            n_hashes=n_hashes, ff_chunks=ff_chunks, attn_chunks=attn_chunks, causal=causal, weight_tie=weight_tie,
-            lsh_dropout=lsh_dropout, ff_dropout=ff_dropout, ff_activation=ff_activation, ff_mult=ff_mult,
-            ff_glu=ff_glu, post_attn_dropout=post_attn_dropout, layer_dropout=layer_dropout,
-            lsh_attend_across_buckets=lsh_attend_across_buckets,
-            lsh_allow_duplicate_attention=lsh_allow_duplicate_attention,
-            random_rotations_per_head=random_rotations_per_head, use_scale_norm=use_scale_norm, use_rezero=use_rezero,
-            use_full_attn=use_full_attn, full_attn_thres=full_attn_thres, num_mem_kv=num_mem_kv,
-            one_value_head=one_value_head, n_local_attn_heads=n_local_attn_heads, pkm_layers=pkm_layers,
-            pkm_num_keys=pkm_num_keys, twin_attention=twin_attention, receives_context=receives_context,
-            rehash_each_round=rehash_each_round, drop_for_hash_rate=drop_for_hash_rate, reversible=reversible,
-            rotary=pos_kind == 'rotary', **split_kwargs(kwargs, type(self).__name__))
+        transformer = reformer_stack(arguments, type(self).__name__, rotary=pos_kind == 'rotary')
         axial_shape = default(axial_position_shape, (math.ceil(max_seq_len / bucket_size), bucket_size))
         super().__init__(num_tokens=num_tokens, dim=dim, max_seq_len=max_seq_len, transformer=transformer,
                          emb_dim=emb_dim, emb_dropout=emb_dropout, return_embeddings=return_embeddings, causal=causal,

@@ -31,9 +31,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 from torch.autograd import Variable
 
-from ..context import LayerContext
-from ..helpers import as_loss, cast_tuple, check_positive, compiling, default, exists, pop_unknown_kwargs, seed_positional
-from ..lm import LM, check_batch, check_mask
+from ..helpers import as_loss, cast_tuple, check_positive, compiling, default, pop_unknown_kwargs, seed_positional
+from ..lm import LM, trunk_context
 from ..routers.kmeans import KMeansRouter
 from ..wrappers import Autopadder, AutoregressiveWrapper, EncoderDecoder  # noqa: F401  (seed imports them from here)
 from .builder import TRANSFORMER_KWARGS, build_pos_emb, build_transformer
@@ -163,16 +162,8 @@ class RoutingTransformer(KMeansUpdates, nn.Module):
 
     def forward(self, x: Tensor, input_mask: Tensor | None = None, context: Tensor | None = None,
                 context_mask: Tensor | None = None):
-        if x.ndim != 3 or x.shape[-1] != self.dim:
-            raise ValueError(f'expected features of shape (batch, seq_len, dim={self.dim}), got {tuple(x.shape)}')
-        check_batch(x.shape, 'the input')
-        b, n, _ = x.shape
-        input_mask = check_mask(input_mask, (b, n), 'input_mask', 'the input (batch, seq_len)')
-        if exists(context):
-            context_mask = check_mask(context_mask, context.shape[:2], 'context_mask', 'the context (batch, context_len)')
-        elif exists(context_mask):
-            raise ValueError('context_mask was given without a context')
-        ctx = LayerContext(mask=input_mask, context=context, context_mask=context_mask)
+        ctx = trunk_context(x, dim=self.dim, max_seq_len=None, input_mask=input_mask, context=context,
+                            context_mask=context_mask)
         x, aux = self.transformer(x, ctx)
         aux = as_loss(aux)
         self.kmeans_hook(x, aux)

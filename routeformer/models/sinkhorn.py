@@ -39,18 +39,20 @@ their own norms) except where noted below; a seed checkpoint loads with
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from torch import Tensor, nn
 
 from ..context import LayerContext
 from ..helpers import cast_tuple, check_positive, default, exists, next_multiple, pop_unknown_kwargs, single_output
 from ..layers.attention import Attention
-from ..lm import LM, check_batch, check_mask, reject_aux_layers
+from ..lm import LM, check_mask, reject_aux_layers, trunk_context
 from ..routers import LocalRouter
 from ..routers.sinkhorn import SinkhornRouter
 from ..transformer import Transformer
 from ..wrappers import EncoderDecoder
 from .builder import TRANSFORMER_KWARGS, build_pos_emb, build_transformer
+from .options import Options, call_arguments
 
 
 def bucketed_length(max_seq_len: int, bucket_size: int, kv_bucket_size: int | None) -> int:
@@ -60,16 +62,39 @@ def bucketed_length(max_seq_len: int, bucket_size: int, kv_bucket_size: int | No
     return next_multiple(max_seq_len, math.lcm(bucket_size, kv_bucket_size))
 
 
-def build_sinkhorn_transformer(*, dim: int, depth: int, heads: int, dim_head: int | None, bucket_size: int,
-                               kv_bucket_size: int | None, context_bucket_size: int | None, causal: bool,
-                               non_permutative: bool, sinkhorn_iter: int, n_sortcut: int, temperature: float,
-                               use_simple_sort_net: bool | None, max_seq_len: int | None, receives_context: bool,
-                               context_n_sortcut: int, n_local_attn_heads: int | tuple, n_top_buckets: int,
-                               rotary: bool = False, owner: str = 'SinkhornTransformer', **kwargs) -> Transformer:
-    """The seed's flat keyword arguments -> a Transformer with sinkhorn-routed heads. The other
-    keyword arguments go to `build_transformer` unchanged; unknown ones are an error."""
+@dataclass(frozen=True)
+class SinkhornOptions(Options):
+    """Sinkhorn routing, under the seed's names (defaults: `SinkhornTransformer`'s).
+
+    `bucket_size`: queries per block, and keys unless `kv_bucket_size`; `context_bucket_size`:
+    context keys per block in cross-attention (default `bucket_size`); `n_top_buckets`: key blocks
+    each query block attends; `n_sortcut`: key blocks every query block shares (the sortcut,
+    non-causal; `context_n_sortcut` in cross-attention); `non_permutative`: score blocks with a
+    softmax instead of Sinkhorn-normalised Gumbel noise, `sinkhorn_iter` normalisation rounds, at
+    `temperature`; `use_simple_sort_net`: key blocks scored by learned weights per position
+    (needs `max_seq_len`) instead of the attention sort net."""
+
+    bucket_size: int = 64
+    kv_bucket_size: int | None = None
+    context_bucket_size: int | None = None
+    non_permutative: bool = False
+    sinkhorn_iter: int = 5
+    n_sortcut: int = 0
+    temperature: float = 0.75
+    use_simple_sort_net: bool | None = None
+    max_seq_len: int | None = None
+    context_n_sortcut: int = 2
+    n_top_buckets: int = 1
+
+
+def build_sinkhorn_transformer(options: SinkhornOptions, *, dim: int, depth: int, heads: int, dim_head: int | None,
+                               causal: bool, n_local_attn_heads: int | tuple, rotary: bool = False,
+                               owner: str = 'SinkhornTransformer', **kwargs) -> Transformer:
+    """A Transformer with sinkhorn-routed heads. The other keyword arguments go to
+    `build_transformer` unchanged; unknown ones are an error."""
+    o = options
     pop_unknown_kwargs({k: v for k, v in kwargs.items() if k not in TRANSFORMER_KWARGS - {'rotary'}}, owner)
-    check_positive(heads=heads, bucket_size=bucket_size)
+    check_positive(heads=heads, bucket_size=o.bucket_size)
     if dim_head is None:
         if dim % heads != 0:
             raise ValueError(f'dim ({dim}) must be divisible by heads ({heads}) when dim_head is not given')
@@ -77,34 +102,33 @@ def build_sinkhorn_transformer(*, dim: int, depth: int, heads: int, dim_head: in
     local_heads = cast_tuple(n_local_attn_heads, depth)
     if len(local_heads) != depth:
         raise ValueError(f'n_local_attn_heads has {len(local_heads)} entries but depth is {depth}')
-    sort_kwargs = dict(bucket_size=bucket_size, dim_head=dim_head, n_top_buckets=n_top_buckets,
-                       non_permutative=non_permutative, sinkhorn_iter=sinkhorn_iter, temperature=temperature,
+    sort_kwargs = dict(bucket_size=o.bucket_size, dim_head=dim_head, n_top_buckets=o.n_top_buckets,
+                       non_permutative=o.non_permutative, sinkhorn_iter=o.sinkhorn_iter, temperature=o.temperature,
                        causal=causal)
 
     def make_router(layer):
         routed = heads - local_heads[layer]
         if routed <= 0:
             return None
-        return SinkhornRouter(heads=routed, kv_bucket_size=kv_bucket_size, n_sortcut=n_sortcut,
-                              use_simple_sort_net=bool(use_simple_sort_net), max_seq_len=max_seq_len, **sort_kwargs)
+        return SinkhornRouter(heads=routed, kv_bucket_size=o.kv_bucket_size, n_sortcut=o.n_sortcut,
+                              use_simple_sort_net=bool(o.use_simple_sort_net), max_seq_len=o.max_seq_len, **sort_kwargs)
 
     def make_context_router(layer):
-        return SinkhornRouter(heads=heads, kv_bucket_size=default(context_bucket_size, bucket_size),
-                              n_sortcut=context_n_sortcut, cross=True, **sort_kwargs)
+        return SinkhornRouter(heads=heads, kv_bucket_size=default(o.context_bucket_size, o.bucket_size),
+                              n_sortcut=o.context_n_sortcut, cross=True, **sort_kwargs)
 
-    kwargs.setdefault('local_attn_window_size', bucket_size)  # the seed's local heads: windows of bucket_size
+    kwargs.setdefault('local_attn_window_size', o.bucket_size)  # the seed's local heads: windows of bucket_size
     kwargs.setdefault('context_ff', True)  # the seed's decoder: a cross-attention layer with its own feed-forward
     return build_transformer(dim=dim, depth=depth, heads=heads, dim_head=dim_head, causal=causal,
                              make_router=make_router, make_context_router=make_context_router,
-                             n_local_attn_heads=n_local_attn_heads, receives_context=receives_context,
-                             rotary=rotary, **kwargs)
+                             n_local_attn_heads=n_local_attn_heads, rotary=rotary, **kwargs)
 
 
 class SinkhornTransformer(nn.Module):
     """The transformer trunk on feature vectors: `forward(x (b, n, dim), input_mask=None,
     context=None, context_mask=None)` returns x (b, n, dim). The seed's keyword arguments and
-    defaults (`max_seq_len` is needed only by the simple sort net), plus those of
-    `build_transformer`."""
+    defaults (the routing ones are described in `SinkhornOptions`; `max_seq_len` is needed only by
+    the simple sort net), plus those of `build_transformer`."""
 
     multiple_of = LM.multiple_of  # the sequence multiple Autopadder pads to
 
@@ -121,35 +145,15 @@ class SinkhornTransformer(nn.Module):
         if exists(max_seq_len):
             max_seq_len = bucketed_length(max_seq_len, bucket_size, kv_bucket_size)
         self.dim, self.max_seq_len, self.causal = dim, max_seq_len, causal
-        self.transformer = build_sinkhorn_transformer(
-            dim=dim, depth=depth, heads=heads, dim_head=dim_head, bucket_size=bucket_size,
-            kv_bucket_size=kv_bucket_size, context_bucket_size=context_bucket_size, causal=causal,
-            non_permutative=non_permutative, sinkhorn_iter=sinkhorn_iter, n_sortcut=n_sortcut,
-            temperature=temperature, use_simple_sort_net=use_simple_sort_net, max_seq_len=max_seq_len,
-            receives_context=receives_context, context_n_sortcut=context_n_sortcut,
-            n_local_attn_heads=n_local_attn_heads, n_top_buckets=n_top_buckets, reversible=reversible,
-            ff_chunks=ff_chunks, ff_dropout=ff_dropout, attn_dropout=attn_dropout,
-            attn_layer_dropout=attn_layer_dropout, layer_dropout=layer_dropout, weight_tie=weight_tie,
-            ff_glu=ff_glu, use_rezero=use_rezero, pkm_layers=pkm_layers, pkm_num_keys=pkm_num_keys,
-            owner=type(self).__name__, **kwargs)
+        options, trunk = SinkhornOptions.split(call_arguments(locals()))
+        self.transformer = build_sinkhorn_transformer(options, owner=type(self).__name__, **trunk)
         reject_aux_layers(self.transformer, type(self).__name__)
 
     def forward(self, x: Tensor, input_mask: Tensor | None = None, context: Tensor | None = None,
                 context_mask: Tensor | None = None):
-        if x.ndim != 3 or x.shape[-1] != self.dim:
-            raise ValueError(f'expected features of shape (batch, seq_len, dim={self.dim}), got {tuple(x.shape)}')
-        check_batch(x.shape, 'the input')
-        b, n, _ = x.shape
-        if exists(self.max_seq_len) and n > self.max_seq_len:
-            raise ValueError(f'sequence length {n} is longer than max_seq_len {self.max_seq_len}: truncate the '
-                             f'input or build the model with a larger max_seq_len')
-        input_mask = check_mask(input_mask, (b, n), 'input_mask', 'the input (batch, seq_len)')
-        if exists(context):
-            context_mask = check_mask(context_mask, context.shape[:2], 'context_mask',
-                                      'the context (batch, context_len)')
-        elif exists(context_mask):
-            raise ValueError('context_mask was given without a context')
-        x, _ = self.transformer(x, LayerContext(mask=input_mask, context=context, context_mask=context_mask))
+        ctx = trunk_context(x, dim=self.dim, max_seq_len=self.max_seq_len, input_mask=input_mask, context=context,
+                            context_mask=context_mask)
+        x, _ = self.transformer(x, ctx)
         return single_output(x, type(self).__name__)
 
 
@@ -174,17 +178,11 @@ class SinkhornTransformerLM(LM):
                  pkm_layers: tuple = (), pkm_num_keys: int = 128, *, pos_emb: str | None = 'axial',
                  axial_position_shape: tuple | None = None, tie_embedding: bool = False, **kwargs):
         max_seq_len = bucketed_length(max_seq_len, bucket_size, kv_bucket_size)
-        transformer = build_sinkhorn_transformer(
-            dim=dim, depth=depth, heads=heads, dim_head=dim_head, bucket_size=bucket_size,
-            kv_bucket_size=kv_bucket_size, context_bucket_size=context_bucket_size, causal=causal,
-            non_permutative=non_permutative, sinkhorn_iter=sinkhorn_iter, n_sortcut=n_sortcut,
-            temperature=temperature, use_simple_sort_net=use_simple_sort_net, max_seq_len=max_seq_len,
-            receives_context=receives_context, context_n_sortcut=context_n_sortcut,
-            n_local_attn_heads=n_local_attn_heads, n_top_buckets=n_top_buckets, reversible=reversible,
-            ff_chunks=ff_chunks, ff_dropout=ff_dropout, attn_dropout=attn_dropout,
-            attn_layer_dropout=attn_layer_dropout, layer_dropout=layer_dropout, weight_tie=weight_tie,
-            ff_glu=ff_glu, use_rezero=use_rezero, pkm_layers=pkm_layers, pkm_num_keys=pkm_num_keys,
-            rotary=pos_emb == 'rotary', owner=type(self).__name__, **kwargs)
+        options, trunk = SinkhornOptions.split(call_arguments(locals()))
+        lm_only = ('num_tokens', 'return_embeddings', 'emb_dropout', 'emb_dim', 'pos_emb', 'axial_position_shape',
+                   'tie_embedding')
+        transformer = build_sinkhorn_transformer(options, rotary=pos_emb == 'rotary', owner=type(self).__name__,
+                                                 **{k: v for k, v in trunk.items() if k not in lm_only})
         axial_position_shape = default(axial_position_shape, (max_seq_len // bucket_size, bucket_size))
         super().__init__(num_tokens=num_tokens, dim=dim, max_seq_len=max_seq_len, transformer=transformer,
                          emb_dim=emb_dim, emb_dropout=emb_dropout, tie_embedding=tie_embedding,

@@ -5,7 +5,6 @@ Axes: b batch, h heads, n sequence, d head dim.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from ..attention.plan import RoutePlan

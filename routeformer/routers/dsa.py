@@ -6,8 +6,9 @@ I(t, s) = sum_j w(t, j) * relu(<q_I(t, j), k_I(s)>), with `index_n_heads` indexe
 tokens only (the same tokens in every head of the layer). The selection has no gradient; the
 indexer learns from its own loss, the KL divergence from the main attention's distribution over
 the selected tokens (summed over heads and renormalised) to softmax(I), on detached inputs, so
-that it never changes the main model. `dense_warmup_steps` first trains it against dense
-attention, as the paper's warm-up stage.
+that it never changes the main model. For `dense_warmup_steps` training forwards the layer attends
+densely and the indexer learns the dense distribution, as in the paper's warm-up stage (which
+starts from a trained dense model; here the rest of the model trains too, densely).
 
 What we changed: the indexer reads the attention's queries and keys of its heads (all heads
 concatenated, detached) instead of the hidden state: they are linear in the normed hidden state,
@@ -78,7 +79,7 @@ class DSARouter(Router):
     """`heads`, `dim_head`: the routed heads this router serves; `index_n_heads`,
     `index_head_dim`, `index_topk`: the indexer's heads, their width and the tokens each query
     attends (the paper's 64, 128 and 2048); `index_loss_weight` scales the indexer's KL loss;
-    `dense_warmup_steps`: training forwards with dense attention while only the indexer learns."""
+    `dense_warmup_steps`: training forwards with dense attention before selection starts."""
 
     # decoding scores the indexer keys of every position so far, padding excluded
     needs_routing_keys = True

@@ -325,7 +325,6 @@ def causal_query_step(state: dict, s: Tensor, valid: Tensor, *, window: int, num
 
 def causal_query_state(s: Tensor, valid: Tensor, *, window: int, num_tokens: int) -> dict:
     """The `causal_query_step` state after the tokens s, valid (b, n) (a prefill)."""
-    b = s.shape[0]
     state = dict(s=s[:, :0], valid=valid[:, :0])
     n = s.shape[1]
     if n == 0:

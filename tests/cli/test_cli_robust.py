@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 
 import routeformer
 from routeformer.cli import checkpoint, main
-from test_cli import DUP, RESUMABLE, cli, fails, rows, whole, without_clock  # noqa: F401 (whole: a fixture)
+
+from cli_runs import DUP, RESUMABLE, cli, fails, rows, without_clock
 
 
 def strict_json(text: str):
@@ -268,7 +269,7 @@ def test_help_shows_defaults_and_only_accepted_flags(capsys):
 def test_the_routing_claim_printed_after_training_is_the_readmes_measurement():
     import re
     from routeformer.cli.train import VERSUS_LOCAL
-    readme = (Path(__file__).resolve().parents[1] / 'README.md').read_text()
+    readme = (Path(__file__).resolve().parents[2] / 'README.md').read_text()
     # the long-range table: | model | duplication | recall |, local with its chance level
     routing = re.search(r'^\| routing \| ([\d.]+%) \|', readme, flags=re.M).group(1)
     local, chance = re.search(r'^\| local \| ([\d.]+%) \(chance ([\d.]+%)\) \|', readme, flags=re.M).groups()

@@ -15,7 +15,7 @@ from routeformer import (AutoregressiveWrapper, MoBATransformerLM, Recorder, Ref
 from routeformer.attention import backends, flex
 from routeformer.attention.backends import Call, choose
 
-from test_causality import CAUSAL_CONFIGS, assert_causal, logits_of, tokens
+from probes import CAUSAL_CONFIGS, assert_causal, logits_of, tokens
 
 pytestmark = pytest.mark.skipif(not flex.available(), reason='this torch has no FlexAttention')
 

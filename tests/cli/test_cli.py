@@ -13,30 +13,7 @@ from routeformer.cli import checkpoint
 from routeformer.cli.config import Config, DataConfig
 from routeformer.cli.data import DuplicationTask, RecallTask, TextSource, load_corpus, make_source, split_by_file, stdlib_root, text_files
 
-TINY = ['--seq-len', '16', '--dim', '16', '--depth', '1', '--heads', '2', '--window', '8', '--batch-size', '4',
-        '--eval-batches', '1', '--warmup', '2', '--quiet']
-DUP = ['--task', 'duplication', '--vocab', '8', *TINY]
-
-
-def cli(capsys, *argv, expect=0):
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    assert rc == expect, f'exit {rc}\nstdout:\n{out}\nstderr:\n{err}'
-    assert 'Traceback' not in err
-    return out, err
-
-
-def fails(capsys, *argv, match: str):
-    _, err = cli(capsys, *argv, expect=2)
-    assert 'error:' in err and match in err, err
-    assert len(err.strip().splitlines()) == 1, err  # one message, no trace
-    return err
-
-
-def rows(run: Path, split='train'):
-    return [json.loads(line) for line in (run / 'metrics.jsonl').read_text().splitlines()
-            if json.loads(line)['split'] == split]
-
+from cli_runs import DUP, RESUMABLE, TINY, cli, fails, rows, without_clock
 
 @pytest.fixture(scope='module')
 def text_dir(tmp_path_factory):
@@ -202,22 +179,6 @@ def test_config_file_then_flags(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- resume and crashes
-
-RESUMABLE = [*DUP, '--steps', '6', '--eval-every', '3', '--save-every', '3']
-
-
-@pytest.fixture(scope='module')
-def whole(tmp_path_factory):
-    """The uninterrupted run every interrupted one must reproduce."""
-    out = tmp_path_factory.mktemp('runs') / 'whole'
-    assert main(['train', *RESUMABLE, '--out', str(out)]) == 0
-    return out
-
-
-def without_clock(run: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(r).items() if k != 'train_time'}
-            for r in (run / 'metrics.jsonl').read_text().splitlines()]
-
 
 def test_resume_reproduces_the_uninterrupted_losses(tmp_path, capsys, whole):
     out, _ = cli(capsys, 'train', *RESUMABLE, '--out', tmp_path / 'parts', '--stop-at', '4')
@@ -474,7 +435,7 @@ def test_readme_main_command(tmp_path, capsys, monkeypatch):
 def test_long_range_script_tiny(tmp_path):
     import subprocess
     import sys
-    script = Path(__file__).resolve().parents[1] / 'benchmarks' / 'long_range.py'
+    script = Path(__file__).resolve().parents[2] / 'benchmarks' / 'long_range.py'
     proc = subprocess.run([sys.executable, str(script), '--families', 'full,local', '--tiny', '--quiet',
                            '--out', str(tmp_path)], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from routeformer import (Autopadder, AutoregressiveWrapper, KMeansRouter, Recorder, RoutingTransformer,
                          RoutingTransformerEncDec, RoutingTransformerLM)
@@ -19,6 +18,8 @@ from routeformer.layers.relative_position import RelativePositionLogits
 from routeformer.models.routing_presets import PRESETS, paper_hparams_to_kwargs, preset_kwargs
 from routeformer.routers import LocalRouter
 from routeformer.routers.kmeans import groups_by_cluster
+
+from probes import assert_causal
 
 NUM_TOKENS, DIM = 40, 32
 
@@ -725,7 +726,6 @@ def test_bf16_autocast_forward_backward():
 
 def test_balanced_routing_in_a_causal_model_would_leak(monkeypatch):
     # the causality test bites on k-means: the seed's balanced top-k assignment leaks future tokens
-    from test_causality import assert_causal
     model = lm(max_seq_len=16, window_size=4)
     monkeypatch.setattr(KMeansRouter, 'route_causal', KMeansRouter.route_balanced)
     with pytest.raises(AssertionError, match='leaks'):
@@ -796,7 +796,6 @@ def test_paper_local_blocks_are_local_router_from_query_shape():
 
 @pytest.mark.parametrize('name', ['pg19_local_cluster8k', 'wikitext103_local_cluster4k', 'enwik8_local8k'])
 def test_shrunk_presets_train_and_are_causal(name):
-    from test_causality import assert_causal
     model = RoutingTransformerLM.from_preset(name, shrink=True, num_tokens=64)
     wrapper = AutoregressiveWrapper(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)

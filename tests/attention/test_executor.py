@@ -13,6 +13,8 @@ from routeformer.attention.executor import RoutedAttention
 from routeformer.attention.plan import RoutePlan
 from routeformer.routers import FullRouter, LocalRouter
 
+from probes import CAUSAL_CONFIGS, logits_of, non_causal_configs, tokens
+
 B, H, N, D = 2, 3, 16, 8
 
 
@@ -445,17 +447,9 @@ def test_gates_and_bias_match_an_explicit_computation():
 
 # ---------------------------------------------------------------- groups attended in pieces
 
-def non_causal_configs():
-    from test_causality import reformer_lm, routing_lm, sinkhorn_lm
-    return [('routing_non_causal', routing_lm(causal=False, n_local_attn_heads=1, local_attn_window_size=4)),
-            ('sinkhorn_non_causal_sortcut', sinkhorn_lm(causal=False, n_sortcut=2)),
-            ('reformer_non_causal', reformer_lm(causal=False, n_hashes=3))]
-
-
 def piece_configs():
     """The configurations whose attention gathers keys by index into many groups (full and local
     attention, and CoLT5's one group of routed tokens, are one call)."""
-    from test_causality import CAUSAL_CONFIGS
     routed = ('routing', 'sinkhorn', 'reformer')
     return [(name, factory) for name, factory in CAUSAL_CONFIGS + non_causal_configs()
             if any(family in name for family in routed) and 'full_attn' not in name]
@@ -464,8 +458,6 @@ def piece_configs():
 def outputs_and_grads_of(factory):
     """A function giving the logits and parameter gradients of the model `factory` builds, in float64
     (two runs differ only in summation order) and eval mode (fixed routing; gradients still flow)."""
-    from test_causality import logits_of, tokens
-
     model, context = factory()
     model.double().eval()
     context = context.double() if context is not None and context.is_floating_point() else context
@@ -508,7 +500,6 @@ def test_groups_in_pieces_equal_one_call(factory, monkeypatch):
 @pytest.mark.parametrize('config', ['reformer_4hashes', 'routing_local_heads', 'sinkhorn_top2'])
 def test_recorded_weights_in_pieces_equal_one_call(config, monkeypatch):
     """The Recorder's dense weights (the log-sum-exp shares of every group) do not depend on pieces."""
-    from test_causality import tokens
 
     import routeformer.attention.executor as executor
     from routeformer import Recorder

@@ -210,7 +210,7 @@ def test_triton_kernel_equals_pytorch():
     pytest.importorskip('triton', reason='triton is not installed: the fused kernel cannot be checked here')
     import subprocess
     env = dict(os.environ, TRITON_INTERPRET='1')
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     done = subprocess.run([sys.executable, '-c', TRITON_CHECK], env=env, cwd=root, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0 and done.stdout.strip().endswith('ok'), done.stderr[-3000:]

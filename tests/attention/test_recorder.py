@@ -19,6 +19,8 @@ from routeformer.attention import RoutedAttention
 from routeformer.attention.recording import AttentionRecord
 from routeformer.layers.attention import Attention
 
+from probes import CAUSAL_CONFIGS, non_causal_configs, tokens
+
 CONFIGS = ['full', 'local_heads', 'mem_kv_local', 'context', 'full_relative_positions', 'routing_local_heads',
            'routing_non_causal', 'routing_context', 'sinkhorn_top2', 'sinkhorn_local_heads',
            'sinkhorn_non_causal_sortcut', 'reformer_4hashes', 'reformer_no_duplicates_twin', 'reformer_mem_kv',
@@ -26,8 +28,6 @@ CONFIGS = ['full', 'local_heads', 'mem_kv_local', 'context', 'full_relative_posi
 
 
 def factories():
-    from test_causality import CAUSAL_CONFIGS
-    from test_executor import non_causal_configs
     return dict(CAUSAL_CONFIGS + non_causal_configs())
 
 
@@ -54,7 +54,6 @@ class DenseOracle(nn.Module):
 
 def record(name):
     """(recorder, dense weights of every recorded call by the oracle) of config `name` in float64."""
-    from test_causality import tokens
     model, context = factories()[name]()
     model.double().eval()
     expected = []
@@ -213,7 +212,7 @@ def test_readme_recorder_example_at_full_size_stays_under_8gb():
     """The seed README's Recorder example as written (on the CPU): 12 layers x 8 heads at 8192 tokens,
     whose dense weights alone would be 26 GB."""
     child = subprocess.run([sys.executable, '-c', textwrap.dedent(README_RECORDER)], capture_output=True, text=True,
-                           cwd=Path(__file__).parents[1], timeout=1800)
+                           cwd=Path(__file__).parents[2], timeout=1800)
     assert child.returncode == 0, child.stderr[-2000:]
     peak_kb = int(child.stdout.split()[-1])  # the child's own peak: other children of this process don't count
     assert peak_kb < 8 * 2 ** 20, f'peak RSS {peak_kb / 2 ** 20:.1f} GB'

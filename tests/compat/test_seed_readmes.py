@@ -1,6 +1,6 @@
-"""Every fenced code block of every seed README (shared/seeds/*.md) runs, whatever its fence says:
-the block's own text with the import changed to routeformer, `.cuda()` dropped and the sizes
-shrunk by the listed keyword/literal replacements (each of which must apply, so an edited README
+"""Every fenced code block of every seed README (tests/compat/seed_readmes/*.md) runs, whatever its
+fence says: the block's own text with the import changed to routeformer, `.cuda()` dropped and the
+sizes shrunk by the listed keyword/literal replacements (each of which must apply, so an edited README
 cannot slip out of the test). Blocks that are not Python are skipped only by the reviewed list."""
 
 import re
@@ -11,9 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-SEEDS = Path(__file__).resolve().parents[2] / 'shared' / 'seeds'
-if not SEEDS.is_dir():
-    SEEDS = Path('/work/shared/seeds')
+SEEDS = Path(__file__).resolve().parent / 'seed_readmes'  # verbatim copies (see SOURCE.txt there)
 
 # (file, block number) -> why it is not run
 NOT_PYTHON = {

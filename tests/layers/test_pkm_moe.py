@@ -30,7 +30,7 @@ def test_pkm_matches_brute_force_over_all_product_keys():
     x = torch.randn(1, 4, 16)
     out, _ = pkm(x)
 
-    heads, num_keys, topk = 2, 8, 3
+    heads, topk = 2, 3
     q = pkm.to_queries(x).view(1, 4, 2, heads, 4)
     q = pkm.norm(q)
     expected = torch.zeros_like(out)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 BENCH = REPO_ROOT / 'benchmarks' / 'bench.py'
 REGISTERED = ['routeformer-full', 'routeformer-local', 'x-transformers']
 
@@ -43,7 +43,7 @@ def load_bench():
 
 
 def test_harness_writes_results_and_isolates_failures(tmp_path):
-    models = ['tests.test_bench:tiny_lm', 'tests.test_bench:broken_lm', *REGISTERED]
+    models = ['tests.cli.test_bench:tiny_lm', 'tests.cli.test_bench:broken_lm', *REGISTERED]
     cmd = [sys.executable, str(BENCH), '--models', ','.join(models), '--lengths', '64',
            '--dim', '32', '--depth', '1', '--heads', '4', '--window', '16',
            '--repeats', '1', '--warmup', '1', '--timeout', '25', '--out', str(tmp_path)]
@@ -54,33 +54,33 @@ def test_harness_writes_results_and_isolates_failures(tmp_path):
         assert (tmp_path / name).stat().st_size > 0
     results = json.loads((tmp_path / 'results.json').read_text())
     rows = {row['model']: row for row in results['rows']}
-    tiny = rows['tests.test_bench:tiny_lm']
+    tiny = rows['tests.cli.test_bench:tiny_lm']
     assert tiny['status'] == 'ok'
     assert tiny['train_tok_s'] > 0 and tiny['infer_tok_s'] > 0 and tiny['peak_mib'] >= 0
-    assert rows['tests.test_bench:broken_lm']['status'] == 'error'
-    assert 'broken on purpose' in rows['tests.test_bench:broken_lm']['error']
+    assert rows['tests.cli.test_bench:broken_lm']['status'] == 'error'
+    assert 'broken on purpose' in rows['tests.cli.test_bench:broken_lm']['error']
     # registered models either run or, when their package is missing, only their own rows say so
     for name in REGISTERED:
         assert rows[name]['status'] in ('ok', 'not installed'), rows[name]
     assert results['machine']['torch'] == torch.__version__
     table = (tmp_path / 'results.md').read_text()
-    assert '| tests.test_bench:tiny_lm | no | 64 |' in table and '1.00x' in table
+    assert '| tests.cli.test_bench:tiny_lm | no | 64 |' in table and '1.00x' in table
 
 
 def test_compiled_rows_report_compile_time_apart(tmp_path):
-    cmd = [sys.executable, str(BENCH), '--models', 'tests.test_bench:tiny_lm', '--lengths', '64',
+    cmd = [sys.executable, str(BENCH), '--models', 'tests.cli.test_bench:tiny_lm', '--lengths', '64',
            '--dim', '32', '--depth', '1', '--heads', '4', '--window', '16', '--repeats', '1', '--warmup', '1',
            '--timeout', '300', '--compile', 'both', '--out', str(tmp_path)]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     rows = json.loads((tmp_path / 'results.json').read_text())['rows']
-    assert [(r['model'], r['compiled']) for r in rows] == [('tests.test_bench:tiny_lm', False),
-                                                           ('tests.test_bench:tiny_lm', True)]
+    assert [(r['model'], r['compiled']) for r in rows] == [('tests.cli.test_bench:tiny_lm', False),
+                                                           ('tests.cli.test_bench:tiny_lm', True)]
     assert all(r['status'] == 'ok' for r in rows), rows
     eager, compiled = rows
     assert eager['compile_s'] is None and compiled['compile_s'] > 0 and compiled['train_tok_s'] > 0
     table = (tmp_path / 'results.md').read_text()
-    assert '| tests.test_bench:tiny_lm | yes | 64 |' in table and 'compile s' in table
+    assert '| tests.cli.test_bench:tiny_lm | yes | 64 |' in table and 'compile s' in table
 
 
 def test_hung_configuration_becomes_timeout_cell():
@@ -106,7 +106,7 @@ def test_heap_allocator_option_reaches_the_worker(monkeypatch):
 
 
 def test_flex_cpu_benchmark_writes_its_table(tmp_path):
-    script = Path(__file__).resolve().parents[1] / 'benchmarks' / 'flex_cpu.py'
+    script = Path(__file__).resolve().parents[2] / 'benchmarks' / 'flex_cpu.py'
     out = tmp_path / 'flex'
     proc = subprocess.run([sys.executable, str(script), '--models', 'routeformer-local,routeformer-reformer',
                            '--lengths', '256', '--dim', '32', '--heads', '2', '--window', '64', '--repeats', '1',
