@@ -196,3 +196,32 @@ def as_loss(aux: Tensor) -> Tensor:
     if torch.is_grad_enabled() and not aux.requires_grad and not compiling():
         return aux.detach().requires_grad_()
     return aux
+
+
+# ---------------------------------------------------------------- routed tokens
+
+def valid_mask(x: Tensor, mask: Tensor | None) -> Tensor:
+    """The padding mask of x (b, n, ...): `mask`, or every token valid when there is none."""
+    return default(mask, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device))
+
+
+def batched_gather(t: Tensor, index: Tensor) -> Tensor:
+    """t (b, n, ...) at index (b, ...) -> (b, ..., ...); -1 reads position 0 (mask it)."""
+    batch = torch.arange(t.shape[0], device=t.device).view(-1, *((1,) * (index.ndim - 1)))
+    return t[batch, index.clamp(min=0)]
+
+
+def straight_through(soft: Tensor) -> Tensor:
+    """Exactly 1 in the forward pass, the gradient of `soft` in the backward pass."""
+    return soft + (1. - soft).detach()
+
+
+def route_back(src: Tensor, routed_tokens: Tensor, indices: Tensor) -> Tensor:
+    """src (b, n, d) with rows `indices` (b, k) replaced by routed_tokens (b, k, d); -1 slots dropped."""
+    b, n, _ = src.shape
+    # -1 slots write to one extra row that is cut off afterwards
+    index = indices.masked_fill(indices < 0, n)
+    out = F.pad(src, (0, 0, 0, 1))
+    batch = torch.arange(b, device=src.device).view(-1, 1)
+    out = out.index_put((batch, index), routed_tokens.to(out.dtype))
+    return out[:, :n]

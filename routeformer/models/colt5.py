@@ -26,14 +26,14 @@ from torch import Tensor, nn
 from ..attention.executor import RoutedAttention
 from ..attention.plan import RoutePlan
 from ..context import LayerContext
-from ..helpers import any_true, default, exists, pad_to_multiple
+from ..helpers import any_true, batched_gather, default, exists, pad_to_multiple, route_back, valid_mask
 from ..layers.attention import Attention
 from ..layers.embeddings import RotaryEmbedding, apply_rotary
 from ..layers.feedforward import FeedForward
 from ..layers.norms import RMSNorm
 from ..routers.local import LocalRouter
-from ..routers.topk import (CoordinateDescentRouter, batched_gather, causal_query_route, causal_query_state,
-                            causal_query_step, route_back, straight_through)
+from ..routers.causal_topk import CausalKeyRouter, CausalQueryRouter
+from ..routers.topk import CoordinateDescentRouter
 from .options import call_arguments
 
 
@@ -202,7 +202,7 @@ class ConditionalRoutedFeedForward(nn.Module):
     Both branches are RMSNorm -> Linear -> GELU -> Linear; no residual inside.
 
     `causal=True` (for decoders) routes strictly causally: `num_heavy_tokens` per window of
-    `window_size` tokens, by the rule of `causal_query_route` (the first window routes its first
+    `window_size` tokens, by the rule of `CausalQueryRouter` (the first window routes its first
     tokens)."""
 
     def __init__(self, dim: int, *, num_heavy_tokens: int, light_ff_mult: float = 0.5, heavy_ff_mult: float = 4,
@@ -211,8 +211,9 @@ class ConditionalRoutedFeedForward(nn.Module):
         super().__init__()
         check_positive(num_heavy_tokens=num_heavy_tokens, window_size=window_size)
         self.num_heavy_tokens, self.causal, self.window_size = num_heavy_tokens, causal, window_size
-        self.router = CoordinateDescentRouter(dim, straight_through=router_straight_through,
-                                              **with_triton(router_kwargs, use_triton))
+        router_kwargs = dict(straight_through=router_straight_through, **with_triton(router_kwargs, use_triton))
+        self.router = (CausalQueryRouter(dim, window_size=window_size, **router_kwargs) if causal
+                       else CoordinateDescentRouter(dim, **router_kwargs))
         self.light_ff = PreNormFeedForward(dim, light_ff_mult)
         self.heavy_ff = PreNormFeedForward(dim, heavy_ff_mult)
 
@@ -220,7 +221,8 @@ class ConditionalRoutedFeedForward(nn.Module):
         num_heavy_tokens = default(num_heavy_tokens, self.num_heavy_tokens)
         light = self.light_ff(x)
         if self.causal:
-            indices, gates = self.causal_route(x, mask, num_heavy_tokens)
+            indices, gates = self.router.route(x, valid_mask(x, mask), num_heavy_tokens)
+            indices, gates = rearrange(indices, 'b g i -> b (g i)'), rearrange(gates, 'b g i -> b (g i)')
             routed = batched_gather(x, indices)
         else:
             indices, gates, routed, _ = self.router(x, num_tokens=num_heavy_tokens, mask=mask)
@@ -232,35 +234,20 @@ class ConditionalRoutedFeedForward(nn.Module):
         """The skeleton's entry point (decoders): ctx carries the padding mask and the decoding cache."""
         if not self.causal:
             raise ValueError('inside a decoder the routed feed-forward must be built with causal=True')
-        valid = default(ctx.mask, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device))
+        valid = valid_mask(x, ctx.mask)
         key = ctx.key(self)
-        state = ctx.cache.get(key) if exists(ctx.cache) else None
-        if exists(ctx.cache) and state is None and x.shape[1] == 1:
-            empty = torch.zeros(x.shape[0], 0, device=x.device)
-            state = ctx.cache[key] = dict(s=empty, valid=empty.bool())
-        if state is None:
+        cache = ctx.cache.get(key) if exists(ctx.cache) else None
+        if exists(ctx.cache) and cache is None and x.shape[1] == 1:
+            cache = ctx.cache[key] = self.router.empty_cache(x)
+        if cache is None:
             out = self(x, mask=ctx.mask)
             if exists(ctx.cache):
-                ctx.cache[key] = causal_query_state(self.router.scores(x)[:, 0], valid, window=self.window_size,
-                                                    num_tokens=self.num_heavy_tokens)
+                ctx.cache[key] = self.router.prefill(x, valid, self.num_heavy_tokens)
             return out
         # decoding one token
-        s = self.router.scores(x)[:, 0, 0]
-        routed, tau = causal_query_step(state, s, valid[:, -1], window=self.window_size,
-                                        num_tokens=self.num_heavy_tokens)
-        gate = torch.sigmoid((s - tau) / self.router.eps)
-        gate = (straight_through(gate) if self.router.straight_through else gate) * routed
+        routed, gate = self.router.decode_step(x, valid[:, -1], cache, self.num_heavy_tokens)
+        gate = gate * routed
         return self.light_ff(x) + self.heavy_ff(x) * rearrange(gate, 'b -> b 1 1').to(x.dtype)
-
-    def causal_route(self, x, mask, num_tokens):
-        s = self.router.scores(x)[:, 0]
-        s, pad = pad_to_multiple(s, self.window_size, dim=-1)
-        valid = default(mask, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device))
-        valid, _ = pad_to_multiple(valid, self.window_size, dim=-1, value=False)
-        index, gates, _ = causal_query_route(s, window=self.window_size, num_tokens=num_tokens, mask=valid,
-                                             temperature=self.router.eps, straight=self.router.straight_through,
-                                             need_soft=self.router.needs_soft(s))
-        return rearrange(index, 'b g i -> b (g i)'), rearrange(gates, 'b g i -> b (g i)')
 
 
 class SeedRoutedNames:
@@ -279,7 +266,8 @@ class RoutedBranches(nn.Module):
     def __init__(self, dim: int, *, num_heavy_tokens_q: int, num_heavy_tokens_kv: int, num_routed_kv: int,
                  heavy_dim_head: int, heavy_heads: int, router_straight_through: bool, router_kwargs: dict,
                  multiply_keys_by_score: bool, multiply_queries_by_score: bool, use_triton: bool,
-                 use_null_q_tokens: bool, backend: str, rotary_emb: bool = False):
+                 use_null_q_tokens: bool, backend: str, rotary_emb: bool = False, window_size: int | None = None):
+        """`window_size`: route strictly causally in windows of that many tokens (decoders)."""
         super().__init__()
         check_positive(num_heavy_tokens_q=num_heavy_tokens_q, num_heavy_tokens_kv=num_heavy_tokens_kv,
                        num_routed_kv=num_routed_kv)
@@ -289,9 +277,14 @@ class RoutedBranches(nn.Module):
         router_kwargs = with_triton(router_kwargs, use_triton)
         # unrouted queries get a learned output instead of zeros (it matters for generation)
         self.null_q_token = nn.Parameter(torch.randn(dim)) if use_null_q_tokens else None
-        self.q_router = CoordinateDescentRouter(dim, straight_through=router_straight_through, **router_kwargs)
-        self.kv_router = CoordinateDescentRouter(dim, num_routing_tokens=num_routed_kv,
-                                                 straight_through=router_straight_through, **router_kwargs)
+        router_kwargs = dict(straight_through=router_straight_through, **router_kwargs)
+        if window_size is None:
+            self.q_router = CoordinateDescentRouter(dim, **router_kwargs)
+            self.kv_router = CoordinateDescentRouter(dim, num_routing_tokens=num_routed_kv, **router_kwargs)
+        else:
+            self.q_router = CausalQueryRouter(dim, window_size=window_size, **router_kwargs)
+            self.kv_router = CausalKeyRouter(dim, window_size=window_size, num_routing_tokens=num_routed_kv,
+                                             **router_kwargs)
         self.heavy_attn = HeavyAttention(dim, dim_head=heavy_dim_head, heads=heavy_heads,
                                          multiply_keys_by_score=multiply_keys_by_score, backend=backend)
         self.rotary_emb = RotaryEmbedding(heavy_dim_head) if rotary_emb else None

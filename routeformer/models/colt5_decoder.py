@@ -5,14 +5,14 @@ descent over the whole window (so a token's output depended on later tokens of i
 replicated the whole sequence once per window to route key/values (memory quadratic in length).
 Here, with windows of `heavy_window_size` tokens:
 - a query is heavy when its routing score reaches the previous window's k-th best and fewer than
-  k earlier queries of its window are heavy (`causal_query_route`): it depends on nothing after it;
+  k earlier queries of its window are heavy (`CausalQueryRouter`): it depends on nothing after it;
 - the keys of window m are the num_heavy_tokens_kv best-scoring tokens of windows < m, kept by a
-  running top-k (`causal_kv_candidates`), gated by coordinate descent over the best candidates of
+  running top-k (`CausalKeyRouter`), gated by coordinate descent over the best candidates of
   that prefix; keys/values are projected once and gathered per window by the executor;
 - the first window has no earlier keys and no heavy output; the light causal local attention
   covers each window and the one before it.
-Cached decoding keeps keys/values, routing scores, the running candidates and the window's
-threshold, and reproduces the full forward pass token by token.
+Cached decoding keeps the heavy keys/values and each router's own cache, and reproduces the full
+forward pass token by token.
 
 Axes: b batch, n sequence, d model dim, h heads, e head dim, r kv routes, g windows,
 i heavy queries per window, j keys per window, c candidates.
@@ -20,19 +20,20 @@ i heavy queries per window, j keys per window, c candidates.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from einops import rearrange
 from torch import Tensor, nn
 
 from ..attention.plan import RoutePlan
 from ..context import LayerContext
-from ..helpers import default, exists, pad_to_multiple, topk_first
+from ..helpers import default, exists, pad_to_multiple, route_back, valid_mask
 from ..layers.attention import Attention
 from ..layers.embeddings import RotaryEmbedding, apply_rotary
 from ..lm import LM
 from ..routers.local import LocalRouter
-from ..routers.topk import (causal_kv_candidates, causal_query_route, causal_query_state, causal_query_step,
-                            merge_window, route_back, straight_through)
+from ..routers.causal_topk import KeyRouteCache, QueryRouteCache
 from ..transformer import Block, Sublayer, Transformer
 from .builder import build_pos_emb
 from .colt5 import (ConditionalRoutedFeedForward, RoutedBranches, SeedRoutedNames, backend_for, check_positive,
@@ -40,8 +41,14 @@ from .colt5 import (ConditionalRoutedFeedForward, RoutedBranches, SeedRoutedName
 from .options import call_arguments
 
 
-def valid_mask(x: Tensor, mask: Tensor | None) -> Tensor:
-    return default(mask, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device))
+@dataclass
+class HeavyCache:
+    """Cached decoding of the heavy branch: its keys and values (b, h, n, e) of every position
+    so far (rotated), and the caches of its query and key routers."""
+    k: Tensor
+    v: Tensor
+    q: QueryRouteCache
+    kv: KeyRouteCache
 
 
 class ConditionalRoutedAutoregressiveAttention(SeedRoutedNames, nn.Module):
@@ -68,7 +75,7 @@ class ConditionalRoutedAutoregressiveAttention(SeedRoutedNames, nn.Module):
             dim, heads=light_heads, dim_head=light_dim_head, causal=True, n_local_heads=light_heads,
             local_router=LocalRouter(light_window_size, look_backward=1), backend=backend_for(use_flash_attn, backend),
             rotary=RotaryEmbedding(light_dim_head) if light_rotary_emb else None, out_bias=False)
-        self.routed = RoutedBranches.from_arguments(call_arguments(locals()),
+        self.routed = RoutedBranches.from_arguments(call_arguments(locals()), window_size=self.heavy_window_size,
                                                     backend=backend_for(use_flash_attn, backend))
 
 
@@ -110,28 +117,14 @@ class ConditionalRoutedAutoregressiveAttention(SeedRoutedNames, nn.Module):
     def heavy(self, x: Tensor, valid: Tensor, num_q: int, num_kv: int, *, random_route: bool = False,
               offset: int = 0, cache: dict | None = None, cache_key=None) -> Tensor:
         routed, w = self.routed, self.heavy_window_size
-        b, n, _ = x.shape
+        n = x.shape[1]
         x, _ = pad_to_multiple(x, w, dim=1)
         valid, _ = pad_to_multiple(valid, w, dim=-1, value=False)
-        s_q = routed.q_router.scores(x)[:, 0]
-        s_kv = routed.kv_router.scores(x)
-
-        q_index, q_gates, _ = causal_query_route(
-            s_q, window=w, num_tokens=num_q, mask=valid, temperature=routed.q_router.eps,
-            straight=routed.q_router.straight_through, random_route=random_route,
-            need_soft=routed.q_router.needs_soft(s_q))
+        q_index, q_gates = routed.q_router.route(x, valid, num_q, random_route=random_route)
         # the first window has no earlier keys: no heavy queries
         q_index[:, 0] = -1
         q_gates = q_gates * (q_index >= 0)
-
-        c = routed.kv_router.num_candidates(s_kv, num_kv)
-        ranking = torch.randn_like(s_kv) if random_route else s_kv
-        candidates, _ = causal_kv_candidates(ranking, window=w, num_candidates=c, mask=valid)
-        if random_route:
-            kv_index = candidates[..., :num_kv]
-            kv_gates = (kv_index >= 0).float()
-        else:
-            kv_index, kv_gates = routed.kv_router.causal_kv_gates(s_kv, candidates, num_kv)
+        kv_index, kv_gates = routed.kv_router.route(x, valid, num_kv, random_route=random_route)
 
         out = routed.heavy_attn.forward_windows(
             x, q_index, kv_index, kv_gates, rotary=routed.rotary_emb, offset=offset,
@@ -140,8 +133,7 @@ class ConditionalRoutedAutoregressiveAttention(SeedRoutedNames, nn.Module):
         heavy = route_back(self.unrouted_output(x), out, rearrange(q_index, 'b g i -> b (g i)'))[:, :n]
 
         if exists(cache):
-            cache[cache_key] = self.state_after(x[:, :n], valid[:, :n], s_q[:, :n], s_kv[..., :n], num_q, num_kv,
-                                                offset)
+            cache[cache_key] = self.prefill(x[:, :n], valid[:, :n], num_q, num_kv, offset)
         return heavy
 
     def unrouted_output(self, x: Tensor) -> Tensor:
@@ -156,84 +148,40 @@ class ConditionalRoutedAutoregressiveAttention(SeedRoutedNames, nn.Module):
 
     # ------------------------------------------------------------------ cached decoding
 
-    def empty_state(self, x: Tensor) -> dict:
-        b, d = x.shape[0], self.heavy_attn.dim_head
-        heads, r = self.heavy_attn.heads, self.kv_router.num_routing_tokens
-        s = torch.zeros(b, 0, device=x.device)
-        no_keys = x.new_zeros(b, heads, 0, d)
-        return dict(k=no_keys, v=no_keys, q=dict(s=s, valid=s.bool()),
-                    kv=dict(s=s[:, None].expand(b, r, 0), valid=s.bool(), window=None))
+    def empty_state(self, x: Tensor) -> HeavyCache:
+        b, e, heads = x.shape[0], self.heavy_attn.dim_head, self.heavy_attn.heads
+        no_keys = x.new_zeros(b, heads, 0, e)
+        return HeavyCache(k=no_keys, v=no_keys, q=self.q_router.empty_cache(x), kv=self.kv_router.empty_cache(x))
 
-    def state_after(self, x, valid, s_q, s_kv, num_q, num_kv, offset) -> dict:
+    def prefill(self, x, valid, num_q, num_kv, offset) -> HeavyCache:
         """The decoding state after a prefill of x (b, n, d), equal to decoding it token by token."""
-        w = self.heavy_window_size
-        n = x.shape[1]
         k, v = self.heavy_attn.project_kv(x)
         if exists(self.routed.rotary_emb):
-            k = apply_rotary(k, self.routed.rotary_emb(torch.arange(offset, offset + n, device=x.device)))
-        state = dict(k=k, v=v, q=causal_query_state(s_q, valid, window=w, num_tokens=num_q))
-        m = (n - 1) // w
-        c = self.kv_router.num_candidates(s_kv, num_kv)
-        _, (best, where) = causal_kv_candidates(s_kv[..., :m * w], window=w, num_candidates=c, mask=valid[:, :m * w])
-        state['kv'] = dict(s=s_kv, valid=valid, window=m, best=best, where=where)
-        self.window_keys(state['kv'], num_kv)
-        return state
+            k = apply_rotary(k, self.routed.rotary_emb(torch.arange(offset, offset + x.shape[1], device=x.device)))
+        return HeavyCache(k=k, v=v, q=self.q_router.prefill(x, valid, num_q),
+                          kv=self.kv_router.prefill(x, valid, num_kv))
 
-    def window_keys(self, kv: dict, num_kv: int):
-        """The routed keys and gates of the current window from the running candidates."""
-        candidates = kv['where'].masked_fill(torch.isinf(kv['best']), -1)
-        kv['index'], kv['gates'] = self.kv_router.causal_kv_gates(kv['s'], candidates[:, :, None], num_kv)
-
-    @torch.no_grad()
-    def advance_kv(self, kv: dict, m: int, num_kv: int, like: Tensor):
-        """Fold the windows finished since the last call into the running candidates."""
-        w = self.heavy_window_size
-        if kv['window'] is None:
-            b, r = kv['s'].shape[:2]
-            c = self.kv_router.num_candidates(like, num_kv)
-            kv.update(window=0, best=like.new_full((b, r, c), float('-inf')),
-                      where=torch.full((b, r, c), -1, dtype=torch.long, device=like.device))
-        c = kv['best'].shape[-1]
-        for done in range(kv['window'], m):
-            # exactly the steps of causal_kv_candidates, so that ties resolve the same way
-            span = slice(done * w, (done + 1) * w)
-            values = kv['s'][..., span].masked_fill(~kv['valid'][:, None, span], float('-inf'))
-            values, offsets = topk_first(values, min(c, w))
-            kv['best'], kv['where'] = merge_window(kv['best'], kv['where'], values, offsets + done * w, c)
-        kv['window'] = m
-        self.window_keys(kv, num_kv)
-
-    def decode_heavy(self, x: Tensor, valid: Tensor, state: dict, num_q: int, num_kv: int) -> Tensor:
-        routed, attn, w = self.routed, self.heavy_attn, self.heavy_window_size
-        pos = state['k'].shape[2]
-        m = pos // w
-        s_q = routed.q_router.scores(x)[:, 0, 0]
-        s_kv = routed.kv_router.scores(x)[..., 0]
-        is_routed, tau = causal_query_step(state['q'], s_q, valid, window=w, num_tokens=num_q)
-
-        kv = state['kv']
-        if kv['window'] != m or 'index' not in kv:
-            self.advance_kv(kv, m, num_kv, s_kv)
-        kv['s'] = torch.cat((kv['s'], s_kv[..., None]), dim=-1)
-        kv['valid'] = torch.cat((kv['valid'], valid[:, None]), dim=-1)
+    def decode_heavy(self, x: Tensor, valid: Tensor, state: HeavyCache, num_q: int, num_kv: int) -> Tensor:
+        routed, attn = self.routed, self.heavy_attn
+        pos = state.k.shape[2]
+        is_routed, gate = routed.q_router.decode_step(x, valid, state.q, num_q)
+        kv_index, kv_gates = routed.kv_router.decode_step(x, valid, state.kv, num_kv)
 
         k, v = attn.project_kv(x)
         q = attn.project_q(x)
         if exists(routed.rotary_emb):
             freqs = routed.rotary_emb(torch.tensor([pos], device=x.device))
             q, k = apply_rotary(q, freqs), apply_rotary(k, freqs)
-        state['k'] = torch.cat((state['k'], k), dim=2)
-        state['v'] = torch.cat((state['v'], v), dim=2)
-        if m == 0:
+        state.k = torch.cat((state.k, k), dim=2)
+        state.v = torch.cat((state.v, v), dim=2)
+        if pos < self.heavy_window_size:
             return torch.zeros_like(x)
 
-        gate = torch.sigmoid((s_q - tau) / routed.q_router.eps)
-        gate = straight_through(gate) if routed.q_router.straight_through else gate
         if routed.multiply_queries_by_score:
             q = q * rearrange(gate, 'b -> b 1 1 1').to(q.dtype)
-        r = kv['index'].shape[1]
-        plan = RoutePlan(q_index=None, kv_index=attn.per_head(kv['index'], r), kv_gate=attn.per_head(kv['gates'], r))
-        out = attn.attend(q, state['k'], state['v'], plan) * rearrange(gate, 'b -> b 1 1').to(x.dtype)
+        r = kv_index.shape[1]
+        plan = RoutePlan(q_index=None, kv_index=attn.per_head(kv_index, r), kv_gate=attn.per_head(kv_gates, r))
+        out = attn.attend(q, state.k, state.v, plan) * rearrange(gate, 'b -> b 1 1').to(x.dtype)
         null = routed.null_q_token
         unrouted = null.to(out.dtype).expand_as(out) if exists(null) else torch.zeros_like(out)
         return torch.where(rearrange(is_routed, 'b -> b 1 1'), out, unrouted)

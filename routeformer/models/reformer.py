@@ -37,7 +37,7 @@ from ..layers.attention import Attention
 from ..layers.embeddings import apply_rotary
 from ..lm import LM, check_batch, check_mask
 from ..routers import FullRouter, LocalRouter
-from ..routers.lsh import LSHRouter, buckets_for_length
+from ..routers.lsh import LSHRouter
 from ..transformer import Transformer
 from ..wrappers.encoder_decoder import EncoderDecoder
 from .builder import build_pos_emb, build_transformer
@@ -218,7 +218,7 @@ def build_reformer(options: ReformerOptions, *, dim: int, depth: int, heads: int
     attn_chunks = default(o.attn_chunks, 1)
     # a fixed bucket count when the length is known: a token's bucket then never depends on how
     # long the sequence is (padding, cached decoding)
-    n_buckets = buckets_for_length(o.max_seq_len, o.bucket_size) if exists(o.max_seq_len) else None
+    n_buckets = LSHRouter.buckets_for_length(o.max_seq_len, o.bucket_size) if exists(o.max_seq_len) else None
 
     def make_router(layer):
         if o.use_full_attn:

@@ -1,4 +1,5 @@
 from .base import Router, apply_statistics, discard_statistics
+from .causal_topk import CausalKeyRouter, CausalQueryRouter
 from .dsa import DSARouter
 from .full import FullRouter
 from .kmeans import KMeansRouter
@@ -13,5 +14,5 @@ from .topk import CoordinateDescentRouter, TopKRouter
 ROUTERS = dict(full=FullRouter, local=LocalRouter, kmeans=KMeansRouter, lsh=LSHRouter, sinkhorn=SinkhornRouter,
                topk=TopKRouter, moba=MoBARouter, dsa=DSARouter, mosa=MoSARouter)
 
-__all__ = ['ROUTERS', 'CoordinateDescentRouter', 'DSARouter', 'FullRouter', 'KMeansRouter', 'LSHRouter', 'LocalRouter',
-           'MoBARouter', 'MoSARouter', 'Router', 'SinkhornRouter', 'TopKRouter', 'apply_statistics', 'discard_statistics']
+__all__ = ['ROUTERS', 'CausalKeyRouter', 'CausalQueryRouter', 'CoordinateDescentRouter', 'DSARouter', 'FullRouter',
+           'KMeansRouter', 'LSHRouter', 'LocalRouter', 'MoBARouter', 'MoSARouter', 'Router', 'SinkhornRouter', 'TopKRouter', 'apply_statistics', 'discard_statistics']

@@ -39,12 +39,6 @@ SELF_ATTN_PENALTY = -5e4
 HASH_BLOCK = 2 ** 21
 
 
-def buckets_for_length(n: int, bucket_size: int) -> int:
-    """Reformer's bucket count for a sequence of n tokens: about n / bucket_size, even (angular LSH
-    hashes into pairs of opposite directions), at least 2."""
-    return max(2, (n // bucket_size) // 2 * 2)
-
-
 # the seed of a training draw inside a compiled graph: the global RNG, which the compiler traces
 TRACED_DRAW = -1
 
@@ -58,7 +52,7 @@ class LSHRouter(Router):
     """Groups tokens whose keys hash to the same bucket.
 
     `n_buckets`: fixed number of buckets (1, or even); None derives it from each input's length
-    (`buckets_for_length`). A fixed count makes a token's bucket independent of how long the
+    (`LSHRouter.buckets_for_length`). A fixed count makes a token's bucket independent of how long the
     sequence is, which cached decoding needs. `full_attn_thres`: sequences of at most this many
     tokens get one dense group (full attention). `attend_across_buckets=False` masks pairs from
     different buckets that share a chunk (always masked in causal mode).
@@ -99,6 +93,12 @@ class LSHRouter(Router):
         self.rotation_seed = int(torch.randint(2 ** 62, ()))
         self._eval_rotations: dict = {}
 
+    @staticmethod
+    def buckets_for_length(n: int, bucket_size: int) -> int:
+        """Reformer's bucket count for a sequence of n tokens: about n / bucket_size, even (angular
+        LSH hashes into pairs of opposite directions), at least 2."""
+        return max(2, (n // bucket_size) // 2 * 2)
+
     # ------------------------------------------------------------ state
 
     def get_extra_state(self):
@@ -114,7 +114,7 @@ class LSHRouter(Router):
         return n <= self.full_attn_thres
 
     def buckets_for(self, n: int) -> int:
-        nb = self.n_buckets if exists(self.n_buckets) else buckets_for_length(n, self.bucket_size)
+        nb = self.n_buckets if exists(self.n_buckets) else self.buckets_for_length(n, self.bucket_size)
         if not self.rehash_each_round and self.n_hashes > nb:
             raise ValueError(f'rehash_each_round=False needs n_hashes ({self.n_hashes}) <= the number of buckets '
                              f'({nb}): use a longer sequence, a smaller bucket_size or set n_buckets')

@@ -7,15 +7,10 @@ provides the gates. With straight-through gates (the default) every gate is exac
 forward pass and carries the soft score's gradient, so when no gradient is needed the coordinate
 descent is skipped altogether.
 
-Three ways to route, all here:
+Two ways to route:
 - `CoordinateDescentRouter.select`: top-k over a whole sequence (or equal shares of consecutive
   blocks, `route_block_size`), for encoders and cross-attention.
-- `causal_query_route`: strictly causal per-window routing of queries (decoders): a token is
-  routed when its score reaches the k-th best score of the previous window and fewer than k
-  earlier tokens of its own window were routed; so it depends on nothing after itself.
-- `causal_kv_candidates` + `CoordinateDescentRouter.causal_kv_gates`: for each window, the top-k
-  keys of all strictly earlier windows, found by a running top-k (memory linear in length),
-  and their coordinate-descent gates over the best candidates of that prefix.
+- `routers/causal_topk.py`: the strictly causal per-window forms of the same router, for decoders.
 
 `TopKRouter` wraps the same selection in the Router interface (per-head queries and keys in,
 RoutePlan out) so any Attention layer can use it.
@@ -35,7 +30,7 @@ from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from ..attention.plan import RoutePlan
-from ..helpers import any_true, default, exists, l2norm, topk_first
+from ..helpers import any_true, batched_gather, default, exists, l2norm, route_back, straight_through, topk_first
 from ..kernels.coor_descent import coor_descent
 from .base import Router
 
@@ -43,17 +38,6 @@ RouterReturn = namedtuple('RouterReturn', ['indices', 'scores', 'routed_tokens',
 
 NEG_INF = float('-inf')
 SCORE_CHUNK = 65536  # tokens scored at a time
-
-
-def batched_gather(t: Tensor, index: Tensor) -> Tensor:
-    """t (b, n, ...) at index (b, ...) -> (b, ..., ...); -1 reads position 0 (mask it)."""
-    batch = torch.arange(t.shape[0], device=t.device).view(-1, *((1,) * (index.ndim - 1)))
-    return t[batch, index.clamp(min=0)]
-
-
-def straight_through(soft: Tensor) -> Tensor:
-    """Exactly 1 in the forward pass, the gradient of `soft` in the backward pass."""
-    return soft + (1. - soft).detach()
 
 
 class CoordinateDescentRouter(nn.Module):
@@ -213,162 +197,9 @@ class CoordinateDescentRouter(nn.Module):
         """Writes routed_tokens (b, k, d) into src (b, n, d) at indices (b, k); -1 slots are dropped."""
         return route_back(src, routed_tokens, indices)
 
-    # ------------------------------------------------------------------ causal (decoder) routing
-
-    def causal_kv_gates(self, s: Tensor, candidates: Tensor, num_tokens: int) -> tuple[Tensor, Tensor]:
-        """Gates of each window's routed keys: s (b, r, n) scores, candidates (b, r, g, c) from
-        `causal_kv_candidates` (best first, -1 empty). Returns kv indices (b, r, g, k) and gates
-        (b, r, g, k): the soft top-(k * fetch_k_ratio) of the candidates, which stand for the
-        whole prefix (the tokens they leave out score far below the cut, where soft scores vanish)."""
-        b, r, g, c = candidates.shape
-        index = candidates[..., :num_tokens]
-        valid = candidates >= 0
-        if not self.needs_soft(s) or not any_true(valid):
-            return index, (index >= 0).float()
-        cand_s = s.gather(-1, rearrange(candidates.clamp(min=0), 'b r g c -> b r (g c)'))
-        cand_s = rearrange(cand_s, 'b r (g c) -> b r g c', g=g)
-        k = (valid.sum(dim=-1).float()).clamp(max=num_tokens * self.fetch_k_ratio)
-        soft = self.soft_scores(cand_s, k, valid)[..., :num_tokens]
-        return index, self.gates_from(soft) * (index >= 0)
-
-    def num_candidates(self, s: Tensor, num_tokens: int) -> int:
-        """How many of the best prefix keys the causal kv gates are computed over."""
-        return 2 * math.ceil(num_tokens * self.fetch_k_ratio) if self.needs_soft(s) else num_tokens
-
     def extra_repr(self) -> str:
         return (f'routes={self.num_routing_tokens}, n_iters={self.n_iters}, eps={self.eps}, '
                 f'straight_through={self.straight_through}, route_block_size={self.route_block_size}')
-
-
-def route_back(src: Tensor, routed_tokens: Tensor, indices: Tensor) -> Tensor:
-    """src (b, n, d) with rows `indices` (b, k) replaced by routed_tokens (b, k, d); -1 slots dropped."""
-    b, n, _ = src.shape
-    # -1 slots write to one extra row that is cut off afterwards
-    index = indices.masked_fill(indices < 0, n)
-    out = F.pad(src, (0, 0, 0, 1))
-    batch = torch.arange(b, device=src.device).view(-1, 1)
-    out = out.index_put((batch, index), routed_tokens.to(out.dtype))
-    return out[:, :n]
-
-
-# ---------------------------------------------------------------------- causal routing
-
-def window_threshold(s: Tensor, valid: Tensor, k: int) -> Tensor:
-    """The k-th best valid score of each window (..., w) -> (...); -inf when fewer than k are valid."""
-    if s.shape[-1] < k:
-        return s.new_full(s.shape[:-1], NEG_INF)
-    return topk_first(s.masked_fill(~valid, NEG_INF), k).values[..., -1]
-
-
-def causal_query_route(s: Tensor, *, window: int, num_tokens: int, mask: Tensor | None = None,
-                       temperature: float, straight: bool = True, random_route: bool = False,
-                       need_soft: bool = True) -> tuple[Tensor, Tensor, Tensor]:
-    """Strictly causal per-window routing. s (b, n) float32 scores, n a multiple of `window`.
-
-    Token i of window m is routed when its score reaches tau_m, the k-th best score of window
-    m - 1 (-inf for the first window, or when window m - 1 has fewer than k valid tokens), and
-    fewer than k earlier tokens of window m were routed (k >= window routes every token). Its soft
-    score is sigmoid((s_i - tau_m) / temperature), the smooth form of coordinate descent's
-    min(1, exp((s_i + a) / eps)) with the threshold known causally.
-
-    Returns index (b, g, k) positions in order (-1 = empty slot), gates (b, g, k) and tau (b, g)."""
-    b, n = s.shape
-    g = n // window
-    k = min(num_tokens, window)
-    sw = rearrange(s, 'b (g w) -> b g w', w=window)
-    valid = rearrange(mask, 'b (g w) -> b g w', w=window) if exists(mask) else torch.ones_like(sw, dtype=torch.bool)
-    ranking = torch.randn_like(sw) if random_route else sw
-
-    if num_tokens >= window:
-        chosen = valid
-        tau = sw.new_full((b, g), NEG_INF)
-    else:
-        tau = F.pad(window_threshold(ranking, valid, k)[:, :-1], (1, 0), value=NEG_INF)
-        passes = (ranking >= rearrange(tau, 'b g -> b g 1')) & valid
-        chosen = passes & (passes.long().cumsum(dim=-1) <= k)
-
-    # the chosen positions of each window, in order, into k slots (slot k collects the rest and is cut)
-    slot = torch.where(chosen, chosen.long().cumsum(dim=-1) - 1, k)
-    positions = torch.arange(n, device=s.device).view(1, g, window).expand(b, g, window)
-    index = torch.full((b, g, k + 1), -1, dtype=torch.long, device=s.device)
-    index = index.scatter(-1, slot, torch.where(chosen, positions, -1))[..., :k]
-
-    filled = index >= 0
-    if need_soft and not random_route:
-        soft = torch.sigmoid((sw - rearrange(tau, 'b g -> b g 1')) / temperature)
-        soft = soft.gather(-1, (index - rearrange(torch.arange(g, device=s.device) * window, 'g -> g 1')).clamp(min=0))
-        gates = (straight_through(soft) if straight else soft) * filled
-    else:
-        gates = filled.float()
-    return index, gates, tau.detach()
-
-
-def causal_query_step(state: dict, s: Tensor, valid: Tensor, *, window: int, num_tokens: int) -> tuple[Tensor, Tensor]:
-    """One token of `causal_query_route` for cached decoding: s and valid (b,) of the token at
-    position len(state['s']). `state` holds the scores and validity so far, the current window, its
-    threshold and how many of its tokens were routed. Returns (routed (b,) bool, tau (b,))."""
-    pos = state['s'].shape[1]
-    m = pos // window
-    if state.get('window') != m:
-        state['window'], state['count'] = m, torch.zeros_like(valid, dtype=torch.long)
-        if num_tokens >= window or m == 0:
-            state['tau'] = s.new_full(s.shape, NEG_INF)
-        else:
-            prev = slice((m - 1) * window, m * window)
-            state['tau'] = window_threshold(state['s'][:, prev], state['valid'][:, prev], num_tokens)
-    state['s'] = torch.cat((state['s'], s[:, None]), dim=1)
-    state['valid'] = torch.cat((state['valid'], valid[:, None]), dim=1)
-    routed = valid & (s >= state['tau']) & (state['count'] < min(num_tokens, window))
-    state['count'] = state['count'] + routed.long()
-    return routed, state['tau']
-
-
-def causal_query_state(s: Tensor, valid: Tensor, *, window: int, num_tokens: int) -> dict:
-    """The `causal_query_step` state after the tokens s, valid (b, n) (a prefill)."""
-    state = dict(s=s[:, :0], valid=valid[:, :0])
-    n = s.shape[1]
-    if n == 0:
-        return state
-    m = (n - 1) // window
-    start = m * window
-    state.update(s=s[:, :start], valid=valid[:, :start])
-    # replay the current window token by token: at most `window` cheap steps
-    for i in range(start, n):
-        causal_query_step(state, s[:, i], valid[:, i], window=window, num_tokens=num_tokens)
-    return state
-
-
-def merge_window(best: Tensor, where: Tensor, values: Tensor, positions: Tensor, c: int) -> tuple[Tensor, Tensor]:
-    """The best c of (best, where) (b, r, c) and a window's (values, positions) (b, r, w')."""
-    top = topk_first(torch.cat((best, values), dim=-1), c)
-    return top.values, torch.cat((where, positions), dim=-1).gather(-1, top.indices)
-
-
-@torch.no_grad()
-def causal_kv_candidates(s: Tensor, *, window: int, num_candidates: int,
-                         mask: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-    """For every window m, the `num_candidates` best-scoring positions of windows < m, best first.
-
-    s (b, r, n) scores (n a multiple of window), mask (b, n). A running top-c over the windows:
-    a token that is not among the best c of a prefix is never among the best c of a longer one,
-    so each step merges the previous best c with the new window's own best c, and memory is
-    linear in n. Returns candidates (b, r, g, c) (-1 = empty) and the running state
-    (values, positions) (b, r, c) after the last window."""
-    b, r, n = s.shape
-    g, c = n // window, num_candidates
-    ranked = s.masked_fill(~rearrange(mask, 'b n -> b 1 n'), NEG_INF) if exists(mask) else s
-    values, offsets = topk_first(rearrange(ranked, 'b r (g w) -> b r g w', w=window), min(c, window))
-    positions = offsets + rearrange(torch.arange(g, device=s.device) * window, 'g -> g 1')
-
-    best = s.new_full((b, r, c), NEG_INF)
-    where = torch.full((b, r, c), -1, dtype=torch.long, device=s.device)
-    if g == 0:
-        return where[:, :, :0, None].expand(b, r, 0, c), (best, where)
-    out = []
-    for m in range(g):
-        out.append(where.masked_fill(torch.isinf(best), -1))
-        best, where = merge_window(best, where, values[:, :, m], positions[:, :, m], c)
-    return torch.stack(out, dim=2), (best, where)
 
 
 # ---------------------------------------------------------------------- the Router interface

@@ -13,7 +13,7 @@ from routeformer import (Autopadder, AutoregressiveWrapper, LSHAttention, LSHRou
 from routeformer.attention import RoutedAttention, backends
 from routeformer.layers.feedforward import FeedForward
 from routeformer.routers import lsh
-from routeformer.routers.lsh import SELF_ATTN_PENALTY, buckets_for_length
+from routeformer.routers.lsh import SELF_ATTN_PENALTY, LSHRouter
 
 NUM_TOKENS, DIM, SEQ, BUCKET = 32, 16, 32, 4
 SMALL = dict(num_tokens=NUM_TOKENS, dim=DIM, depth=2, max_seq_len=SEQ, heads=2, dim_head=8, bucket_size=BUCKET,
@@ -252,7 +252,7 @@ def test_router_rejects_bad_arguments():
         LSHRouter(bucket_size=4)(torch.randn(1, 1, 10, 8), torch.randn(1, 1, 10, 8), causal=False)
     with pytest.raises(ValueError, match='drop_for_hash_rate'):
         LSHRouter(drop_for_hash_rate=1.)
-    assert buckets_for_length(1024, 64) == 16 and buckets_for_length(192, 64) == 2 and buckets_for_length(8, 64) == 2
+    assert LSHRouter.buckets_for_length(1024, 64) == 16 and LSHRouter.buckets_for_length(192, 64) == 2 and LSHRouter.buckets_for_length(8, 64) == 2
 
 
 # ---------------------------------------------------------------- the fused log-sum-exp backend
@@ -301,7 +301,7 @@ def test_readme_stack_and_layer_examples_shrunk():
     qk, v = torch.randn(3, 64, 16), torch.randn(3, 64, 16)
     out, attn_weights, buckets = attn(qk, v)
     assert out.shape == (3, 64, 16) and attn_weights.numel() == 0
-    assert buckets.shape == (3, 4 * 64) and int(buckets.max()) < 4 * buckets_for_length(64, 8)
+    assert buckets.shape == (3, 4 * 64) and int(buckets.max()) < 4 * LSHRouter.buckets_for_length(64, 8)
 
 
 def test_readme_encoder_decoder_example_shrunk():
