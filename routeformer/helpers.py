@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import inspect
 import math
 
 import torch
@@ -163,31 +161,6 @@ def pop_unknown_kwargs(kwargs: dict, owner: str) -> None:
     if kwargs:
         names = ', '.join(sorted(kwargs))
         raise TypeError(f'{owner} got unexpected keyword argument(s): {names}')
-
-
-def seed_positional(*names: str):
-    """Decorates an `__init__` so that positional arguments past its own positional parameters bind,
-    in order, to `names`: the rest of a seed class's positional order, for parameters this class
-    takes as keywords (keyword-only, or passed on through **kwargs). `init.positional_order` is
-    the whole order."""
-    def decorate(init):
-        own = [p.name for p in list(inspect.signature(init).parameters.values())[1:]
-               if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
-
-        @functools.wraps(init)
-        def wrapped(self, *args, **kwargs):
-            if len(args) > len(own) + len(names):
-                raise TypeError(f'{type(self).__name__} takes at most {len(own) + len(names)} positional arguments, '
-                                f'got {len(args)}')
-            for name, value in zip(names, args[len(own):]):
-                if name in kwargs:
-                    raise TypeError(f'{type(self).__name__} got multiple values for argument {name!r}')
-                kwargs[name] = value
-            return init(self, *args[:len(own)], **kwargs)
-
-        wrapped.positional_order = (*own, *names)
-        return wrapped
-    return decorate
 
 
 def as_loss(aux: Tensor) -> Tensor:

@@ -28,14 +28,18 @@ loads with `routeformer.compat.from_seed_state_dict`. Differences from the seed,
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import Tensor, nn
 from torch.autograd import Variable
 
-from ..helpers import as_loss, cast_tuple, check_positive, compiling, default, pop_unknown_kwargs, seed_positional
+from ..helpers import as_loss, cast_tuple, check_positive, compiling, default, pop_unknown_kwargs
 from ..lm import LM, trunk_context
 from ..routers.kmeans import KMeansRouter
 from ..wrappers import Autopadder, AutoregressiveWrapper, EncoderDecoder  # noqa: F401  (seed imports them from here)
+from ..transformer import Transformer
 from .builder import TRANSFORMER_KWARGS, build_pos_emb, build_transformer
+from .options import Options, call_arguments
 
 
 # ---------------------------------------------------------------- k-means updates
@@ -91,37 +95,58 @@ class KMeansUpdates:
 
 # ---------------------------------------------------------------- construction
 
-def build_routing_transformer(*, dim: int, depth: int, max_seq_len: int, heads: int, dim_head: int | None,
-                              window_size: int, causal: bool, num_clusters: int | None = None,
-                              n_local_attn_heads: int | tuple = 0, local_attn_window_size: int | None = None,
-                              kmeans_ema_decay: float = 0.999, commitment_factor: float = 1e-4,
-                              receives_context: bool = False, context_window_size: int | None = None,
-                              shared_qk: bool | None = None, rel_pos_emb: bool = True, owner: str = 'RoutingTransformer',
-                              **kwargs):
-    """The seed's flat keyword arguments -> a Transformer with k-means routed heads. The other
-    keyword arguments go to `build_transformer` unchanged; unknown ones are an error."""
+@dataclass(frozen=True)
+class RoutingOptions(Options):
+    """K-means routing, under the seed's names and defaults.
+
+    `window_size`: keys each routed query sees inside its cluster (clusters are cut into windows
+    of this many tokens); `num_clusters`: centroids per layer (default `max_seq_len //
+    window_size`; the paper's `sparsity_cluster_size`); `kmeans_ema_decay`: how slowly the
+    centroids follow their assigned vectors; `commitment_factor`: weight of the commitment loss in
+    `aux_loss`; `context_window_size`: context keys per cluster in cross-attention (default
+    `window_size`); `shared_qk`: keys are the normalised queries (default: when causal, the
+    paper's setting), `context_shared_qk` the same in cross-attention; `rel_pos_emb`: rotary
+    positions in every head."""
+
+    window_size: int = 64
+    num_clusters: int | None = None
+    kmeans_ema_decay: float = 0.999
+    commitment_factor: float = 1e-4
+    context_window_size: int | None = None
+    shared_qk: bool | None = None
+    context_shared_qk: bool = False
+    rel_pos_emb: bool = True
+
+
+def build_routing_transformer(options: RoutingOptions, *, dim: int, depth: int, max_seq_len: int, heads: int,
+                              dim_head: int | None, causal: bool, n_local_attn_heads: int | tuple = 0,
+                              local_attn_window_size: int | None = None, owner: str = 'RoutingTransformer',
+                              **kwargs) -> Transformer:
+    """A Transformer with k-means routed heads. The other keyword arguments go to
+    `build_transformer` unchanged; unknown ones are an error."""
+    o = options
     # positions come from `rel_pos_emb` (rotary) here, routers from the k-means options
     pop_unknown_kwargs({k: v for k, v in kwargs.items() if k not in TRANSFORMER_KWARGS - {'rotary'}}, owner)
-    check_positive(heads=heads, window_size=window_size)
-    if not 0. <= kmeans_ema_decay < 1.:
-        raise ValueError(f'kmeans_ema_decay must be in [0, 1), got {kmeans_ema_decay}')
-    num_clusters = default(num_clusters, max_seq_len // window_size)
+    check_positive(heads=heads, window_size=o.window_size)
+    if not 0. <= o.kmeans_ema_decay < 1.:
+        raise ValueError(f'kmeans_ema_decay must be in [0, 1), got {o.kmeans_ema_decay}')
+    num_clusters = default(o.num_clusters, max_seq_len // o.window_size)
     if num_clusters < 1:
-        raise ValueError(f'max_seq_len ({max_seq_len}) // window_size ({window_size}) gives no cluster: '
+        raise ValueError(f'max_seq_len ({max_seq_len}) // window_size ({o.window_size}) gives no cluster: '
                          f'make max_seq_len at least window_size, or pass num_clusters')
     dim_head = default(dim_head, dim // heads)
-    shared_qk = default(shared_qk, causal)  # seed default: shared QK for causal models (the paper's setting)
+    shared_qk = default(o.shared_qk, causal)
     local_heads = cast_tuple(n_local_attn_heads, depth)
-    router_kwargs = dict(dim_head=dim_head, num_clusters=num_clusters, window_size=window_size,
-                         ema_decay=kmeans_ema_decay, commitment=commitment_factor)
+    router_kwargs = dict(dim_head=dim_head, num_clusters=num_clusters, window_size=o.window_size,
+                         ema_decay=o.kmeans_ema_decay, commitment=o.commitment_factor)
 
     def make_router(layer):
         routed = heads - local_heads[layer]
         return KMeansRouter(heads=routed, shared_qk=shared_qk, **router_kwargs) if routed > 0 else None
 
     def make_context_router(layer):
-        return KMeansRouter(heads=heads, context_window_size=context_window_size, cross_attention=True,
-                            shared_qk=kwargs.get('context_shared_qk', False), **router_kwargs)
+        return KMeansRouter(heads=heads, context_window_size=o.context_window_size, cross_attention=True,
+                            shared_qk=o.context_shared_qk, **router_kwargs)
 
     # the seed's parameterisation: local heads project with their own biased q/k/v, no output bias
     kwargs.setdefault('local_qkv', True)
@@ -130,34 +155,36 @@ def build_routing_transformer(*, dim: int, depth: int, max_seq_len: int, heads: 
     return build_transformer(dim=dim, depth=depth, heads=heads, dim_head=dim_head, causal=causal,
                              make_router=make_router, make_context_router=make_context_router,
                              n_local_attn_heads=n_local_attn_heads,
-                             local_attn_window_size=default(local_attn_window_size, window_size),
-                             receives_context=receives_context, shared_qk=shared_qk, rotary=rel_pos_emb, **kwargs)
+                             local_attn_window_size=default(local_attn_window_size, o.window_size),
+                             shared_qk=shared_qk, context_shared_qk=o.context_shared_qk, rotary=o.rel_pos_emb,
+                             **kwargs)
 
 
 class RoutingTransformer(KMeansUpdates, nn.Module):
     """The transformer trunk on feature vectors: `forward(x (b, n, dim), input_mask=None,
-    context=None, context_mask=None)` returns `(x, aux_loss)`. Same keyword arguments as
-    `RoutingTransformerLM` minus the embedding ones (seed defaults: `dim_head = dim // heads`,
-    `local_attn_window_size = 256`)."""
+    context=None, context_mask=None)` returns `(x, aux_loss)`. The seed's keyword arguments and
+    defaults (the routing ones are described in `RoutingOptions`), plus those of
+    `build_transformer`; k-means updates are registered by default (the seed's trunk: never)."""
 
     multiple_of = LM.multiple_of  # the sequence multiple Autopadder pads to
 
-    @seed_positional('heads', 'dim_head', 'window_size', 'local_attn_window_size', 'local_attn_radius_blocks',
-                     'causal', 'weight_tie', 'attn_dropout', 'ff_dropout', 'attn_layer_dropout', 'layer_dropout',
-                     'n_local_attn_heads', 'ff_glu', 'reversible', 'ff_chunks', 'kmeans_ema_decay',
-                     'commitment_factor', 'receives_context', 'context_window_size', '_register_kmeans_update',
-                     'rel_pos_emb', 'pkm_layers', 'pkm_num_keys', 'moe_layers', 'moe_num_experts', 'moe_loss_coef',
-                     'num_mem_kv', 'shared_qk', 'context_shared_qk', 'use_rezero', 'use_scale_norm', 'ff_activation',
-                     'shift_tokens')
-    def __init__(self, dim: int, depth: int, max_seq_len: int, *, heads: int = 8, dim_head: int | None = None,
-                 window_size: int = 64, local_attn_window_size: int = 256, causal: bool = False,
-                 _register_kmeans_update: bool = True, **kwargs):
+    def __init__(self, dim: int, depth: int, max_seq_len: int, heads: int = 8, dim_head: int | None = None,
+                 window_size: int = 64, local_attn_window_size: int = 256, local_attn_radius_blocks: int = 1,
+                 causal: bool = False, weight_tie: bool = False, attn_dropout: float = 0., ff_dropout: float = 0.,
+                 attn_layer_dropout: float = 0., layer_dropout: float = 0., n_local_attn_heads: int | tuple = 0,
+                 ff_glu: bool = False, reversible: bool = False, ff_chunks: int = 1, kmeans_ema_decay: float = 0.999,
+                 commitment_factor: float = 1e-4, receives_context: bool = False,
+                 context_window_size: int | None = None, _register_kmeans_update: bool = True,
+                 rel_pos_emb: bool = True, pkm_layers: tuple = (), pkm_num_keys: int = 128, moe_layers: tuple = (),
+                 moe_num_experts: int = 4, moe_loss_coef: float = 1e-2, num_mem_kv: int = 0,
+                 shared_qk: bool | None = None, context_shared_qk: bool = False, use_rezero: bool = False,
+                 use_scale_norm: bool = False, ff_activation: type[nn.Module] | None = None,
+                 shift_tokens: bool = False, **kwargs):
         super().__init__()
         self.dim, self.max_seq_len, self.causal = dim, max_seq_len, causal
-        self.transformer = build_routing_transformer(dim=dim, depth=depth, max_seq_len=max_seq_len, heads=heads,
-                                                     dim_head=dim_head, window_size=window_size, causal=causal,
-                                                     local_attn_window_size=local_attn_window_size,
-                                                     owner=type(self).__name__, **kwargs)
+        options, trunk = RoutingOptions.split(call_arguments(locals()))
+        trunk.pop('_register_kmeans_update')
+        self.transformer = build_routing_transformer(options, owner=type(self).__name__, **trunk)
         self._kmeans_update_after_backward = _register_kmeans_update
 
     def forward(self, x: Tensor, input_mask: Tensor | None = None, context: Tensor | None = None,
@@ -172,29 +199,32 @@ class RoutingTransformer(KMeansUpdates, nn.Module):
 
 class RoutingTransformerLM(KMeansUpdates, LM):
     """A token model with k-means routed attention. Every keyword argument of the seed package's
-    `RoutingTransformerLM`, with its defaults, plus:
-    `num_clusters` (default `max_seq_len // window_size`; the paper's `sparsity_cluster_size`),
-    `max_relative_position` (relative position logits, the paper's), `context_shared_qk`, `backend`,
-    and every other keyword argument of `build_transformer` (e.g. `use_rms_norm`).
-    `forward(x, input_mask=None, context=None, context_mask=None)` returns `(logits, aux_loss)`;
-    `aux_loss` is the commitment loss (+ MoE balance loss): add it to the main loss."""
+    `RoutingTransformerLM`, with its defaults (the routing ones are described in
+    `RoutingOptions`), plus `num_clusters`, `max_relative_position` (relative position logits, the
+    paper's), `backend` and every other keyword argument of `build_transformer` (e.g.
+    `use_rms_norm`). `forward(x, input_mask=None, context=None, context_mask=None)` returns
+    `(logits, aux_loss)`; `aux_loss` is the commitment loss (+ MoE balance loss): add it to the
+    main loss."""
 
-    @seed_positional('heads', 'dim_head', 'window_size', 'local_attn_window_size', 'local_attn_radius_blocks',
-                     'causal', 'emb_dim', 'weight_tie', 'attn_dropout', 'ff_dropout', 'attn_layer_dropout',
-                     'layer_dropout', 'ff_mult', 'ff_activation', 'ff_glu', 'return_embeddings', 'n_local_attn_heads',
-                     'reversible', 'ff_chunks', 'kmeans_ema_decay', 'commitment_factor', 'receives_context',
-                     'context_window_size', 'rel_pos_emb', '_register_kmeans_update', 'pkm_layers', 'pkm_num_keys',
-                     'moe_layers', 'moe_num_experts', 'moe_loss_coef', 'num_mem_kv', 'shared_qk', 'context_shared_qk',
-                     'use_rezero', 'use_scale_norm', 'tie_embedding', 'use_absolute_pos_emb', 'shift_tokens')
-    def __init__(self, num_tokens: int, dim: int, depth: int, max_seq_len: int, *, heads: int = 8,
-                 dim_head: int = 64, window_size: int = 64, local_attn_window_size: int | None = None,
-                 causal: bool = False, emb_dim: int | None = None, return_embeddings: bool = False,
-                 tie_embedding: bool = False, use_absolute_pos_emb: bool = False,
-                 _register_kmeans_update: bool = True, **kwargs):
-        transformer = build_routing_transformer(dim=dim, depth=depth, max_seq_len=max_seq_len, heads=heads,
-                                                dim_head=dim_head, window_size=window_size, causal=causal,
-                                                local_attn_window_size=local_attn_window_size,
-                                                owner=type(self).__name__, **kwargs)
+    def __init__(self, num_tokens: int, dim: int, depth: int, max_seq_len: int, heads: int = 8, dim_head: int = 64,
+                 window_size: int = 64, local_attn_window_size: int | None = None,
+                 local_attn_radius_blocks: int = 1, causal: bool = False, emb_dim: int | None = None,
+                 weight_tie: bool = False, attn_dropout: float = 0., ff_dropout: float = 0.,
+                 attn_layer_dropout: float = 0., layer_dropout: float = 0., ff_mult: float = 4,
+                 ff_activation: type[nn.Module] | None = None, ff_glu: bool = False, return_embeddings: bool = False,
+                 n_local_attn_heads: int | tuple = 0, reversible: bool = False, ff_chunks: int = 1,
+                 kmeans_ema_decay: float = 0.999, commitment_factor: float = 1e-4, receives_context: bool = False,
+                 context_window_size: int | None = None, rel_pos_emb: bool = True,
+                 _register_kmeans_update: bool = True, pkm_layers: tuple = (), pkm_num_keys: int = 128,
+                 moe_layers: tuple = (), moe_num_experts: int = 4, moe_loss_coef: float = 1e-2, num_mem_kv: int = 0,
+                 shared_qk: bool | None = None, context_shared_qk: bool = False, use_rezero: bool = False,
+                 use_scale_norm: bool = False, tie_embedding: bool = False, use_absolute_pos_emb: bool = False,
+                 shift_tokens: bool = False, **kwargs):
+        options, trunk = RoutingOptions.split(call_arguments(locals()))
+        lm_only = ('num_tokens', 'emb_dim', 'return_embeddings', 'tie_embedding', 'use_absolute_pos_emb',
+                   '_register_kmeans_update')
+        transformer = build_routing_transformer(options, owner=type(self).__name__,
+                                                **{k: v for k, v in trunk.items() if k not in lm_only})
         super().__init__(num_tokens=num_tokens, dim=dim, max_seq_len=max_seq_len, transformer=transformer,
                          emb_dim=emb_dim, tie_embedding=tie_embedding, return_embeddings=return_embeddings,
                          causal=causal, norm_after_project_out=True,

@@ -24,8 +24,6 @@ def seed_exports(package):
 
 def positional_order(fn) -> list[str]:
     fn = fn.__init__ if inspect.isclass(fn) else fn
-    if hasattr(fn, 'positional_order'):
-        return list(fn.positional_order)
     params = list(inspect.signature(fn).parameters.values())
     kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     return [p.name for p in params if p.kind in kinds and p.name != 'self']
