@@ -47,6 +47,13 @@ class Sublayer(nn.Module):
         self.rezero = ReZero() if rezero else None
         self.shifts = shifts
 
+    @classmethod
+    def sharing(cls, fn: nn.Module, other: 'Sublayer') -> 'Sublayer':
+        """fn behind `other`'s norm, ReZero gate and token shift (the same parameters)."""
+        sub = cls(fn, dim=1, norm='none', shifts=other.shifts)
+        sub.norm, sub.rezero = other.norm, other.rezero
+        return sub
+
     def forward(self, x: Tensor, ctx: LayerContext) -> tuple[Tensor, Tensor]:
         x = self.norm(x)
         if self.shifts:

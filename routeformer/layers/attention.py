@@ -33,6 +33,10 @@ class Attention(nn.Module):
     output projection's bias. `mem_kv_from_inputs=True` learns the `num_mem_kv` memory slots as
     inputs (`mem_inputs`, (1, num_mem_kv, dim)) that go through the layer's own key and value
     projections (Reformer's parameterisation) instead of as key/value vectors per head.
+
+    Components may be passed in instead of built: `to_q`, `to_v`, `to_out` (modules mapping to and
+    from heads * dim_head features; shared with another layer, or Reformer's one value head) and
+    `executor` (anything called like RoutedAttention, e.g. one that runs it in chunks).
     """
 
     def __init__(self, dim: int, *, heads: int = 8, dim_head: int = 64, causal: bool = False,
@@ -40,7 +44,9 @@ class Attention(nn.Module):
                  shared_qk: bool = False, num_mem_kv: int = 0, dropout: float = 0., post_attn_dropout: float = 0.,
                  cross_attend: bool = False, dim_context: int | None = None,
                  rotary: RotaryEmbedding | None = None, backend: str = 'auto', rel_pos: nn.Module | None = None,
-                 local_qkv: bool = False, out_bias: bool = True, mem_kv_from_inputs: bool = False):
+                 local_qkv: bool = False, out_bias: bool = True, mem_kv_from_inputs: bool = False,
+                 to_q: nn.Module | None = None, to_v: nn.Module | None = None, to_out: nn.Module | None = None,
+                 executor: nn.Module | None = None):
         super().__init__()
         if not 0 <= n_local_heads <= heads:
             raise ValueError(f'n_local_heads ({n_local_heads}) must be between 0 and heads ({heads})')
@@ -54,10 +60,10 @@ class Attention(nn.Module):
         self.local_to_qkv = nn.Linear(dim, 3 * self.n_own * dim_head) if self.n_own else None
         shared = (heads - self.n_own) * dim_head
 
-        self.to_q = nn.Linear(dim, shared, bias=False) if shared else None
+        self.to_q = (to_q if exists(to_q) else nn.Linear(dim, shared, bias=False)) if shared else None
         self.to_k = None if shared_qk or not shared else nn.Linear(dim_kv, shared, bias=False)
-        self.to_v = nn.Linear(dim_kv, shared, bias=False) if shared else None
-        self.to_out = nn.Linear(inner, dim, bias=out_bias)
+        self.to_v = (to_v if exists(to_v) else nn.Linear(dim_kv, shared, bias=False)) if shared else None
+        self.to_out = to_out if exists(to_out) else nn.Linear(inner, dim, bias=out_bias)
         self.post_attn_dropout = nn.Dropout(post_attn_dropout)
 
         # learned key/values every query can see (All-Attention); also guarantees no empty row
@@ -78,7 +84,7 @@ class Attention(nn.Module):
             routers.append(default(router, FullRouter()))
             self.head_slices.append((n_local_heads, heads))
         self.routers = nn.ModuleList(routers)
-        self.executor = RoutedAttention(dropout=dropout, backend=backend)
+        self.executor = executor if exists(executor) else RoutedAttention(dropout=dropout, backend=backend)
 
     @property
     def needs_routing_keys(self) -> bool:

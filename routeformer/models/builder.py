@@ -39,7 +39,8 @@ def build_transformer(*, dim: int, depth: int, heads: int = 8, dim_head: int | N
                       twin_attention: bool = False, local_qkv: bool = False,
                       attn_out_bias: bool = True, context_ff: bool = False,
                       mem_kv_from_inputs: bool = False,
-                      self_attention: Callable[..., Attention] = Attention) -> Transformer:
+                      self_attention: Callable[..., Attention] = Attention,
+                      cross_attention: Callable[..., Attention] = Attention) -> Transformer:
     """Builds the blocks. Layer indices in `pkm_layers`/`moe_layers` count from 1 (seed convention);
     `n_local_attn_heads` may be one number or one per layer; `make_router(layer)` gives the main
     router of each layer (full attention when it returns None), `make_context_router(layer)` the
@@ -53,7 +54,7 @@ def build_transformer(*, dim: int, depth: int, heads: int = 8, dim_head: int | N
     the layer's block. `mem_kv_from_inputs` learns memory key/values as inputs to the layer's
     projections (Reformer). `self_attention` builds every self-attention layer from Attention's
     keyword arguments: a layer class that is not one router's plan (NSA's gated branches) plugs in
-    here; cross-attention is always Attention."""
+    here; `cross_attention` builds the cross-attention layers (Reformer passes its own parts in)."""
     check_positive(dim=dim, heads=heads, **({} if dim_head is None else dict(dim_head=dim_head)))
     dim_head = default(dim_head, dim // heads)
     if twin_attention and (pkm_layers or moe_layers):
@@ -83,7 +84,7 @@ def build_transformer(*, dim: int, depth: int, heads: int = 8, dim_head: int | N
 
     def attention(layer, cross=False):
         n_local = 0 if cross else local_heads[layer]
-        make_attn = Attention if cross else self_attention
+        make_attn = cross_attention if cross else self_attention
         return make_attn(dim, heads=heads, dim_head=dim_head, causal=causal,
                          router=make_layer_router(layer, cross),
                          local_router=LocalRouter(local_attn_window_size, look_backward=local_attn_radius_blocks) if n_local else None,

@@ -38,7 +38,7 @@ from ..layers.embeddings import apply_rotary
 from ..lm import LM, check_batch, check_mask
 from ..routers import FullRouter, LocalRouter
 from ..routers.lsh import LSHRouter
-from ..transformer import Transformer
+from ..transformer import Sublayer, Transformer
 from ..wrappers.encoder_decoder import EncoderDecoder
 from .builder import build_pos_emb, build_transformer
 from .options import Options, call_arguments
@@ -121,13 +121,28 @@ class ChunkedRoutedAttention(nn.Module):
         return out, cat_weights([cat_weights(w, dim=1) for w in weights], dim=0)
 
 
-def customise_attention(attn: Attention, *, one_value_head: bool, attn_chunks: int) -> None:
-    """Reformer's options on a built attention layer: a shared value head, chunked execution."""
+def reformer_parts(dim_kv: int, *, heads: int, dim_head: int, one_value_head: bool, attn_chunks: int,
+                   dropout: float = 0., backend: str = 'auto') -> dict:
+    """Reformer's components of an attention layer, as Attention keyword arguments: a value
+    projection shared by every head (`one_value_head`), and chunked execution (`attn_chunks`)."""
+    parts = {}
     if one_value_head:
-        attn.to_v = OneValueHead(attn.to_v.in_features, heads=attn.heads,
-                                 dim_head=attn.to_v.out_features // attn.heads)
+        parts['to_v'] = OneValueHead(dim_kv, heads=heads, dim_head=dim_head)
     if attn_chunks > 1:
-        attn.executor = ChunkedRoutedAttention(attn.executor, attn_chunks)
+        parts['executor'] = ChunkedRoutedAttention(RoutedAttention(dropout=dropout, backend=backend), attn_chunks)
+    return parts
+
+
+def reformer_attention(*, one_value_head: bool, attn_chunks: int):
+    """An Attention factory for `build_transformer` that passes Reformer's parts in."""
+    def make(dim: int, *, heads: int, dim_head: int, dim_context: int | None = None, dropout: float = 0.,
+             backend: str = 'auto', **kwargs) -> Attention:
+        parts = reformer_parts(default(dim_context, dim), heads=heads, dim_head=dim_head,
+                               one_value_head=one_value_head, attn_chunks=attn_chunks, dropout=dropout,
+                               backend=backend)
+        return Attention(dim, heads=heads, dim_head=dim_head, dim_context=dim_context, dropout=dropout,
+                         backend=backend, **kwargs, **parts)
+    return make
 
 
 class ContextOptional(nn.Module):
@@ -147,22 +162,20 @@ class ContextOptional(nn.Module):
         return self.fn(x, ctx)
 
 
-def tie_cross_attention(block, *, attn_dropout: float, post_attn_dropout: float, attn_chunks: int) -> None:
-    """Replaces a block's cross-attention by one that reuses its self-attention's projections and
-    norm (the encoder keys are projected as reformer-pytorch projects them: shared QK, normalised
-    keys) and is skipped when no keys are given: no parameters of its own, so a model that never
-    gets keys has no unused parameters."""
-    own_sublayer, cross_sublayer = block.mixers
+def tied_cross_attention(own_sublayer: Sublayer, *, attn_dropout: float, post_attn_dropout: float,
+                         attn_chunks: int) -> ContextOptional:
+    """A cross-attention mixer made of a block's self-attention parts: its projections and norm
+    (the encoder keys are projected as reformer-pytorch projects them: shared QK, normalised
+    keys), skipped when no keys are given. No parameters of its own, so a model that never gets
+    keys has no unused parameters."""
     own = own_sublayer.fn
-    cross_sublayer.norm, cross_sublayer.rezero = own_sublayer.norm, own_sublayer.rezero
-    heads, dim_head = own.heads, own.to_q.out_features // own.heads
+    heads, dim_head = own.heads, own.dim_head
+    executor = reformer_parts(0, heads=heads, dim_head=dim_head, one_value_head=False, attn_chunks=attn_chunks,
+                              dropout=attn_dropout, backend=own.executor.backend).get('executor')
     tied = Attention(own.to_q.in_features, heads=heads, dim_head=dim_head, shared_qk=True, cross_attend=True,
-                     dropout=attn_dropout, post_attn_dropout=post_attn_dropout,
-                     backend=own.executor.backend)
-    tied.to_q, tied.to_v, tied.to_out = own.to_q, own.to_v, own.to_out
-    customise_attention(tied, one_value_head=False, attn_chunks=attn_chunks)
-    cross_sublayer.fn = tied
-    block.mixers[1] = ContextOptional(cross_sublayer)
+                     dropout=attn_dropout, post_attn_dropout=post_attn_dropout, backend=own.executor.backend,
+                     to_q=own.to_q, to_v=own.to_v, to_out=own.to_out, executor=executor)
+    return ContextOptional(Sublayer.sharing(tied, own_sublayer))
 
 
 # ---------------------------------------------------------------- the stack
@@ -229,21 +242,18 @@ def build_reformer(options: ReformerOptions, *, dim: int, depth: int, heads: int
                          rehash_each_round=o.rehash_each_round, random_rotations_per_head=o.random_rotations_per_head,
                          drop_for_hash_rate=o.drop_for_hash_rate)
 
+    attention = reformer_attention(one_value_head=o.one_value_head, attn_chunks=attn_chunks)
     transformer = build_transformer(
         dim=dim, depth=depth, heads=heads, dim_head=dim_head, causal=causal, make_router=make_router,
         n_local_attn_heads=n_local_attn_heads, local_attn_window_size=2 * o.bucket_size, shared_qk=True,
-        attn_dropout=o.lsh_dropout, attn_layer_dropout=o.post_attn_dropout, receives_context=True,
-        mem_kv_from_inputs=kwargs.pop('mem_kv_from_inputs', True), **kwargs)
-
-    blocks = list({id(block): block for block in transformer.blocks}.values())
-    # tied layers share their attention: customise each attention module once
-    attentions = {id(m): m for block in blocks for m in block.modules() if isinstance(m, Attention)}
-    for module in attentions.values():
-        customise_attention(module, one_value_head=o.one_value_head, attn_chunks=attn_chunks)
-    for block in blocks:
-        if not o.receives_context:
-            tie_cross_attention(block, attn_dropout=o.lsh_dropout, post_attn_dropout=o.post_attn_dropout,
-                                attn_chunks=attn_chunks)
+        attn_dropout=o.lsh_dropout, attn_layer_dropout=o.post_attn_dropout, receives_context=o.receives_context,
+        mem_kv_from_inputs=kwargs.pop('mem_kv_from_inputs', True), self_attention=attention,
+        cross_attention=attention, **kwargs)
+    if not o.receives_context:
+        # the seed's layers take keys= without cross-attention of their own: tie one to each block
+        for block in {id(block): block for block in transformer.blocks}.values():
+            block.mixers.append(tied_cross_attention(block.mixers[0], attn_dropout=o.lsh_dropout,
+                                                     post_attn_dropout=o.post_attn_dropout, attn_chunks=attn_chunks))
     return transformer
 
 
@@ -431,9 +441,10 @@ class LSHSelfAttention(nn.Module):
         local = LocalRouter(2 * bucket_size, look_backward=1) if n_local_attn_heads > 0 else None
         self.attn = Attention(dim, heads=heads, dim_head=dim_head, causal=causal, router=router, local_router=local,
                               n_local_heads=n_local_attn_heads, shared_qk=True, num_mem_kv=num_mem_kv,
-                              mem_kv_from_inputs=True,
-                              dropout=dropout, post_attn_dropout=post_attn_dropout, backend=backend)
-        customise_attention(self.attn, one_value_head=one_value_head, attn_chunks=default(attn_chunks, 1))
+                              mem_kv_from_inputs=True, dropout=dropout, post_attn_dropout=post_attn_dropout,
+                              backend=backend,
+                              **reformer_parts(dim, heads=heads, dim_head=dim_head, one_value_head=one_value_head,
+                                               attn_chunks=default(attn_chunks, 1), dropout=dropout, backend=backend))
         self.dim, self.return_attn = dim, return_attn
         self.bucket_size, self.num_mem_kv, self.full_attn_thres = bucket_size, num_mem_kv, default(full_attn_thres, bucket_size)
 
