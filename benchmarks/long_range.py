@@ -69,9 +69,11 @@ TOKEN_SHIFT = dict(shift_tokens=True)
 FAMILY_ARGS = {
     'colt5': lambda cfg: dict(num_heavy_attn_tokens_q=cfg.model.window, num_heavy_attn_tokens_kv=cfg.model.seq_len // 2),
     'reformer': lambda cfg: dict(absolute_position_emb=True),
-    'routing': lambda cfg: dict(shared_qk=cfg.data.task == 'recall', kmeans_ema_decay=0.99,
+    # every head routed and Sinkhorn's axial positions: the settings these tasks were measured with
+    # (`routeformer train` recommends local heads and rotary positions for text)
+    'routing': lambda cfg: dict(shared_qk=cfg.data.task == 'recall', kmeans_ema_decay=0.99, n_local_attn_heads=0,
                                 use_absolute_pos_emb=cfg.data.task == 'duplication'),
-    'sinkhorn': lambda cfg: dict(use_simple_sort_net=True) if cfg.data.task == 'recall' else {},
+    'sinkhorn': lambda cfg: dict(pos_emb='axial', **(dict(use_simple_sort_net=True) if cfg.data.task == 'recall' else {})),
     # MoBA and DSA select by content too: absolute positions let a query find the block (token)
     # of its copy on duplication. DSA's indexer learns from the main attention's distribution,
     # which at first covers only the indexer's own random picks: a dense warm-up (the paper's
