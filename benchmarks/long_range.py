@@ -19,10 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-from routeformer.cli import main as routeformer
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare_driver import fmt_seconds, run_compare, val_rows  # noqa: E402
+
+from routeformer.cli.compare import family_overrides  # noqa: E402
+from routeformer.cli.errors import CLIError  # noqa: E402
 
 FAMILIES = 'full,local,routing,reformer,sinkhorn,colt5,moba,dsa,nsa,mosa'  # `routeformer families`
 # same model for every family and task; the budget is in steps (wall time is reported)
@@ -114,28 +119,17 @@ def chance(data: dict) -> float:
     return 1 / (vocab - 1 - (vocab - 1) // 2)
 
 
-def family_arg_flags(family: str, cfg: dict, overrides: list[str]) -> list[str]:
-    """`--family-arg FAMILY:KEY=VALUE` flags: token shift, FAMILY_ARGS, then the command line's."""
+def family_args(families: list[str], cfg: dict, overrides: list[str]) -> dict[str, dict]:
+    """Model keyword arguments per family: token shift, FAMILY_ARGS, then `--family-arg`."""
     task = SimpleNamespace(data=SimpleNamespace(**cfg['data']), model=SimpleNamespace(**cfg['model']))
-    args = {**TOKEN_SHIFT, **(FAMILY_ARGS[family](task) if family in FAMILY_ARGS else {})}
-    return [f for key, value in args.items() for f in ('--family-arg', f'{family}:{key}={value!r}')] + \
-           [f for item in overrides if item.startswith(f'{family}:') for f in ('--family-arg', item)]
+    extra = family_overrides(overrides, families)
+    return {f: {**TOKEN_SHIFT, **(FAMILY_ARGS[f](task) if f in FAMILY_ARGS else {}), **extra.get(f, {})}
+            for f in families}
 
 
 def first_step_at(metrics: Path, accuracy: float) -> int | None:
     """The first validation step at `accuracy` or above, from a run's metrics.jsonl."""
-    for line in metrics.read_text().splitlines() if metrics.is_file() else []:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # a torn last line
-            continue
-        if row.get('split') == 'val' and row.get('accuracy') is not None and row['accuracy'] >= accuracy:
-            return row['step']
-    return None
-
-
-def fmt_seconds(t: float) -> str:
-    return f'{t:.0f} s' if t < 120 else f'{t / 60:.1f} min'
+    return next((r['step'] for r in val_rows(metrics) if (r.get('accuracy') or 0) >= accuracy), None)
 
 
 def main(argv=None) -> int:
@@ -160,16 +154,16 @@ def main(argv=None) -> int:
     for task in tasks:
         cfg = task_config(task, args.tiny, args.steps, args.seed)
         folder = out / task
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / 'long_range_config.json').write_text(json.dumps(cfg, indent=1))
-        argv = ['compare', '--config', str(folder / 'long_range_config.json'), '--families', ','.join(families),
-                '--out', str(folder), *[f for family in families for f in family_arg_flags(family, cfg, args.family_arg)],
-                *(['--resume'] if args.resume else []), *(['--quiet'] if args.quiet else []),
-                *(['--timeout', str(args.timeout)] if args.timeout else [])]
-        status = routeformer(argv)
-        if status == 2:  # a bad flag or setting: the command said what to change
+        try:
+            per_family = family_args(families, cfg, args.family_arg)
+        except CLIError as e:
+            print(f'error: {e}', file=sys.stderr)
             return 2
-        results = {r['family']: r for r in json.loads((folder / 'compare.json').read_text())}
+        results = run_compare(cfg, families, folder, family_args=per_family,
+                              resume=args.resume, quiet=args.quiet, timeout=args.timeout,
+                              config_name='long_range_config.json')
+        if results is None:  # a bad flag or setting: the command said what to change
+            return 2
         full = (results.get('full', {}).get('summary') or {}).get('val', {}).get('accuracy')
         for family in families:
             r = results[family]

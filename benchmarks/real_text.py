@@ -33,7 +33,7 @@ REFERENCES = ('full', 'local')  # one variant only: they have no routing setting
 MODEL = dict(dim=128, depth=4, heads=4, window=128)
 # the same tokens per step at every length
 LENGTHS = {1024: dict(batch_size=8), 4096: dict(batch_size=2)}
-TRAIN = dict(steps=300, lr=2e-3, warmup=40, eval_every=50, eval_batches=16, save_every=400, sample_length=0)
+TRAIN = dict(steps=200, lr=2e-3, warmup=40, eval_every=50, eval_batches=16, save_every=400, sample_length=0)
 # What the seed classes do where `routeformer train` recommends otherwise: the measurements behind
 # each recommendation are in benchmarks/README.md ("Real text").
 SEED_DEFAULTS: dict[str, dict] = {

@@ -442,3 +442,35 @@ def test_long_range_script_tiny(tmp_path):
     rows = json.loads((tmp_path / 'long_range.json').read_text())
     assert {(r['task'], r['family']) for r in rows} == {(t, f) for t in ('duplication', 'recall') for f in ('full', 'local')}
     assert all(0 <= r['accuracy'] <= 1 for r in rows)
+
+
+def real_text_module():
+    import importlib.util
+    path = Path(__file__).resolve().parents[2] / 'benchmarks' / 'real_text.py'
+    spec = importlib.util.spec_from_file_location('real_text', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_real_text_reads_a_curve_at_a_time():
+    bpb_at = real_text_module().bpb_at
+    curve = [dict(train_time=10., bpb=4.), dict(train_time=20., bpb=3.), dict(train_time=40., bpb=2.5)]
+    assert bpb_at(curve, 15.) == pytest.approx(3.5)
+    assert bpb_at(curve, 30.) == pytest.approx(2.75)
+    assert bpb_at(curve, 40.) == pytest.approx(2.5)
+    assert bpb_at(curve, 5.) is None and bpb_at(curve, 41.) is None  # outside the curve: unknown
+
+
+@pytest.mark.slow
+def test_real_text_script_tiny(tmp_path):
+    import subprocess
+    import sys
+    script = Path(__file__).resolve().parents[2] / 'benchmarks' / 'real_text.py'
+    proc = subprocess.run([sys.executable, str(script), '--families', 'full,local,sinkhorn', '--tiny', '--quiet',
+                           '--out', str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((tmp_path / 'real_text.json').read_text())['rows']
+    assert [(r['family'], r['variant']) for r in rows] == [('full', '-'), ('local', '-'), ('sinkhorn', 'seed defaults'),
+                                                          ('sinkhorn', 'recommended')]
+    assert all(r['bpb'] > 0 for r in rows) and rows[0]['vs_full'] == 0
