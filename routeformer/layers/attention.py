@@ -5,6 +5,7 @@ Axes: b batch, n sequence (queries), m key/value sequence, h heads, d head dim.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from math import lcm
 
 import torch
@@ -18,6 +19,32 @@ from ..context import LayerContext
 from ..helpers import default, exists, l2norm
 from ..routers import FullRouter, Router
 from .embeddings import RotaryEmbedding, apply_rotary
+
+
+@dataclass
+class KVCache:
+    """One self-attention layer's decoding cache: the keys and values (b, h, n, d) of every
+    position so far (rotated), their key mask (b, n), the pre-rotary keys when a router reads them
+    (`k_route`), and each head group's router state by group index (what `Router.decode` keeps
+    between steps; it starts with the prefill's plan)."""
+    k: Tensor
+    v: Tensor
+    mask: Tensor
+    k_route: Tensor | None = None
+    routers: dict[int, dict] = field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[-2]
+
+
+@dataclass
+class ContextCache:
+    """A cross-attention layer's decoding cache: the context's keys and values (b, h, m, d),
+    which never change, and each head group's router state."""
+    k: Tensor
+    v: Tensor
+    routers: dict[int, dict] = field(default_factory=dict)
 
 
 class Attention(nn.Module):
@@ -140,7 +167,7 @@ class Attention(nn.Module):
 
         if exists(entry):  # cross-attention while decoding: the context's keys/values never change
             q = rearrange(self.to_q(x), 'b n (h d) -> b h n d', h=self.heads)
-            k, v = entry['k'], entry['v']
+            k, v = entry.k, entry.v
         else:
             q, k, v = self.project(x, kv_input)
 
@@ -152,7 +179,7 @@ class Attention(nn.Module):
             cached = ctx.plans.get(key) if (ctx.recompute and exists(ctx.plans)) else None
             if exists(entry):
                 plan = router.decode_context(ctx.offset, q=q[:, start:end], k=k[:, start:end], mask=key_mask,
-                                             state=entry.setdefault(('router', gi), {}), q_mask=ctx.mask)
+                                             state=entry.routers.setdefault(gi, {}), q_mask=ctx.mask)
             else:
                 extra = dict(q_mask=ctx.mask) if self.cross_attend and router.needs_query_mask else {}
                 plan = router(q[:, start:end], k[:, start:end], causal=self.causal, mask=key_mask, cached=cached,
@@ -169,10 +196,14 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, freqs), apply_rotary(k, freqs)
 
         if exists(ctx.cache) and not exists(entry):
-            mask = default(key_mask, torch.ones(k.shape[0], k.shape[-2], dtype=torch.bool, device=x.device))
-            ctx.cache[cache_key] = dict(k=k, v=v, mask=mask, k_route=k_route if self.needs_routing_keys else None)
             # routers that keep bucket/cluster ids continue decoding from the prefill's plan
-            ctx.cache[cache_key].update({('router', gi): dict(prefill=plan) for gi, plan in enumerate(plans)})
+            states = {gi: dict(prefill=plan) for gi, plan in enumerate(plans)}
+            if self.cross_attend:
+                ctx.cache[cache_key] = ContextCache(k=k, v=v, routers=states)
+            else:
+                mask = default(key_mask, torch.ones(k.shape[0], k.shape[-2], dtype=torch.bool, device=x.device))
+                ctx.cache[cache_key] = KVCache(k=k, v=v, mask=mask, routers=states,
+                                               k_route=k_route if self.needs_routing_keys else None)
 
         record = exists(ctx.recordings) and not ctx.recompute
         outs = []
@@ -185,11 +216,11 @@ class Attention(nn.Module):
         out = rearrange(outs[0] if len(outs) == 1 else torch.cat(outs, dim=1), 'b h n d -> b n (h d)')
         return self.post_attn_dropout(self.to_out(out)), aux
 
-    def empty_cache_entry(self, x) -> dict:
+    def empty_cache_entry(self, x) -> KVCache:
         b, d = x.shape[0], self.dim_head
         empty = x.new_zeros(b, self.heads, 0, d)
-        return dict(k=empty, v=empty, mask=torch.ones(b, 0, dtype=torch.bool, device=x.device),
-                    k_route=empty if self.needs_routing_keys else None)
+        return KVCache(k=empty, v=empty, mask=torch.ones(b, 0, dtype=torch.bool, device=x.device),
+                       k_route=empty if self.needs_routing_keys else None)
 
     def attend_heads(self, plan: RoutePlan, q: Tensor, k: Tensor, v: Tensor, start: int, end: int, *,
                      key_mask: Tensor | None, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
@@ -206,36 +237,37 @@ class Attention(nn.Module):
                                               plan=plan.to('cpu'), weights=weights.detach_to('cpu'),
                                               q_len=q_len, kv_len=kv_len))
 
-    def decode(self, x, ctx, entry) -> Tensor:
+    def decode(self, x: Tensor, ctx: LayerContext, entry: KVCache) -> Tensor:
         """One new token against the cache: the work is the router's window, not the prefix."""
         return self.decode_heads(*self.extend_cache(x, ctx, entry), entry=entry)
 
-    def extend_cache(self, x, ctx, entry) -> tuple[int, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def extend_cache(self, x: Tensor, ctx: LayerContext,
+                     entry: KVCache) -> tuple[int, Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Projects the new token and appends it to the cache: (pos, pre-rotary q, q, k, v, key mask)
         with k, v and the key mask of every position so far."""
         if x.shape[1] != 1:
             raise ValueError(f'cached decoding takes one new token per call, got {x.shape[1]}')
-        pos = entry['k'].shape[-2]
+        pos = entry.length
         q, k, v = self.project(x, x)
         q_route = q
         if self.needs_routing_keys:
-            entry['k_route'] = torch.cat((entry['k_route'], k), dim=-2)
+            entry.k_route = torch.cat((entry.k_route, k), dim=-2)
         if exists(self.rotary):
             freqs = self.rotary(torch.tensor([pos], device=x.device))
             q, k = apply_rotary(q, freqs), apply_rotary(k, freqs)
-        entry['k'] = k = torch.cat((entry['k'], k), dim=-2)
-        entry['v'] = v = torch.cat((entry['v'], v), dim=-2)
+        entry.k = k = torch.cat((entry.k, k), dim=-2)
+        entry.v = v = torch.cat((entry.v, v), dim=-2)
         new_mask = ctx.mask[:, -1:] if exists(ctx.mask) else torch.ones(x.shape[0], 1, dtype=torch.bool, device=x.device)
-        entry['mask'] = key_mask = torch.cat((entry['mask'], new_mask), dim=-1)
+        entry.mask = key_mask = torch.cat((entry.mask, new_mask), dim=-1)
         return pos, q_route, q, k, v, key_mask
 
-    def decode_heads(self, pos, q_route, q, k, v, key_mask, *, entry) -> Tensor:
+    def decode_heads(self, pos, q_route, q, k, v, key_mask, *, entry: KVCache) -> Tensor:
         """The new token's output (b, h, 1, d) in every group of heads, each by its router's decode plan."""
         outs = []
         for gi, (router, (start, end)) in enumerate(zip(self.routers, self.head_slices)):
-            k_route = entry['k_route'][:, start:end] if router.needs_routing_keys else None
+            k_route = entry.k_route[:, start:end] if router.needs_routing_keys else None
             extra = dict(mask=key_mask) if router.needs_decode_mask else {}
-            plan = router.decode(pos, q=q_route[:, start:end], k=k_route, state=entry.setdefault(('router', gi), {}),
+            plan = router.decode(pos, q=q_route[:, start:end], k=k_route, state=entry.routers.setdefault(gi, {}),
                                  **extra)
             outs.append(self.attend_heads(plan, q, k, v, start, end, key_mask=key_mask)[0])
         return torch.cat(outs, dim=1)

@@ -28,6 +28,7 @@ l keys per compressed block, s selection blocks, k selected blocks per query, j 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +40,17 @@ from ..attention.plan import RoutePlan
 from ..context import LayerContext
 from ..helpers import check_positive, exists, topk_first
 from ..routers import LocalRouter
-from .attention import Attention
+from .attention import Attention, KVCache
 from .embeddings import apply_rotary
+
+
+@dataclass
+class NSACache(KVCache):
+    """KVCache plus the compressed keys and values (b, h, c, d) of the blocks completed so far
+    and their mask (b, c)."""
+    ck: Tensor | None = None
+    cv: Tensor | None = None
+    cmask: Tensor | None = None
 
 
 # sequences up to this many times the selected keys of a query attend the selected blocks through a
@@ -151,7 +161,7 @@ class NSAAttention(Attention):
 
         if exists(ctx.cache):
             mask = key_mask if exists(key_mask) else torch.ones(x.shape[0], n, dtype=torch.bool, device=x.device)
-            ctx.cache[key] = dict(k=k, v=v, mask=mask, k_route=k_route, ck=ck, cv=cv, cmask=cmask)
+            ctx.cache[key] = NSACache(k=k, v=v, mask=mask, k_route=k_route, ck=ck, cv=cv, cmask=cmask)
         out = rearrange(torch.cat(outs, dim=1), 'b h n d -> b n (h d)')
         return self.post_attn_dropout(self.to_out(out)), x.new_zeros(())
 
@@ -230,11 +240,11 @@ class NSAAttention(Attention):
         gates = rearrange(self.to_gates(x).sigmoid(), 'b n (r h) -> r b h n 1', r=3)
         return gates[0] * out_cmp + gates[1] * out_slc + gates[2] * out_win
 
-    def empty_cache_entry(self, x) -> dict:
+    def empty_cache_entry(self, x) -> NSACache:
         entry = super().empty_cache_entry(x)
-        h, d = self.nsa_heads[1] - self.nsa_heads[0], entry['k'].shape[-1]
+        h, d = self.nsa_heads[1] - self.nsa_heads[0], entry.k.shape[-1]
         empty = x.new_zeros(x.shape[0], h, 0, d)
-        return dict(entry, ck=empty, cv=empty, cmask=entry['mask'])
+        return NSACache(**vars(entry), ck=empty, cv=empty, cmask=entry.mask)
 
     def decode(self, x, ctx, entry) -> Tensor:
         """One new token against the cache: the compressed key of a block enters the cache when its
@@ -245,12 +255,12 @@ class NSAAttention(Attention):
         l = self.compress_k.block_size
         first = pos + 1 - l
         if first >= 0 and first % self.compress_k.stride == 0:  # the token completes a block: compress it
-            ck, cv, cmask = self.compress(entry['k_route'][:, start:end, first:], v[:, start:end, first:],
+            ck, cv, cmask = self.compress(entry.k_route[:, start:end, first:], v[:, start:end, first:],
                                           key_mask[:, first:])
-            entry['ck'], entry['cv'] = torch.cat((entry['ck'], ck), dim=-2), torch.cat((entry['cv'], cv), dim=-2)
-            entry['cmask'] = torch.cat((entry['cmask'], cmask), dim=-1)
+            entry.ck, entry.cv = torch.cat((entry.ck, ck), dim=-2), torch.cat((entry.cv, cv), dim=-2)
+            entry.cmask = torch.cat((entry.cmask, cmask), dim=-1)
         positions = torch.tensor([pos], device=q.device)
-        out_cmp, probs = self.compressed(q_route[:, start:end], entry['ck'], entry['cv'], entry['cmask'], positions)
+        out_cmp, probs = self.compressed(q_route[:, start:end], entry.ck, entry.cv, entry.cmask, positions)
         out_slc = self.attend_heads(self.selected_plan(probs, positions, pos + 1), q, k, v, start, end,
                                     key_mask=key_mask)[0]
         window = torch.arange(max(0, pos + 1 - self.window.window_size), pos + 1, device=q.device)

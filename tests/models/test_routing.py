@@ -530,7 +530,7 @@ def test_cached_step_logits_equal_the_full_forward():
         steps += [model(x[:, i:i + 1], cache=cache)[0] for i in range(16, 40)]
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
     # the router kept the cluster of every position, and a step attends at most window_size keys
-    state = next(v for key, v in cache.items() if isinstance(v, dict) and ('router', 1) in v)[('router', 1)]
+    state = next(v for key, v in cache.items() if hasattr(v, 'routers') and 1 in v.routers).routers[1]
     assert state['clusters'].shape == (2, 3, 40)
 
 
