@@ -431,14 +431,20 @@ def test_readme_main_command(tmp_path, capsys, monkeypatch):
     assert (tmp_path / 'runs' / 'routing-stdlib' / 'curves.png').is_file()
 
 
-@pytest.mark.slow
-def test_long_range_script_tiny(tmp_path):
+BENCHMARKS = Path(__file__).resolve().parents[2] / 'benchmarks'
+
+
+def run_benchmark_tiny(script: str, families: str, out: Path) -> None:
     import subprocess
     import sys
-    script = Path(__file__).resolve().parents[2] / 'benchmarks' / 'long_range.py'
-    proc = subprocess.run([sys.executable, str(script), '--families', 'full,local', '--tiny', '--quiet',
-                           '--out', str(tmp_path)], capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / script), '--families', families, '--tiny', '--quiet',
+                           '--out', str(out)], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_long_range_script_tiny(tmp_path):
+    run_benchmark_tiny('long_range.py', 'full,local', tmp_path)
     rows = json.loads((tmp_path / 'long_range.json').read_text())
     assert {(r['task'], r['family']) for r in rows} == {(t, f) for t in ('duplication', 'recall') for f in ('full', 'local')}
     assert all(0 <= r['accuracy'] <= 1 for r in rows)
@@ -446,8 +452,7 @@ def test_long_range_script_tiny(tmp_path):
 
 def real_text_module():
     import importlib.util
-    path = Path(__file__).resolve().parents[2] / 'benchmarks' / 'real_text.py'
-    spec = importlib.util.spec_from_file_location('real_text', path)
+    spec = importlib.util.spec_from_file_location('real_text', BENCHMARKS / 'real_text.py')
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -464,12 +469,7 @@ def test_real_text_reads_a_curve_at_a_time():
 
 @pytest.mark.slow
 def test_real_text_script_tiny(tmp_path):
-    import subprocess
-    import sys
-    script = Path(__file__).resolve().parents[2] / 'benchmarks' / 'real_text.py'
-    proc = subprocess.run([sys.executable, str(script), '--families', 'full,local,sinkhorn', '--tiny', '--quiet',
-                           '--out', str(tmp_path)], capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_benchmark_tiny('real_text.py', 'full,local,sinkhorn', tmp_path)
     rows = json.loads((tmp_path / 'real_text.json').read_text())['rows']
     assert [(r['family'], r['variant']) for r in rows] == [('full', '-'), ('local', '-'), ('sinkhorn', 'seed defaults'),
                                                           ('sinkhorn', 'recommended')]

@@ -13,7 +13,7 @@ from routeformer import (Autopadder, AutoregressiveWrapper, LSHAttention, LSHRou
 from routeformer.attention import RoutedAttention, backends
 from routeformer.layers.feedforward import FeedForward
 from routeformer.routers import lsh
-from routeformer.routers.lsh import SELF_ATTN_PENALTY, LSHRouter
+from routeformer.routers.lsh import SELF_ATTN_PENALTY
 
 NUM_TOKENS, DIM, SEQ, BUCKET = 32, 16, 32, 4
 SMALL = dict(num_tokens=NUM_TOKENS, dim=DIM, depth=2, max_seq_len=SEQ, heads=2, dim_head=8, bucket_size=BUCKET,
