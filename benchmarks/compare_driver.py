@@ -10,15 +10,17 @@ from routeformer.cli import main as routeformer
 
 
 def run_compare(cfg: dict, families: list[str], folder: Path, *, family_args: dict[str, dict] | None = None,
-                resume: bool = False, quiet: bool = False, timeout: float | None = None,
-                config_name: str = 'config.json') -> dict[str, dict] | None:
+                family_flags: list[str] = (), resume: bool = False, quiet: bool = False,
+                timeout: float | None = None, config_name: str = 'config.json') -> dict[str, dict] | None:
     """Trains `families` on the config `cfg` ({'model', 'data', 'train'}) into folder/<family>.
-    `family_args`: model keyword arguments per family. Returns {family: compare.json row}, or
-    None when the command refused a setting (it said what to change)."""
+    `family_args`: model keyword arguments per family; `family_flags`: more of them as the
+    command's `FAMILY:KEY=VALUE` items, which win. Returns {family: compare.json row}, or None when
+    the command refused a setting (it said what to change)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / config_name).write_text(json.dumps(cfg, indent=1))
-    flags = [f for family, args in (family_args or {}).items() if family in families
-             for key, value in args.items() for f in ('--family-arg', f'{family}:{key}={value!r}')]
+    items = [f'{family}:{key}={value!r}' for family, args in (family_args or {}).items() if family in families
+             for key, value in args.items()]
+    flags = [f for item in (*items, *family_flags) for f in ('--family-arg', item)]
     argv = ['compare', '--config', str(folder / config_name), '--families', ','.join(families), '--out', str(folder),
             *flags, *(['--resume'] if resume else []), *(['--quiet'] if quiet else []),
             *(['--timeout', str(timeout)] if timeout else [])]

@@ -26,8 +26,6 @@ from types import SimpleNamespace
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_driver import fmt_seconds, run_compare, val_rows  # noqa: E402
 
-from routeformer.cli.compare import family_overrides  # noqa: E402
-from routeformer.cli.errors import CLIError  # noqa: E402
 
 FAMILIES = 'full,local,routing,reformer,sinkhorn,colt5,moba,dsa,nsa,mosa'  # `routeformer families`
 # same model for every family and task; the budget is in steps (wall time is reported)
@@ -119,12 +117,10 @@ def chance(data: dict) -> float:
     return 1 / (vocab - 1 - (vocab - 1) // 2)
 
 
-def family_args(families: list[str], cfg: dict, overrides: list[str]) -> dict[str, dict]:
-    """Model keyword arguments per family: token shift, FAMILY_ARGS, then `--family-arg`."""
+def family_args(families: list[str], cfg: dict) -> dict[str, dict]:
+    """Model keyword arguments per family: token shift, then FAMILY_ARGS (`--family-arg` wins over both)."""
     task = SimpleNamespace(data=SimpleNamespace(**cfg['data']), model=SimpleNamespace(**cfg['model']))
-    extra = family_overrides(overrides, families)
-    return {f: {**TOKEN_SHIFT, **(FAMILY_ARGS[f](task) if f in FAMILY_ARGS else {}), **extra.get(f, {})}
-            for f in families}
+    return {f: {**TOKEN_SHIFT, **(FAMILY_ARGS[f](task) if f in FAMILY_ARGS else {})} for f in families}
 
 
 def first_step_at(metrics: Path, accuracy: float) -> int | None:
@@ -154,13 +150,8 @@ def main(argv=None) -> int:
     for task in tasks:
         cfg = task_config(task, args.tiny, args.steps, args.seed)
         folder = out / task
-        try:
-            per_family = family_args(families, cfg, args.family_arg)
-        except CLIError as e:
-            print(f'error: {e}', file=sys.stderr)
-            return 2
-        results = run_compare(cfg, families, folder, family_args=per_family,
-                              resume=args.resume, quiet=args.quiet, timeout=args.timeout,
+        results = run_compare(cfg, families, folder, family_args=family_args(families, cfg),
+                              family_flags=args.family_arg, resume=args.resume, quiet=args.quiet, timeout=args.timeout,
                               config_name='long_range_config.json')
         if results is None:  # a bad flag or setting: the command said what to change
             return 2

@@ -177,7 +177,8 @@ class CountingRouter(FullRouter):
         super().__init__()
         self.calls = []   # (cached, returned)
 
-    def forward(self, q, k, *, causal, mask=None, cached=None):
+    def route(self, inp):
+        cached = inp.cached
         if cached is not None:
             assert isinstance(cached, RoutePlan)
             plan = cached

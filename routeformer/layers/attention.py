@@ -6,6 +6,7 @@ Axes: b batch, n sequence (queries), m key/value sequence, h heads, d head dim.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import accumulate
 from math import lcm
 
 import torch
@@ -18,41 +19,50 @@ from ..attention.recording import AttentionRecord
 from ..context import LayerContext
 from ..helpers import default, exists, l2norm
 from ..routers import FullRouter, Router
+from ..routers.base import RouteInput, RouterCache
 from .embeddings import RotaryEmbedding, apply_rotary
 
 
 @dataclass
 class KVCache:
     """One self-attention layer's decoding cache: the keys and values (b, h, n, d) of every
-    position so far (rotated), their key mask (b, n), the pre-rotary keys when a router reads them
-    (`k_route`), and each head group's router state by group index (what `Router.decode` keeps
-    between steps; it starts with the prefill's plan)."""
+    position so far (rotated), their key mask (b, n), and the cache of each head group's router
+    (what its `decode_step` keeps between steps)."""
     k: Tensor
     v: Tensor
     mask: Tensor
-    k_route: Tensor | None = None
-    routers: dict[int, dict] = field(default_factory=dict)
+    routers: list[RouterCache] = field(default_factory=list)
 
     @property
     def length(self) -> int:
         return self.k.shape[-2]
 
+    def append(self, k: Tensor, v: Tensor, mask: Tensor) -> None:
+        self.k, self.v = torch.cat((self.k, k), dim=-2), torch.cat((self.v, v), dim=-2)
+        self.mask = torch.cat((self.mask, mask), dim=-1)
+
 
 @dataclass
 class ContextCache:
     """A cross-attention layer's decoding cache: the context's keys and values (b, h, m, d),
-    which never change, and each head group's router state."""
+    which never change, and each head group's router cache."""
     k: Tensor
     v: Tensor
-    routers: dict[int, dict] = field(default_factory=dict)
+    routers: list[RouterCache] = field(default_factory=list)
+
+
+def cat_heads(outs: list[Tensor]) -> Tensor:
+    """The outputs (b, h_i, n, d) of consecutive head groups as one (b, h, n, d)."""
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
 class Attention(nn.Module):
     """Projections, shared-QK, learned memory key/values and rotary positions around a router.
 
     The first `n_local_heads` heads use `local_router`, the rest `router` (full attention when
-    None). With `cross_attend=True` keys and values come from `ctx.context`, masked by
-    `ctx.context_mask`. `forward(x, ctx)` returns `(out, aux_loss)`.
+    None), or, when `router` is a list of (router, heads) pairs, one group of heads each (a None
+    router: full attention). With `cross_attend=True` keys and values come from `ctx.context`,
+    masked by `ctx.context_mask`. `forward(x, ctx)` returns `(out, aux_loss)`.
 
     `local_qkv=True` gives the local heads their own query/key/value projection (`local_to_qkv`,
     with bias, never shared-QK) and leaves `to_q`/`to_k`/`to_v` to the routed heads, the Routing
@@ -67,7 +77,8 @@ class Attention(nn.Module):
     """
 
     def __init__(self, dim: int, *, heads: int = 8, dim_head: int = 64, causal: bool = False,
-                 router: Router | None = None, local_router: Router | None = None, n_local_heads: int = 0,
+                 router: Router | list[tuple[Router | None, int]] | None = None, local_router: Router | None = None,
+                 n_local_heads: int = 0,
                  shared_qk: bool = False, num_mem_kv: int = 0, dropout: float = 0., post_attn_dropout: float = 0.,
                  cross_attend: bool = False, dim_context: int | None = None,
                  rotary: RotaryEmbedding | None = None, backend: str = 'auto', rel_pos: nn.Module | None = None,
@@ -102,20 +113,20 @@ class Attention(nn.Module):
         # logits from (query, original positions): relative position attention, self-attention only
         self.rel_pos = rel_pos if not cross_attend else None
 
-        # (router, first head, last head + 1) for every group of heads
-        routers, self.head_slices = [], []
-        if n_local_heads > 0:
-            routers.append(local_router)
-            self.head_slices.append((0, n_local_heads))
+        # (router, heads) for every group of heads, in head order
+        groups = [(local_router, n_local_heads)] if n_local_heads > 0 else []
         if n_local_heads < heads:
-            routers.append(default(router, FullRouter()))
-            self.head_slices.append((n_local_heads, heads))
-        self.routers = nn.ModuleList(routers)
+            if isinstance(router, (list, tuple)):
+                if sum(n for _, n in router) != heads - n_local_heads:
+                    raise ValueError(f'the router groups take {sum(n for _, n in router)} heads, but '
+                                     f'{heads - n_local_heads} heads follow the {n_local_heads} local ones')
+                groups += [(default(r, FullRouter()), n) for r, n in router]
+            else:
+                groups.append((default(router, FullRouter()), heads - n_local_heads))
+        self.routers = nn.ModuleList([r for r, _ in groups])
+        ends = list(accumulate(n for _, n in groups))
+        self.head_slices = [(end - n, end) for (_, n), end in zip(groups, ends)]
         self.executor = executor if exists(executor) else RoutedAttention(dropout=dropout, backend=backend)
-
-    @property
-    def needs_routing_keys(self) -> bool:
-        return any(r.needs_routing_keys for r in self.routers)
 
     @property
     def multiple_of(self) -> int:
@@ -151,59 +162,53 @@ class Attention(nn.Module):
         return None if self.mem_kv is None else (self.mem_kv[0, start:end], self.mem_kv[1, start:end])
 
     def forward(self, x: Tensor, ctx: LayerContext) -> tuple[Tensor, Tensor]:
-        kv_input = ctx.context if self.cross_attend else x
-        if self.cross_attend and kv_input is None:
+        """x (b, n, dim) -> (out (b, n, dim), aux loss): the whole sequence, or, with a filled
+        cache in `ctx`, one decoding step."""
+        if self.cross_attend and ctx.context is None:
             raise ValueError('this model has cross-attention layers: pass context=<encoder output> (b, m, dim)')
-        key_mask = ctx.context_mask if self.cross_attend else ctx.mask
-        cache_key = ctx.key(self)
-        entry = ctx.cache.get(cache_key) if exists(ctx.cache) else None
+        entry = ctx.cache.get(ctx.key(self)) if exists(ctx.cache) else None
         if exists(ctx.cache) and entry is None and not self.cross_attend and x.shape[1] == 1:
             # decoding from an empty cache (a prompt shorter than the router's multiple)
-            entry = ctx.cache[cache_key] = self.empty_cache_entry(x)
+            entry = ctx.cache[ctx.key(self)] = self.empty_cache_entry(x)
+        if entry is None:
+            return self.attend_sequence(x, ctx)
+        out = self.decode_context_step(x, ctx, entry) if self.cross_attend else self.decode_step(x, ctx, entry)
+        return self.merge_heads(out), x.new_zeros(())
 
-        if exists(entry) and not self.cross_attend:
-            out = self.decode(x, ctx, entry)
-            return self.post_attn_dropout(self.to_out(rearrange(out, 'b h n d -> b n (h d)'))), x.new_zeros(())
+    def merge_heads(self, out: Tensor) -> Tensor:
+        """(b, h, n, d) per head -> (b, n, dim)."""
+        return self.post_attn_dropout(self.to_out(rearrange(out, 'b h n d -> b n (h d)')))
 
-        if exists(entry):  # cross-attention while decoding: the context's keys/values never change
-            q = rearrange(self.to_q(x), 'b n (h d) -> b h n d', h=self.heads)
-            k, v = entry.k, entry.v
-        else:
-            q, k, v = self.project(x, kv_input)
+    def rotate(self, q: Tensor, k: Tensor, offset: int) -> tuple[Tensor, Tensor]:
+        """Rotary positions on q, k (b, h, n, d) from absolute position `offset`."""
+        if not exists(self.rotary):
+            return q, k
+        freqs = self.rotary(offset + torch.arange(q.shape[-2], device=q.device))
+        return apply_rotary(q, freqs), apply_rotary(k, freqs)
 
-        aux = x.new_zeros(())
+    def route(self, inp: RouteInput, ctx: LayerContext) -> list[RoutePlan]:
+        """Each head group's plan; a reversible recompute replays the plans of the forward pass."""
         plans = []
         for gi, (router, (start, end)) in enumerate(zip(self.routers, self.head_slices)):
-            # cross-attention while decoding routes the new query like the full forward pass does
-            key = (*cache_key, gi)
-            cached = ctx.plans.get(key) if (ctx.recompute and exists(ctx.plans)) else None
-            if exists(entry):
-                plan = router.decode_context(ctx.offset, q=q[:, start:end], k=k[:, start:end], mask=key_mask,
-                                             state=entry.routers.setdefault(gi, {}), q_mask=ctx.mask)
-            else:
-                extra = dict(q_mask=ctx.mask) if self.cross_attend and router.needs_query_mask else {}
-                plan = router(q[:, start:end], k[:, start:end], causal=self.causal, mask=key_mask, cached=cached,
-                              **extra)
+            key = (*ctx.key(self), gi)
+            cached = ctx.plans.get(key) if ctx.recompute and exists(ctx.plans) else None
+            plan = router.route(inp.heads(start, end, cached=cached))
             if exists(ctx.plans) and not ctx.recompute:
                 ctx.plans[key] = plan
-            if exists(plan.aux_loss):
-                aux = aux + plan.aux_loss
             plans.append(plan)
+        return plans
 
-        k_route = k  # routers see content, not positions: rotary comes after routing
-        if exists(self.rotary):
-            freqs = self.rotary(ctx.offset + torch.arange(x.shape[1], device=x.device))
-            q, k = apply_rotary(q, freqs), apply_rotary(k, freqs)
-
-        if exists(ctx.cache) and not exists(entry):
-            # routers that keep bucket/cluster ids continue decoding from the prefill's plan
-            states = {gi: dict(prefill=plan) for gi, plan in enumerate(plans)}
-            if self.cross_attend:
-                ctx.cache[cache_key] = ContextCache(k=k, v=v, routers=states)
-            else:
-                mask = default(key_mask, torch.ones(k.shape[0], k.shape[-2], dtype=torch.bool, device=x.device))
-                ctx.cache[cache_key] = KVCache(k=k, v=v, mask=mask, routers=states,
-                                               k_route=k_route if self.needs_routing_keys else None)
+    def attend_sequence(self, x: Tensor, ctx: LayerContext) -> tuple[Tensor, Tensor]:
+        """The whole sequence: route, attend every head group by its plan, and fill the cache when
+        decoding follows."""
+        kv_input, key_mask = (ctx.context, ctx.context_mask) if self.cross_attend else (x, ctx.mask)
+        q, k, v = self.project(x, kv_input)
+        # routers see content, not positions: rotary comes after routing
+        inp = RouteInput(q=q, k=k, causal=self.causal, mask=key_mask, q_mask=ctx.mask)
+        plans = self.route(inp, ctx)
+        q, k = self.rotate(q, k, ctx.offset)
+        if exists(ctx.cache):
+            ctx.cache[ctx.key(self)] = self.prefill(inp, plans, k, v)
 
         record = exists(ctx.recordings) and not ctx.recompute
         outs = []
@@ -212,15 +217,21 @@ class Attention(nn.Module):
             outs.append(out)
             if record:
                 self.record(ctx, weights, plan, start, end, q_len=q.shape[-2], kv_len=k.shape[-2])
+        aux = sum((p.aux_loss for p in plans if exists(p.aux_loss)), x.new_zeros(()))
+        return self.merge_heads(cat_heads(outs)), aux
 
-        out = rearrange(outs[0] if len(outs) == 1 else torch.cat(outs, dim=1), 'b h n d -> b n (h d)')
-        return self.post_attn_dropout(self.to_out(out)), aux
+    def prefill(self, inp: RouteInput, plans: list[RoutePlan], k: Tensor, v: Tensor) -> KVCache | ContextCache:
+        """The cache after a forward pass over `inp` (rotated keys k, values v)."""
+        routers = [router.prefill(inp.heads(start, end), plan)
+                   for router, plan, (start, end) in zip(self.routers, plans, self.head_slices)]
+        if self.cross_attend:
+            return ContextCache(k=k, v=v, routers=routers)
+        return KVCache(k=k, v=v, mask=inp.key_mask(), routers=routers)
 
     def empty_cache_entry(self, x) -> KVCache:
         b, d = x.shape[0], self.dim_head
         empty = x.new_zeros(b, self.heads, 0, d)
-        return KVCache(k=empty, v=empty, mask=torch.ones(b, 0, dtype=torch.bool, device=x.device),
-                       k_route=empty if self.needs_routing_keys else None)
+        return self.prefill(RouteInput(q=empty, k=empty, causal=self.causal), [None] * len(self.routers), empty, empty)
 
     def attend_heads(self, plan: RoutePlan, q: Tensor, k: Tensor, v: Tensor, start: int, end: int, *,
                      key_mask: Tensor | None, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
@@ -237,38 +248,38 @@ class Attention(nn.Module):
                                               plan=plan.to('cpu'), weights=weights.detach_to('cpu'),
                                               q_len=q_len, kv_len=kv_len))
 
-    def decode(self, x: Tensor, ctx: LayerContext, entry: KVCache) -> Tensor:
-        """One new token against the cache: the work is the router's window, not the prefix."""
-        return self.decode_heads(*self.extend_cache(x, ctx, entry), entry=entry)
+    def decode_step(self, x: Tensor, ctx: LayerContext, entry: KVCache) -> Tensor:
+        """One new token x (b, 1, dim) against the cache: the work is the router's window, not the
+        prefix. Returns its output per head (b, h, 1, d)."""
+        step, q = self.extend_cache(x, ctx, entry)
+        return self.decode_heads(step, q, entry)
 
-    def extend_cache(self, x: Tensor, ctx: LayerContext,
-                     entry: KVCache) -> tuple[int, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """Projects the new token and appends it to the cache: (pos, pre-rotary q, q, k, v, key mask)
-        with k, v and the key mask of every position so far."""
+    def extend_cache(self, x: Tensor, ctx: LayerContext, entry: KVCache) -> tuple[RouteInput, Tensor]:
+        """Projects the new token and appends its rotated key and value to the cache: (what the
+        routers route it by, its rotated query)."""
         if x.shape[1] != 1:
             raise ValueError(f'cached decoding takes one new token per call, got {x.shape[1]}')
-        pos = entry.length
         q, k, v = self.project(x, x)
-        q_route = q
-        if self.needs_routing_keys:
-            entry.k_route = torch.cat((entry.k_route, k), dim=-2)
-        if exists(self.rotary):
-            freqs = self.rotary(torch.tensor([pos], device=x.device))
-            q, k = apply_rotary(q, freqs), apply_rotary(k, freqs)
-        entry.k = k = torch.cat((entry.k, k), dim=-2)
-        entry.v = v = torch.cat((entry.v, v), dim=-2)
-        new_mask = ctx.mask[:, -1:] if exists(ctx.mask) else torch.ones(x.shape[0], 1, dtype=torch.bool, device=x.device)
-        entry.mask = key_mask = torch.cat((entry.mask, new_mask), dim=-1)
-        return pos, q_route, q, k, v, key_mask
+        mask = ctx.mask[:, -1:] if exists(ctx.mask) else torch.ones(x.shape[0], 1, dtype=torch.bool, device=x.device)
+        step = RouteInput(q=q, k=k, causal=self.causal, mask=mask, offset=entry.length)
+        q, k = self.rotate(q, k, step.offset)
+        entry.append(k, v, mask)
+        return step, q
 
-    def decode_heads(self, pos, q_route, q, k, v, key_mask, *, entry: KVCache) -> Tensor:
+    def decode_heads(self, step: RouteInput, q: Tensor, entry: KVCache) -> Tensor:
         """The new token's output (b, h, 1, d) in every group of heads, each by its router's decode plan."""
         outs = []
-        for gi, (router, (start, end)) in enumerate(zip(self.routers, self.head_slices)):
-            k_route = entry.k_route[:, start:end] if router.needs_routing_keys else None
-            extra = dict(mask=key_mask) if router.needs_decode_mask else {}
-            plan = router.decode(pos, q=q_route[:, start:end], k=k_route, state=entry.routers.setdefault(gi, {}),
-                                 **extra)
-            outs.append(self.attend_heads(plan, q, k, v, start, end, key_mask=key_mask)[0])
-        return torch.cat(outs, dim=1)
+        for router, cache, (start, end) in zip(self.routers, entry.routers, self.head_slices):
+            plan = router.decode_step(step.heads(start, end), cache)
+            outs.append(self.attend_heads(plan, q, entry.k, entry.v, start, end, key_mask=entry.mask)[0])
+        return cat_heads(outs)
 
+    def decode_context_step(self, x: Tensor, ctx: LayerContext, entry: ContextCache) -> Tensor:
+        """Cross-attention of the new token x (b, 1, dim) to the cached context (b, h, 1, d)."""
+        q = rearrange(self.to_q(x), 'b n (h d) -> b h n d', h=self.heads)
+        step = RouteInput(q=q, k=entry.k, mask=ctx.context_mask, q_mask=ctx.mask, offset=ctx.offset)
+        outs = []
+        for router, cache, (start, end) in zip(self.routers, entry.routers, self.head_slices):
+            plan = router.decode_context_step(step.heads(start, end), cache)
+            outs.append(self.attend_heads(plan, q, entry.k, entry.v, start, end, key_mask=ctx.context_mask)[0])
+        return cat_heads(outs)

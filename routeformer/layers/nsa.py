@@ -40,14 +40,16 @@ from ..attention.plan import RoutePlan
 from ..context import LayerContext
 from ..helpers import check_positive, exists, topk_first
 from ..routers import LocalRouter
-from .attention import Attention, KVCache
-from .embeddings import apply_rotary
+from ..routers.base import RouteInput
+from .attention import Attention, KVCache, cat_heads
 
 
 @dataclass
 class NSACache(KVCache):
-    """KVCache plus the compressed keys and values (b, h, c, d) of the blocks completed so far
-    and their mask (b, c)."""
+    """KVCache plus the pre-rotary keys (b, h, n, d) of every position (blocks are compressed from
+    them), the compressed keys and values (b, h, c, d) of the blocks completed so far and their
+    mask (b, c)."""
+    k_route: Tensor | None = None
     ck: Tensor | None = None
     cv: Tensor | None = None
     cmask: Tensor | None = None
@@ -120,25 +122,19 @@ class NSAAttention(Attention):
         # reference kernel returns (the compressed sequence is short: n / compress_stride keys)
         self.compressed_executor = RoutedAttention(dropout=self.executor.dropout, backend='reference')
 
-    @property
-    def needs_routing_keys(self) -> bool:  # blocks are compressed from the keys before rotary
-        return True
-
     def forward(self, x: Tensor, ctx: LayerContext) -> tuple[Tensor, Tensor]:
         key = ctx.key(self)
         if exists(ctx.cache) and (key in ctx.cache or x.shape[1] == 1):
             return super().forward(x, ctx)  # cached decoding: Attention hands the token to decode
         key_mask, n = ctx.mask, x.shape[1]
         q_route, k_route, v = self.project(x, x)
-        q, k = q_route, k_route
-        if exists(self.rotary):
-            freqs = self.rotary(ctx.offset + torch.arange(n, device=x.device))
-            q, k = apply_rotary(q, freqs), apply_rotary(k, freqs)
+        inp = RouteInput(q=q_route, k=k_route, causal=True, mask=key_mask)
+        plans = self.route(inp, ctx)  # the local heads'
+        q, k = self.rotate(q_route, k_route, ctx.offset)
         record = exists(ctx.recordings) and not ctx.recompute
 
         outs = []
-        for router, (start, end) in zip(self.routers, self.head_slices):  # the local heads
-            plan = router(q_route[:, start:end], k_route[:, start:end], causal=True, mask=key_mask)
+        for plan, (start, end) in zip(plans, self.head_slices):
             out, weights = self.attend_heads(plan, q, k, v, start, end, key_mask=key_mask, need_weights=record)
             outs.append(out)
             if record:
@@ -160,10 +156,8 @@ class NSAAttention(Attention):
         outs.append(self.gated(x, out_cmp, out_slc, out_win))
 
         if exists(ctx.cache):
-            mask = key_mask if exists(key_mask) else torch.ones(x.shape[0], n, dtype=torch.bool, device=x.device)
-            ctx.cache[key] = NSACache(k=k, v=v, mask=mask, k_route=k_route, ck=ck, cv=cv, cmask=cmask)
-        out = rearrange(torch.cat(outs, dim=1), 'b h n d -> b n (h d)')
-        return self.post_attn_dropout(self.to_out(out)), x.new_zeros(())
+            ctx.cache[key] = NSACache(**vars(self.prefill(inp, plans, k, v)), k_route=k_route, ck=ck, cv=cv, cmask=cmask)
+        return self.merge_heads(cat_heads(outs)), x.new_zeros(())
 
     def compress(self, k: Tensor, v: Tensor, key_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """The compressed keys, values (b, h, c, d) and block mask (b, c) of the blocks of k, v
@@ -244,13 +238,16 @@ class NSAAttention(Attention):
         entry = super().empty_cache_entry(x)
         h, d = self.nsa_heads[1] - self.nsa_heads[0], entry.k.shape[-1]
         empty = x.new_zeros(x.shape[0], h, 0, d)
-        return NSACache(**vars(entry), ck=empty, cv=empty, cmask=entry.mask)
+        return NSACache(**vars(entry), k_route=x.new_zeros(x.shape[0], self.heads, 0, d), ck=empty, cv=empty,
+                        cmask=entry.mask)
 
-    def decode(self, x, ctx, entry) -> Tensor:
+    def decode_step(self, x, ctx, entry) -> Tensor:
         """One new token against the cache: the compressed key of a block enters the cache when its
         last token arrives, so the token sees what the full forward pass shows it."""
-        pos, q_route, q, k, v, key_mask = self.extend_cache(x, ctx, entry)
-        outs = [self.decode_heads(pos, q_route, q, k, v, key_mask, entry=entry)] if self.routers else []
+        step, q = self.extend_cache(x, ctx, entry)
+        entry.k_route = torch.cat((entry.k_route, step.k), dim=-2)
+        pos, q_route, k, v, key_mask = step.offset, step.q, entry.k, entry.v, entry.mask
+        outs = [self.decode_heads(step, q, entry)] if self.routers else []
         start, end = self.nsa_heads
         l = self.compress_k.block_size
         first = pos + 1 - l
@@ -267,7 +264,7 @@ class NSAAttention(Attention):
         out_win = self.attend_heads(RoutePlan(q_index=None, kv_index=window.view(1, 1, 1, -1), q_offset=pos),
                                     q, k, v, start, end, key_mask=key_mask)[0]
         outs.append(self.gated(x, out_cmp, out_slc, out_win))
-        return torch.cat(outs, dim=1)
+        return cat_heads(outs)
 
     def extra_repr(self) -> str:
         c = self.compress_k

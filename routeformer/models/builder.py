@@ -40,7 +40,8 @@ def build_transformer(*, dim: int, depth: int, heads: int = 8, dim_head: int | N
                       attn_out_bias: bool = True, context_ff: bool = False,
                       mem_kv_from_inputs: bool = False,
                       self_attention: Callable[..., Attention] = Attention,
-                      cross_attention: Callable[..., Attention] = Attention) -> Transformer:
+                      cross_attention: Callable[..., Attention] = Attention,
+                      tied_context: Callable[[Sublayer], nn.Module] | None = None) -> Transformer:
     """Builds the blocks. Layer indices in `pkm_layers`/`moe_layers` count from 1 (seed convention);
     `n_local_attn_heads` may be one number or one per layer; `make_router(layer)` gives the main
     router of each layer (full attention when it returns None), `make_context_router(layer)` the
@@ -54,7 +55,9 @@ def build_transformer(*, dim: int, depth: int, heads: int = 8, dim_head: int | N
     the layer's block. `mem_kv_from_inputs` learns memory key/values as inputs to the layer's
     projections (Reformer). `self_attention` builds every self-attention layer from Attention's
     keyword arguments: a layer class that is not one router's plan (NSA's gated branches) plugs in
-    here; `cross_attention` builds the cross-attention layers (Reformer passes its own parts in)."""
+    here; `cross_attention` builds the cross-attention layers (Reformer passes its own parts in).
+    `tied_context(self_attention_sublayer)` gives every layer a last mixer built from its
+    self-attention's own parts (Reformer's `keys=`, projected by the layer's projections)."""
     check_positive(dim=dim, heads=heads, **({} if dim_head is None else dict(dim_head=dim_head)))
     dim_head = default(dim_head, dim // heads)
     if twin_attention and (pkm_layers or moe_layers):
@@ -110,11 +113,14 @@ def build_transformer(*, dim: int, depth: int, heads: int = 8, dim_head: int | N
     def plain_feedforward():
         return FeedForward(dim, mult=ff_mult, dropout=ff_dropout, activation=ff_activation, glu=ff_glu, chunks=ff_chunks)
 
+    def with_tied(mixers):
+        return [*mixers, tied_context(mixers[0])] if exists(tied_context) else mixers
+
     def layer_blocks(layer):
         mixers = [sublayer(attention(layer))]
         if receives_context and not context_ff:
             mixers.append(sublayer(attention(layer, cross=True)))
-        blocks = [Block(mixers, sublayer(attention(layer) if twin_attention else feedforward(layer)))]
+        blocks = [Block(with_tied(mixers), sublayer(attention(layer) if twin_attention else feedforward(layer)))]
         if receives_context and context_ff:
             blocks.append(Block([sublayer(attention(layer, cross=True))], sublayer(plain_feedforward())))
         return blocks
@@ -127,9 +133,11 @@ def build_transformer(*, dim: int, depth: int, heads: int = 8, dim_head: int | N
         tied = layer_blocks(next((layer for layer in range(depth) if layer not in own_ff), 0))
 
         def tied_layer(layer):
-            return [Block([sublayer(m.fn) for m in b.mixers],
-                          sublayer(feedforward(layer) if layer in own_ff and i == 0 else b.ff.fn))
-                    for i, b in enumerate(tied)]
+            first, *rest = tied  # the layer's block, and its cross-attention block (context_ff)
+            own = first.mixers[:-1] if exists(tied_context) else first.mixers
+            blocks = [Block(with_tied([sublayer(m.fn) for m in own]),
+                            sublayer(feedforward(layer) if layer in own_ff else first.ff.fn))]
+            return blocks + [Block([sublayer(m.fn) for m in b.mixers], sublayer(b.ff.fn)) for b in rest]
         per_layer = [tied_layer(layer) for layer in range(depth)]
     else:
         per_layer = [layer_blocks(layer) for layer in range(depth)]

@@ -10,60 +10,68 @@ dense, MoSA.
 from __future__ import annotations
 
 import math
-
-from torch import nn
+from dataclasses import dataclass
+from functools import partial
 
 from ..helpers import cast_tuple
-from ..layers.attention import Attention
 from ..routers import FullRouter
 from ..routers.mosa import MoSARouter
+from .options import Options, call_arguments
 from .transformer_lm import TransformerLM
 
 
-def add_dense_heads(transformer: nn.Module, count: int) -> None:
-    """The first `count` heads of every self-attention layer's MoSA group attend densely: that group
-    is split into a full-attention group and the MoSA router's (built for the heads after them)."""
-    for attn in {m for m in transformer.modules() if isinstance(m, Attention) and not m.cross_attend}:
-        if not isinstance(attn.routers[-1], MoSARouter):
-            continue  # no MoSA heads in this layer: its routed heads are dense already
-        start, end = attn.head_slices[-1]
-        attn.head_slices[-1:] = [(start, start + count), (start + count, end)]
-        attn.routers.insert(len(attn.routers) - 1, FullRouter())
+@dataclass(frozen=True)
+class MoSAOptions(Options):
+    """MoSA heads, under the paper's and the reference's names: `sparsity` (a head takes about
+    n / sparsity tokens; 16 in the reference's example), `num_dense_heads` (full-attention heads
+    beside the MoSA heads), `include_first` (every MoSA head also takes position 0),
+    `capacity_factor` (causal mode: a head takes at most capacity_factor * max_seq_len / sparsity
+    tokens, the earliest when more pass its threshold) and `threshold_decay` (EMA decay of the
+    causal thresholds)."""
+
+    sparsity: float = 16
+    num_dense_heads: int = 0
+    include_first: bool = False
+    capacity_factor: float = 2.
+    threshold_decay: float = 0.99
+
+    def check(self, heads: int, local_heads: tuple) -> None:
+        c, d = self.capacity_factor, self.num_dense_heads
+        if not isinstance(c, (int, float)) or isinstance(c, bool) or c < 1:
+            raise ValueError(f'capacity_factor must be a number >= 1, got {c!r}')
+        if isinstance(d, bool) or not isinstance(d, int) or d < 0 or any(d + n > heads for n in local_heads):
+            raise ValueError(f'num_dense_heads must be an integer between 0 and heads - n_local_attn_heads, got '
+                             f'{d!r} with heads={heads} and n_local_attn_heads={local_heads}')
+
+    def valid_sparsity(self) -> bool:
+        s = self.sparsity
+        return isinstance(s, (int, float)) and not isinstance(s, bool) and s >= 1
+
+    def make_router(self, layer: int, heads: int, dim_head: int, *, max_seq_len: int):
+        """The routed heads of a layer: `num_dense_heads` of full attention, then MoSA heads."""
+        # a bad sparsity is named by MoSARouter
+        capacity = min(max_seq_len, math.ceil(self.capacity_factor * max_seq_len / self.sparsity)) \
+            if self.valid_sparsity() else None
+        routed = heads - self.num_dense_heads
+        mosa = MoSARouter(heads=routed, dim_head=dim_head, sparsity=self.sparsity, capacity=capacity,
+                          include_first=self.include_first, threshold_decay=self.threshold_decay) if routed else None
+        if not self.num_dense_heads:
+            return mosa
+        return [(FullRouter(), self.num_dense_heads)] + ([(mosa, routed)] if routed else [])
 
 
 class MoSATransformerLM(TransformerLM):
-    """A language model whose routed heads are MoSA heads: each selects about n / `sparsity`
-    tokens by a learned sigmoid router and attends among them (see `routeformer.routers.mosa`).
-
-    `sparsity` (the paper's; 16 in the reference's example), `num_dense_heads` (full-attention
-    heads beside the MoSA heads), `include_first` (every MoSA head also takes position 0),
-    `capacity_factor` (causal mode: a head takes at most capacity_factor * max_seq_len / sparsity
-    tokens, the earliest when more pass its threshold), `threshold_decay` (EMA decay of the
-    causal thresholds), plus every keyword of TransformerLM. Returns `(logits, aux_loss)`."""
+    """A language model whose routed heads are MoSA heads (`MoSAOptions`): each selects about
+    n / `sparsity` tokens by a learned sigmoid router and attends among them (see
+    `routeformer.routers.mosa`). Takes every keyword of TransformerLM besides. Returns
+    `(logits, aux_loss)`."""
 
     def __init__(self, *, depth: int, max_seq_len: int, heads: int = 8, dim_head: int = 64, sparsity: float = 16,
                  num_dense_heads: int = 0, include_first: bool = False, capacity_factor: float = 2.,
                  threshold_decay: float = 0.99, **kwargs):
-        if not isinstance(capacity_factor, (int, float)) or isinstance(capacity_factor, bool) or capacity_factor < 1:
-            raise ValueError(f'capacity_factor must be a number >= 1, got {capacity_factor!r}')
-        local_heads = cast_tuple(kwargs.get('n_local_attn_heads', 0), depth)
-        if isinstance(num_dense_heads, bool) or not isinstance(num_dense_heads, int) or num_dense_heads < 0 or \
-                any(num_dense_heads + n > heads for n in local_heads):
-            raise ValueError(f'num_dense_heads must be an integer between 0 and heads - n_local_attn_heads, got '
-                             f'{num_dense_heads!r} with heads={heads} and n_local_attn_heads={local_heads}')
-        if isinstance(sparsity, (int, float)) and not isinstance(sparsity, bool) and sparsity >= 1:
+        options, trunk = MoSAOptions.split(call_arguments(locals()))
+        options.check(heads, cast_tuple(kwargs.get('n_local_attn_heads', 0), depth))
+        if options.valid_sparsity():
             # the reference's local hybrid: windows of as many tokens as a MoSA head takes
-            kwargs.setdefault('local_attn_window_size', max(1, int(max_seq_len // sparsity)))
-            capacity = min(max_seq_len, math.ceil(capacity_factor * max_seq_len / sparsity))
-        else:
-            capacity = None  # MoSARouter names the bad sparsity
-
-        def router(layer, routed):
-            routed -= num_dense_heads
-            return MoSARouter(heads=routed, dim_head=dim_head, sparsity=sparsity, capacity=capacity,
-                              include_first=include_first, threshold_decay=threshold_decay) if routed else None
-
-        super().__init__(depth=depth, max_seq_len=max_seq_len, heads=heads, dim_head=dim_head, make_router=router,
-                         **kwargs)
-        if num_dense_heads:
-            add_dense_heads(self.transformer, num_dense_heads)
+            trunk.setdefault('local_attn_window_size', max(1, int(max_seq_len // sparsity)))
+        super().__init__(make_router=partial(options.make_router, max_seq_len=max_seq_len), **trunk)

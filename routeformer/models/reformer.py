@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 from einops import rearrange, repeat
@@ -243,18 +244,15 @@ def build_reformer(options: ReformerOptions, *, dim: int, depth: int, heads: int
                          drop_for_hash_rate=o.drop_for_hash_rate)
 
     attention = reformer_attention(one_value_head=o.one_value_head, attn_chunks=attn_chunks)
-    transformer = build_transformer(
+    # the seed's layers take keys= without cross-attention of their own: each layer's is tied to it
+    tied = None if o.receives_context else partial(tied_cross_attention, attn_dropout=o.lsh_dropout,
+                                                   post_attn_dropout=o.post_attn_dropout, attn_chunks=attn_chunks)
+    return build_transformer(
         dim=dim, depth=depth, heads=heads, dim_head=dim_head, causal=causal, make_router=make_router,
         n_local_attn_heads=n_local_attn_heads, local_attn_window_size=2 * o.bucket_size, shared_qk=True,
         attn_dropout=o.lsh_dropout, attn_layer_dropout=o.post_attn_dropout, receives_context=o.receives_context,
         mem_kv_from_inputs=kwargs.pop('mem_kv_from_inputs', True), self_attention=attention,
-        cross_attention=attention, **kwargs)
-    if not o.receives_context:
-        # the seed's layers take keys= without cross-attention of their own: tie one to each block
-        for block in {id(block): block for block in transformer.blocks}.values():
-            block.mixers.append(tied_cross_attention(block.mixers[0], attn_dropout=o.lsh_dropout,
-                                                     post_attn_dropout=o.post_attn_dropout, attn_chunks=attn_chunks))
-    return transformer
+        cross_attention=attention, tied_context=tied, **kwargs)
 
 
 def reformer_stack(arguments: dict, owner: str, **overrides) -> Transformer:

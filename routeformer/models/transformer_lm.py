@@ -22,21 +22,22 @@ class TransformerLM(LM):
     `n_local_attn_heads` of them). Takes every keyword argument of `build_transformer`, plus the
     embedding options below. Returns `(logits, aux_loss)`.
 
-    `make_router(layer, heads)` gives the router of the heads of each layer that are not local
-    (`heads` of them; full attention when it returns None): how the families of today's routers
-    (MoBA, DSA, ...) are built on this class."""
+    `make_router(layer, heads, dim_head)` gives the router of the `heads` heads of each layer that
+    are not local (full attention when it returns None; a list of (router, heads) pairs shares
+    them out between several routers): how the families of today's routers (MoBA, DSA, ...) are
+    built on this class."""
 
     def __init__(self, *, num_tokens: int, dim: int, depth: int, max_seq_len: int, heads: int = 8,
                  dim_head: int = 64, causal: bool = False, emb_dim: int | None = None, emb_dropout: float = 0.,
                  tie_embedding: bool = False, return_embeddings: bool = False, pos_emb: str | None = 'rotary',
                  axial_position_shape: tuple | None = None,
-                 make_router: Callable[[int, int], Router | None] | None = None, **kwargs):
+                 make_router: Callable[[int, int, int], Router | list | None] | None = None, **kwargs):
         transformer_kwargs = split_kwargs(kwargs, type(self).__name__)
         if exists(make_router):
             local = cast_tuple(transformer_kwargs.get('n_local_attn_heads', 0), depth)
             if len(local) == depth:  # otherwise build_transformer says what is wrong
                 # a layer of local heads only has no other router
-                transformer_kwargs['make_router'] = lambda layer: (make_router(layer, heads - local[layer])
+                transformer_kwargs['make_router'] = lambda layer: (make_router(layer, heads - local[layer], dim_head)
                                                                    if heads > local[layer] else None)
         transformer = build_transformer(dim=dim, depth=depth, heads=heads, dim_head=dim_head, causal=causal,
                                         rotary=pos_emb == 'rotary', **transformer_kwargs)

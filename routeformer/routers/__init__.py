@@ -1,4 +1,4 @@
-from .base import Router, apply_statistics, discard_statistics
+from .base import KeyHistory, RouteInput, Router, RouterCache, apply_statistics, discard_statistics
 from .causal_topk import CausalKeyRouter, CausalQueryRouter
 from .dsa import DSARouter
 from .full import FullRouter
@@ -15,4 +15,5 @@ ROUTERS = dict(full=FullRouter, local=LocalRouter, kmeans=KMeansRouter, lsh=LSHR
                topk=TopKRouter, moba=MoBARouter, dsa=DSARouter, mosa=MoSARouter)
 
 __all__ = ['ROUTERS', 'CausalKeyRouter', 'CausalQueryRouter', 'CoordinateDescentRouter', 'DSARouter', 'FullRouter',
-           'KMeansRouter', 'LSHRouter', 'LocalRouter', 'MoBARouter', 'MoSARouter', 'Router', 'SinkhornRouter', 'TopKRouter', 'apply_statistics', 'discard_statistics']
+           'KMeansRouter', 'KeyHistory', 'LSHRouter', 'LocalRouter', 'MoBARouter', 'MoSARouter', 'RouteInput', 'Router',
+           'RouterCache', 'SinkhornRouter', 'TopKRouter', 'apply_statistics', 'discard_statistics']

@@ -23,7 +23,7 @@ k selected tokens.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from ..attention.plan import RoutePlan
 from ..helpers import check_positive, exists, precise
-from .base import Router
+from .base import Router, RouterCache
 from .selection import dense_enough, select_top, selection_plan
 
 # query rows scored at once: bounds the (b, rows, i, m) indexer products
@@ -75,15 +75,18 @@ class LightningIndexer(nn.Module):
         return torch.einsum('b n i k, b n i -> b n k', F.relu(dots), w)
 
 
+@dataclass
+class IndexerCache(RouterCache):
+    """The indexer keys (b, n, e) and key mask (b, n) of every position so far."""
+    index_keys: Tensor
+    mask: Tensor
+
+
 class DSARouter(Router):
     """`heads`, `dim_head`: the routed heads this router serves; `index_n_heads`,
     `index_head_dim`, `index_topk`: the indexer's heads, their width and the tokens each query
     attends (the paper's 64, 128 and 2048); `index_loss_weight` scales the indexer's KL loss;
     `dense_warmup_steps`: training forwards with dense attention before selection starts."""
-
-    # decoding scores the indexer keys of every position so far, padding excluded
-    needs_routing_keys = True
-    needs_decode_mask = True
 
     def __init__(self, *, heads: int, dim_head: int, index_n_heads: int = 64, index_head_dim: int = 128,
                  index_topk: int = 2048, index_loss_weight: float = 1., dense_warmup_steps: int = 0):
@@ -154,7 +157,8 @@ class DSARouter(Router):
         target = logits.masked_fill((index < 0)[:, None], float('-inf')).softmax(dim=-1).nan_to_num(0.).sum(dim=1)
         return target / target.sum(dim=-1, keepdim=True).clamp(min=1e-12)
 
-    def forward(self, q, k, *, causal, mask=None, cached=None):
+    def route(self, inp):
+        q, k, mask, causal, cached = inp.q, inp.k, inp.mask, inp.causal, inp.cached
         iq, w, ik = self.indexer(q, k)
         if exists(cached):  # a reversible recompute: the same selection, the loss with gradients
             aux = self.index_loss(q, k, cached.router_state['index'], iq, w, ik) if self.training else None
@@ -186,15 +190,17 @@ class DSARouter(Router):
         index = torch.where(allowed, keys, -1).expand(q.shape[0], n, n)
         return index if mask is None else index.masked_fill(~mask[:, None, :], -1)
 
-    def decode(self, pos, *, q, k, state, mask=None):
-        """The new query scores the indexer keys of every position so far (kept in `state`)."""
-        if 'index_keys' not in state:
-            prefill = state.get('prefill')
-            state['index_keys'] = prefill.router_state['index_keys'] if exists(prefill) else q.new_zeros(q.shape[0], 0, self.indexer.to_k.out_features)
-        iq, w, new = self.indexer(q, k[..., -1:, :])
-        state['index_keys'] = ik = torch.cat((state['index_keys'], new), dim=1)
-        index = self.select(iq, w, ik, mask, causal=True, offset=pos)
-        return RoutePlan(q_index=None, kv_index=rearrange(index, 'b n k -> b 1 n k'), q_offset=pos)
+    def prefill(self, inp, plan):
+        index_keys = plan.router_state['index_keys'] if exists(plan) else self.indexer.keys(inp.k)
+        return IndexerCache(index_keys=index_keys, mask=inp.key_mask())
+
+    def decode_step(self, step, cache):
+        """The new query scores the indexer keys of every position so far, padding excluded."""
+        iq, w, new = self.indexer(step.q, step.k)
+        cache.index_keys = torch.cat((cache.index_keys, new), dim=1)
+        cache.mask = torch.cat((cache.mask, step.key_mask()), dim=-1)
+        index = self.select(iq, w, cache.index_keys, cache.mask, causal=True, offset=step.offset)
+        return RoutePlan(q_index=None, kv_index=rearrange(index, 'b n k -> b 1 n k'), q_offset=step.offset)
 
     def extra_repr(self):
         return (f'index_n_heads={self.indexer.heads}, index_head_dim={self.indexer.to_k.out_features}, '

@@ -9,8 +9,10 @@ from .base import Router
 class FullRouter(Router):
     """The whole sequence as one group: ordinary dense attention."""
 
-    def forward(self, q, k, *, causal, mask=None, cached=None):
+    def route(self, inp):
         return RoutePlan(q_index=None, kv_index=None)
 
-    def decode(self, pos, *, q, k, state):
-        return RoutePlan(q_index=None, kv_index=torch.arange(pos + 1, device=q.device).view(1, 1, 1, -1), q_offset=pos)
+    def decode_step(self, step, cache):
+        pos = step.offset
+        return RoutePlan(q_index=None, kv_index=torch.arange(pos + 1, device=step.q.device).view(1, 1, 1, -1),
+                         q_offset=pos)

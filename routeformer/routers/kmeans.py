@@ -33,7 +33,7 @@ i queries per group, j keys per group, N tokens of a head flattened over the bat
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -43,7 +43,7 @@ from torch import Tensor
 
 from ..attention.plan import RoutePlan
 from ..helpers import check_positive, compiling, exists, l2norm, topk_first
-from .base import Router
+from .base import Router, RouterCache
 from .bucketed import rank_in_bucket, sort_and_chunk, sort_and_chunk_pairs
 
 # rows of (tokens x clusters) similarities computed at once: bounds the memory of assignment
@@ -185,6 +185,14 @@ def top_members(sim: Tensor, size: int, valid: Tensor | None) -> Tensor:
     return rearrange(index, 'b h w c -> b h c w')
 
 
+@dataclass
+class ClusterCache(RouterCache):
+    """The clusters (b, h, n) of every position so far (-1: padding), and the keys' own clusters
+    when queries and keys route apart (None with shared QK)."""
+    clusters: Tensor
+    key_clusters: Tensor | None
+
+
 class KMeansRouter(Router):
     """Routes each head's tokens by online spherical k-means.
 
@@ -210,10 +218,6 @@ class KMeansRouter(Router):
         self.ema_decay, self.commitment, self.init_iters = ema_decay, commitment, init_iters
         self.restart_dead, self.balance_rate = restart_dead, balance_rate
         self.cross_attention, self.shared_qk = cross_attention, shared_qk
-        # shared-QK keys are the normalised queries: the new query alone gives a token's cluster
-        self.needs_routing_keys = not shared_qk and not cross_attention
-        # a padding token decoded after the prefill takes no slot of a real cluster (as in forward)
-        self.needs_decode_mask = not cross_attention
         self.register_buffer('means', l2norm(torch.randn(heads, num_clusters, dim_head)))
         self.register_buffer('initted', torch.tensor(False))
         # the host's copy of `initted` once it is True, which the forward pass reads: reading the
@@ -371,12 +375,12 @@ class KMeansRouter(Router):
             self.init_means(x, valid)
         self.means_ready = bool(self.initted)
 
-    def forward(self, q, k, *, causal, mask=None, cached=None):
+    def route(self, inp):
         if self.cross_attention:
-            return self.route_cross(q, k, mask=mask, cached=cached)
-        if causal:
-            return self.route_causal(q, k, mask=mask, cached=cached)
-        return self.route_balanced(q, k, mask=mask, cached=cached)
+            return self.route_cross(inp.q, inp.k, mask=inp.mask, cached=inp.cached)
+        if inp.causal:
+            return self.route_causal(inp.q, inp.k, mask=inp.mask, cached=inp.cached)
+        return self.route_balanced(inp.q, inp.k, mask=inp.mask, cached=inp.cached)
 
     def route_causal(self, q, k, *, mask, cached):
         """Queries and keys by their own nearest centroid (shared-QK: one cluster per position, the
@@ -509,33 +513,37 @@ class KMeansRouter(Router):
 
     # ------------------------------------------------------------------ cached decoding
 
-    def decode(self, pos, *, q, k, state, mask=None):
+    def prefill(self, inp, plan):
+        """The clusters of the prefix (b, h, n), the keys' too when they route apart; shared-QK keys
+        are the normalised queries, so the new query alone gives a token's cluster."""
+        if self.cross_attention:
+            return RouterCache()  # each new query is routed as the forward pass routes it
+        separate = not self.shared_qk and exists(inp.k)
+        if exists(plan):
+            return ClusterCache(clusters=plan.router_state['clusters'],
+                                key_clusters=plan.router_state['key_clusters'] if separate else None)
+        none = torch.zeros(*inp.q.shape[:2], 0, dtype=torch.long, device=inp.q.device)
+        return ClusterCache(clusters=none, key_clusters=none if separate else None)
+
+    def decode_step(self, step, cache):
         """The new token's clusters from itself; it attends to what the causal forward pass admits:
         the last `window_size` keys of its cluster (its own included when it shares the cluster).
-        `state` holds the clusters of the prefix (b, h, pos), seeded from the prefill's plan."""
+        A padding token takes no slot of a real cluster (as in forward)."""
         if self.cross_attention:
             raise RuntimeError('cross-attention routers do not decode token by token')
-        separate = not self.shared_qk and exists(k)
-        names = ('clusters', 'key_clusters') if separate else ('clusters',)
-        if 'clusters' not in state:
-            prefill = state.get('prefill')
-            for name in names:
-                if exists(prefill):
-                    state[name] = prefill.router_state[name].to(q.device)
-                else:
-                    assert pos == 0, 'a k-means router decoding after a prefill needs the prefill plan'
-                    state[name] = torch.zeros(*q.shape[:2], 0, dtype=torch.long, device=q.device)
-        means = self.means.to(q.dtype)
-        news = [nearest_cluster(unit(t), means, bias)  # (b, h, 1)
-                for t, bias in zip((q, k[..., -1:, :]) if separate else (q,), self.balance)]
-        for name, new in zip(names, news):
-            if exists(mask):
-                new = new.masked_fill(~mask[:, None, -1:], -1)
-            state[name] = torch.cat((state[name], new), dim=-1)
-        new = state['clusters'][..., -1:]
-        positions = torch.arange(pos + 1, device=q.device)
+        pos, separate = step.offset, exists(cache.key_clusters)
+        means = self.means.to(step.q.dtype)
+        real = rearrange(step.key_mask(), 'b 1 -> b 1 1')
+        def cluster_of(t, bias):  # (b, h, 1)
+            return nearest_cluster(unit(t), means, bias).masked_fill(~real, -1)
+
+        new = cluster_of(step.q, self.balance[0])
+        cache.clusters = torch.cat((cache.clusters, new), dim=-1)
+        if separate:
+            cache.key_clusters = torch.cat((cache.key_clusters, cluster_of(step.k, self.balance[1])), dim=-1)
+        positions = torch.arange(pos + 1, device=step.q.device)
         # the most recent keys of its cluster, its own included
-        mates = torch.where(state['key_clusters' if separate else 'clusters'] == new, positions, -1)
+        mates = torch.where((cache.key_clusters if separate else cache.clusters) == new, positions, -1)
         kv_index = mates.topk(min(self.window_size, pos + 1), dim=-1).values
         return RoutePlan(q_index=None, kv_index=rearrange(kv_index, 'b h j -> b h 1 j'), q_offset=pos,
                          router_state=dict(clusters=new))

@@ -36,10 +36,11 @@ class LocalRouter(Router):
         fwd = 0 if causal else (self.back if self.forward_span is None else self.forward_span)
         return self.back, fwd
 
-    def forward(self, q, k, *, causal, mask=None, cached=None):
+    def route(self, inp):
+        q, k = inp.q, inp.k
         n, w = q.shape[-2], self.window_size
         self.check_length(n)
-        back, fwd = self.span(causal)
+        back, fwd = self.span(inp.causal)
         g = n // w
         starts = torch.arange(g, device=q.device) * w - back
         kv_index = rearrange(starts, 'g -> g 1') + torch.arange(back + w + fwd, device=q.device)
@@ -48,9 +49,10 @@ class LocalRouter(Router):
         return RoutePlan(q_index=q_index, kv_index=kv_index.view(1, 1, g, -1),
                          layout=SlidingWindow(window=w, back=back, forward=fwd))
 
-    def decode(self, pos, *, q, k, state):
+    def decode_step(self, step, cache):
+        pos = step.offset
         start = max(0, (pos // self.window_size) * self.window_size - self.back)
-        kv_index = torch.arange(start, pos + 1, device=q.device).view(1, 1, 1, -1)
+        kv_index = torch.arange(start, pos + 1, device=step.q.device).view(1, 1, 1, -1)
         return RoutePlan(q_index=None, kv_index=kv_index, q_offset=pos)
 
     def extra_repr(self):

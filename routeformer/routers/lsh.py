@@ -18,6 +18,7 @@ Axes: b batch, h heads, r hash rounds, n sequence, d head dim, k rotation direct
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from einops import rearrange
@@ -25,7 +26,7 @@ from torch import Tensor
 
 from ..attention.plan import RoutePlan
 from ..helpers import compiling, exists, topk_first
-from .base import Router
+from .base import Router, RouterCache
 from .bucketed import rank_in_bucket, sort_and_chunk
 
 # Reformer's logit offset for attending to oneself when another round offers real keys: it keeps
@@ -48,6 +49,12 @@ def generator(seed: int, device, offset: int = 0) -> torch.Generator | None:
     return None if seed == TRACED_DRAW else torch.Generator(device=device).manual_seed(seed + offset)
 
 
+@dataclass
+class LSHCache(RouterCache):
+    """The bucket ids (b, h, r, n) of every position so far (None: no fixed bucket count)."""
+    buckets: Tensor | None
+
+
 class LSHRouter(Router):
     """Groups tokens whose keys hash to the same bucket.
 
@@ -62,9 +69,6 @@ class LSHRouter(Router):
     rotations per head (and, while training, per sample). `drop_for_hash_rate`: dropout on the
     vectors that are hashed, while training.
     """
-
-    needs_routing_keys = True
-    needs_decode_mask = True
 
     def __init__(self, *, bucket_size: int = 64, n_hashes: int = 8, n_buckets: int | None = None,
                  full_attn_thres: int = 0, attend_across_buckets: bool = True,
@@ -199,17 +203,18 @@ class LSHRouter(Router):
 
     # ------------------------------------------------------------ plans
 
-    def forward(self, q, k, *, causal, mask=None, cached=None):
+    def route(self, inp):
         seed = self.draw_seed()
-        if exists(cached):
-            return cached
+        if exists(inp.cached):
+            return inp.cached
+        k, mask = inp.k, inp.mask
         n = k.shape[-2]
         if self.uses_full_attention(n):
             return RoutePlan(q_index=None, kv_index=None)
         self.check_length(n)
         n_buckets = self.buckets_for(n)
         buckets = self.with_padding_bucket(self.hash(k, n_buckets, seed=seed), mask, n_buckets)
-        return self.plan(buckets, causal=causal, dtype=k.dtype)
+        return self.plan(buckets, causal=inp.causal, dtype=k.dtype)
 
     @staticmethod
     def with_padding_bucket(buckets: Tensor, mask: Tensor | None, n_buckets: int) -> Tensor:
@@ -275,25 +280,32 @@ class LSHRouter(Router):
 
     # ------------------------------------------------------------ cached decoding
 
-    def decode(self, pos, *, q, k, state, mask=None):
-        """The token at `pos` attends, in every round, to the last `bucket_size` tokens of its
-        bucket (itself included): exactly the keys the causal plan admits. Bucket ids of the prefix
-        are kept in `state`."""
-        n = pos + 1
-        # as the forward pass over the n tokens so far would; so past full_attn_thres a cache built
-        # below it differs from a fresh forward pass (keep full_attn_thres 0 for exact decoding)
-        if self.uses_full_attention(n):
-            return RoutePlan(q_index=None, kv_index=torch.arange(n, device=q.device).view(1, 1, 1, -1), q_offset=pos)
+    def prefill(self, inp, plan):
+        """The buckets of the prefix, hashed with the fixed bucket count that decoding uses."""
         if self.n_buckets is None:
+            return LSHCache(buckets=None)
+        if inp.k.shape[-2] == 0:
+            return LSHCache(buckets=torch.zeros(*inp.k.shape[:2], self.n_hashes, 0, dtype=torch.long,
+                                                device=inp.k.device))
+        return LSHCache(buckets=self.with_padding_bucket(self.hash(inp.k, self.n_buckets, seed=None), inp.mask,
+                                                         self.n_buckets))
+
+    def decode_step(self, step, cache):
+        """The token at `pos` attends, in every round, to the last `bucket_size` tokens of its
+        bucket (itself included): exactly the keys the causal plan admits."""
+        pos = step.offset
+        if exists(cache.buckets):
+            new = self.with_padding_bucket(self.hash(step.k, self.n_buckets, seed=None), step.mask, self.n_buckets)
+            cache.buckets = torch.cat((cache.buckets, new), dim=-1)
+        # as the forward pass over the tokens so far would; so past full_attn_thres a cache built
+        # below it differs from a fresh forward pass (keep full_attn_thres 0 for exact decoding)
+        if self.uses_full_attention(pos + 1):
+            return RoutePlan(q_index=None, kv_index=torch.arange(pos + 1, device=step.q.device).view(1, 1, 1, -1),
+                             q_offset=pos)
+        if cache.buckets is None:
             raise ValueError('cached decoding with LSH attention needs a fixed number of buckets: build the router '
                              'with n_buckets (ReformerLM derives it from max_seq_len)')
-        known = state.get('buckets')
-        start = 0 if known is None else known.shape[-1]
-        new = self.hash(k[:, :, start:n], self.n_buckets, seed=None)
-        new = self.with_padding_bucket(new, None if mask is None else mask[:, start:n], self.n_buckets)
-        buckets = new if known is None else torch.cat((known, new), dim=-1)
-        state['buckets'] = buckets
-        return self.decode_plan(buckets, pos, dtype=k.dtype)
+        return self.decode_plan(cache.buckets, pos, dtype=step.k.dtype)
 
     @torch.no_grad()
     def decode_plan(self, buckets: Tensor, pos: int, *, dtype: torch.dtype = torch.float32) -> RoutePlan:

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..attention.plan import RoutePlan, SelectedBlocks
 from ..helpers import check_positive, compiling, exists, precise
-from .base import Router
+from .base import KeyHistory, Router
 from .selection import block_slots, per_query_plan, select_top
 
 # query rows scored against the block means at once: bounds the (b, h, rows, c) scores
@@ -91,10 +91,6 @@ class MoBARouter(Router):
     """`block_size`: keys per block (the reference's `moba_chunk_size`); `top_k`: blocks a query
     selects besides its own (`moba_topk`). Any sequence length works (the last block may be short)."""
 
-    # decoding scores the complete blocks of the keys so far, padding excluded
-    needs_routing_keys = True
-    needs_decode_mask = True
-
     def __init__(self, *, block_size: int = 512, top_k: int = 3):
         super().__init__()
         check_positive(block_size=block_size, top_k=top_k)
@@ -112,9 +108,10 @@ class MoBARouter(Router):
                      for start, rows in zip(range(0, q.shape[-2], SCORE_ROWS), q.split(SCORE_ROWS, dim=-2))]
         return torch.cat(picks, dim=-2)
 
-    def forward(self, q, k, *, causal, mask=None, cached=None):
-        if exists(cached):  # a reversible recompute replays the selection
-            return cached
+    def route(self, inp):
+        if exists(inp.cached):  # a reversible recompute replays the selection
+            return inp.cached
+        q, k, mask, causal = inp.q, inp.k, inp.mask, inp.causal
         n, m = q.shape[-2], k.shape[-2]
         if n != m:
             raise ValueError(f'MoBA routes self-attention: got {n} queries and {m} keys')
@@ -130,12 +127,17 @@ class MoBARouter(Router):
         plan.router_state['blocks'] = chosen
         return replace(plan, layout=SelectedBlocks(self.block_size, blocks))
 
-    def decode(self, pos, *, q, k, state, mask=None):
+    def prefill(self, inp, plan):
+        return KeyHistory.of(inp)  # decoding scores the complete blocks of the keys so far, padding excluded
+
+    def decode_step(self, step, cache):
         """The token at `pos` selects among the blocks complete before its own, as in the forward
         pass, and attends them and its own block up to itself."""
+        cache.extend(step)
+        pos, q = step.offset, step.q
         own = pos // self.block_size
         done = own * self.block_size
-        means, filled = block_means(k[..., :done, :], None if mask is None else mask[:, :done], self.block_size)
+        means, filled = block_means(cache.keys[..., :done, :], cache.mask[:, :done], self.block_size)
         chosen = self.select(q, means, filled, torch.tensor([own], device=q.device), causal=True)
         own_block = torch.full((*chosen.shape[:-1], 1), own, dtype=torch.long, device=q.device)
         kv_index = block_slots(torch.cat((own_block, chosen), dim=-1), self.block_size, pos + 1)

@@ -31,7 +31,7 @@ j selected tokens (slots).
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from einops import rearrange
@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from ..attention.plan import RoutePlan
 from ..helpers import check_positive, compiling, exists, topk_first
-from .base import Router
+from .base import Router, RouterCache
 
 NEG_INF = float('-inf')
 # the threshold before any training forward: score 0.5, a logit of 0
@@ -61,6 +61,13 @@ def pack_positions(chosen: Tensor, most: int | None = None) -> Tensor:
     return index.scatter(-1, slot, torch.where(chosen, positions, -1))[..., :width]
 
 
+@dataclass
+class SelectionCache(RouterCache):
+    """Every head's selected positions (b, h, j) (-1: empty slot) and how many it holds (b, h)."""
+    selected: Tensor
+    count: Tensor
+
+
 class MoSARouter(Router):
     """Expert-choice token selection per head (MoSA).
 
@@ -69,8 +76,6 @@ class MoSARouter(Router):
     bound). `include_first`: every head also takes position 0 (the reference's option).
     `threshold_decay`: EMA decay of the causal thresholds.
     """
-
-    needs_decode_mask = True
 
     def __init__(self, *, heads: int, dim_head: int, sparsity: float = 16, capacity: int | None = None,
                  include_first: bool = False, threshold_decay: float = 0.99):
@@ -136,7 +141,8 @@ class MoSARouter(Router):
 
     # ------------------------------------------------------------------ routing
 
-    def forward(self, q, k, *, causal, mask=None, cached=None):
+    def route(self, inp):
+        q, mask, causal, cached = inp.q, inp.mask, inp.causal, inp.cached
         s = self.scores(q)
         # the step bookkeeping of discard_statistics needs a hook, which a compiled graph cannot
         # register: compiled, a skipped step's threshold updates are undone by restoring the buffers
@@ -188,34 +194,34 @@ class MoSARouter(Router):
 
     # ------------------------------------------------------------------ cached decoding
 
-    def decode(self, pos, *, q, k, state, mask=None):
+    def prefill(self, inp, plan):
+        if exists(plan):
+            selected = plan.router_state['selected']
+        else:
+            selected = torch.full((*inp.q.shape[:2], 1), -1, dtype=torch.long, device=inp.q.device)
+        return SelectionCache(selected=selected, count=(selected >= 0).sum(dim=-1))
+
+    def decode_step(self, step, cache):
         """The new token joins its heads' sets when its own score reaches the threshold and the
         head is under capacity; it attends to its head's set, and gets nothing from a head it did
-        not join. `state` holds every head's selected positions (b, h, j) and their count."""
-        if 'selected' not in state:
-            prefill = state.get('prefill')
-            if exists(prefill):
-                state['selected'] = prefill.router_state['selected'].to(q.device)
-            else:
-                assert pos == 0, 'a MoSA router decoding after a prefill needs the prefill plan'
-                state['selected'] = torch.full((*q.shape[:2], 1), -1, dtype=torch.long, device=q.device)
-            state['count'] = (state['selected'] >= 0).sum(dim=-1)
+        not join."""
+        pos, q = step.offset, step.q
         s = self.scores(q)[..., 0]  # (b, h)
-        valid = torch.ones(s.shape[0], 1, dtype=torch.bool, device=q.device) if mask is None else mask[:, -1:]
+        valid = step.key_mask()
         joins = valid & torch.isfinite(s) & (s >= self.threshold())
         if self.include_first and pos == 0:
             joins = valid.expand_as(joins)
         if exists(self.capacity):
-            joins = joins & (state['count'] < self.capacity)
-        selected, count = state['selected'], state['count']
+            joins = joins & (cache.count < self.capacity)
+        selected, count = cache.selected, cache.count
         if int((count + joins.long()).max()) > selected.shape[-1]:
             selected = torch.cat((selected, selected.new_full((*selected.shape[:-1], 1), -1)), dim=-1)
         slot = torch.where(joins, count, selected.shape[-1] - 1)
         new = torch.where(joins, pos, selected.gather(-1, slot[..., None]).squeeze(-1))
-        state['selected'] = selected.scatter(-1, slot[..., None], new[..., None])
-        state['count'] = count + joins.long()
+        cache.selected = selected.scatter(-1, slot[..., None], new[..., None])
+        cache.count = count + joins.long()
         gate = torch.where(joins, s, 0.)
-        return RoutePlan(q_index=None, kv_index=rearrange(state['selected'], 'b h j -> b h 1 j'), q_offset=pos,
+        return RoutePlan(q_index=None, kv_index=rearrange(cache.selected, 'b h j -> b h 1 j'), q_offset=pos,
                          q_gate=rearrange(gate, 'b h -> b h 1 1'), router_state=dict(joins=joins))
 
     def extra_repr(self):

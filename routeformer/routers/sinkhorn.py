@@ -43,9 +43,9 @@ would mix later query blocks into the routing of earlier ones, so `non_permutati
 routing of a block is computed when its first token arrives and kept for the rest of the block.
 
 Cross-attention (`cross=True`): keys are a context of any length in blocks of `kv_bucket_size`
-(the last one may be partial), with no own block and no null candidates. The attention layer
-hands the router the queries' padding mask (`needs_query_mask`), so padded queries do not steer
-the routing of real ones. With causal queries (a decoder) the query summary is the causal one
+(the last one may be partial), with no own block and no null candidates. The router reads the
+queries' padding mask (`RouteInput.q_mask`), so padded queries do not steer the routing of real
+ones. With causal queries (a decoder) the query summary is the causal one
 above, and sortcut, whose one shared choice would have to be made at the first token, becomes a
 per-block choice of `n_sortcut` context blocks.
 
@@ -56,6 +56,7 @@ u candidate key blocks, k selected blocks per query block, w block length, j key
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +65,7 @@ from torch import Tensor, nn
 
 from ..attention.plan import RoutePlan
 from ..helpers import check_positive, exists, topk_first
-from .base import Router
+from .base import KeyHistory, Router, RouterCache
 
 
 # ---------------------------------------------------------------- summaries
@@ -133,6 +134,21 @@ def gumbel_noise(like: Tensor, eps: float = 1e-6) -> Tensor:
 
 # ---------------------------------------------------------------- the router
 
+@dataclass
+class SortCache(KeyHistory):
+    """Causal Sinkhorn decoding: besides the routing keys and key mask of every position
+    (self-attention; None in cross-attention, whose context comes with every step), the recent
+    routing queries (b, h, < w, d) and their mask, the summaries (b, h, u, d) and real-key counts
+    (b, u) of the key blocks completed so far, and the current query block's choice."""
+    q_window: Tensor | None = None
+    q_window_mask: Tensor | None = None
+    k_summary: Tensor | None = None
+    k_count: Tensor | None = None
+    blocks: Tensor | None = None
+    gate: Tensor | None = None
+    block: int | None = None
+
+
 class SinkhornRouter(Router):
     """Routes blocks of `bucket_size` queries to learned choices of key blocks of `kv_bucket_size`
     (see the module docstring). `heads` and `dim_head` size the sort net's weights: the heads this
@@ -172,10 +188,6 @@ class SinkhornRouter(Router):
         self.causal, self.cross = causal, cross
         self.own_block = not cross and kv_bucket_size == bucket_size
         self.scale = dim_head ** -0.5
-        # causal decoding recomputes summaries from the routing keys and masks of the prefix
-        self.needs_routing_keys = causal and not cross
-        self.needs_decode_mask = causal and not cross
-        self.needs_query_mask = cross  # padded queries must not steer the routing of real ones
 
         # learned null candidates where a block may have no past; a context is all there from the start
         self.n_null = n_top_buckets if causal and not cross else 0
@@ -270,7 +282,8 @@ class SinkhornRouter(Router):
         chosen = valid.expand_as(weights).gather(-1, select) & (select < sk.shape[-2])
         return select.masked_fill(~chosen, -1), select, weights.gather(-1, select)
 
-    def forward(self, q, k, *, causal, mask=None, cached=None, q_mask=None):
+    def route(self, inp):
+        q, k, mask, causal, cached = inp.q, inp.k, inp.mask, inp.causal, inp.cached
         if causal != (self.causal and not self.cross):
             raise ValueError(f'this SinkhornRouter was built with causal={self.causal}, cross={self.cross} but is '
                              f'called with causal={causal}: build it with the attention layer\'s settings')
@@ -278,7 +291,7 @@ class SinkhornRouter(Router):
         if not self.cross:
             self.check_length(n)
         c = math.ceil(n / w)
-        q_mask = q_mask if self.cross else mask
+        q_mask = inp.q_mask if self.cross else mask  # padded queries must not steer the routing of real ones
         sk, k_count = block_mean(k, mask, self.kv_bucket_size)
         sq = self.query_summary(q, q_mask)
         own_keys = self.query_summary(k, mask) if self.use_simple_sort_net else None
@@ -329,13 +342,10 @@ class SinkhornRouter(Router):
         t, real = F.pad(t, (0, 0, w - length, 0)), F.pad(real, (w - length, 0), value=False)
         return block_mean(t, real, w)[0]
 
-    def advance_window(self, q: Tensor, state: dict, q_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def advance_window(self, q: Tensor, cache: SortCache, q_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Appends the new routing query (and, in cross-attention, its mask) to the recent ones;
         returns the (up to w) ones ending at it."""
-        prefill = state.pop('prefill', None)  # the plan of the forward pass that filled the cache
-        if exists(prefill):
-            state['q_window'], state['q_window_mask'] = prefill.router_state['q_window'], prefill.router_state['q_window_mask']
-        window, window_mask = state.get('q_window'), state.get('q_window_mask')
+        window, window_mask = cache.q_window, cache.q_window_mask
         if exists(window_mask) or exists(q_mask):
             def real(m, like):
                 return m.bool() if exists(m) else torch.ones(like.shape[0], like.shape[-2], dtype=torch.bool,
@@ -344,15 +354,15 @@ class SinkhornRouter(Router):
             window_mask = new_mask if window is None else torch.cat((real(window_mask, window), new_mask), dim=-1)
         window = q if window is None else torch.cat((window, q), dim=-2)
         keep = max(0, window.shape[-2] - self.bucket_size + 1)
-        state['q_window'] = window[..., keep:, :]
-        state['q_window_mask'] = window_mask[:, keep:] if exists(window_mask) else None
+        cache.q_window = window[..., keep:, :]
+        cache.q_window_mask = window_mask[:, keep:] if exists(window_mask) else None
         last = slice(max(0, window.shape[-2] - self.bucket_size), None)
         return window[..., last, :], (window_mask[:, last] if exists(window_mask) else None)
 
-    def key_summaries(self, k: Tensor, mask: Tensor | None, upto_block: int, state: dict):
+    def key_summaries(self, k: Tensor, mask: Tensor | None, upto_block: int, cache: SortCache):
         """Summaries of the key blocks before `upto_block`, extended as blocks complete."""
         w, b = self.bucket_size, k.shape[0]
-        sk, count = state.get('k_summary'), state.get('k_count')
+        sk, count = cache.k_summary, cache.k_count
         done = 0 if sk is None else sk.shape[-2]
         if sk is None or upto_block > done:
             span = slice(done * w, upto_block * w)
@@ -360,42 +370,57 @@ class SinkhornRouter(Router):
             new_count = new_count.expand(b, -1)
             sk = new_sk if sk is None else torch.cat((sk, new_sk), dim=-2)
             count = new_count if count is None else torch.cat((count, new_count), dim=-1)
-            state['k_summary'], state['k_count'] = sk, count
+            cache.k_summary, cache.k_count = sk, count
         return sk, count
 
-    def decode(self, pos, *, q, k, state, mask=None):
+    def prefill(self, inp, plan):
+        """The recent routing queries of the prefix and, in self-attention, its routing keys, from
+        which the summaries of the blocks are recomputed as they complete."""
+        if not self.causal:
+            return RouterCache()  # decode_step says what to change
+        recent = (plan.router_state['q_window'], plan.router_state['q_window_mask']) if exists(plan) else (None, None)
+        if self.cross:  # the context arrives with every step
+            return SortCache(keys=None, mask=None, q_window=recent[0], q_window_mask=recent[1])
+        return SortCache.of(inp, q_window=recent[0], q_window_mask=recent[1])
+
+    def check_block(self, cache: SortCache, block: int) -> None:
+        if cache.block != block:
+            raise ValueError('cached decoding starts at a block boundary: prefill a multiple of bucket_size tokens')
+
+    def decode_step(self, step, cache):
         if not self.causal or self.cross:
             raise ValueError('cached decoding needs a causal SinkhornRouter')
+        cache.extend(step)
+        k, mask, pos = cache.keys, cache.mask, step.offset
         block, offset = divmod(pos, self.bucket_size)
-        window, _ = self.advance_window(q, state)
+        window, _ = self.advance_window(step.q, cache)
         if offset == 0:  # a block starts: route it from what is known now, keep that for the block
             start = pos + 1 - window.shape[-2]
-            window_mask = mask[:, start:pos + 1] if exists(mask) else None
+            window_mask = mask[:, start:pos + 1]
             sq = self.window_summary(window, window_mask)
             own_keys = self.window_summary(k[..., start:pos + 1, :], window_mask) if self.use_simple_sort_net else None
-            sk, count = self.key_summaries(k, mask, block, state)
-            state['blocks'], _, state['gate'] = self.choose(sq, sk, count, own_keys, first_block=block)
-            state['block'] = block
-        elif state.get('block') != block:
-            raise ValueError('cached decoding starts at a block boundary: prefill a multiple of bucket_size tokens')
-        kv_index, kv_gate = self.gather_blocks(state['blocks'], state['gate'], pos + 1, first_block=block, upto=pos + 1)
+            sk, count = self.key_summaries(k, mask, block, cache)
+            cache.blocks, _, cache.gate = self.choose(sq, sk, count, own_keys, first_block=block)
+            cache.block = block
+        self.check_block(cache, block)
+        kv_index, kv_gate = self.gather_blocks(cache.blocks, cache.gate, pos + 1, first_block=block, upto=pos + 1)
         return RoutePlan(q_index=None, kv_index=kv_index, kv_gate=kv_gate, q_offset=pos)
 
-    def decode_context(self, pos, *, q, k, mask, state, q_mask=None):
+    def decode_context_step(self, step, cache):
         if not self.causal:
             raise ValueError('cached decoding needs a SinkhornRouter built with causal=True')
+        k, mask, pos = step.k, step.mask, step.offset
         block, offset = divmod(pos, self.bucket_size)
-        window, window_mask = self.advance_window(q, state, q_mask)
-        if 'k_summary' not in state:  # the context never changes: summarise it once
+        window, window_mask = self.advance_window(step.q, cache, step.q_mask)
+        if cache.k_summary is None:  # the context never changes: summarise it once
             sk, count = block_mean(k, mask, self.kv_bucket_size)
-            state['k_summary'], state['k_count'] = sk, count.expand(k.shape[0], -1)
+            cache.k_summary, cache.k_count = sk, count.expand(k.shape[0], -1)
         if offset == 0:
             sq = self.window_summary(window, window_mask)
-            state['blocks'], _, state['gate'] = self.choose(sq, state['k_summary'], state['k_count'], first_block=block)
-            state['block'] = block
-        elif state.get('block') != block:
-            raise ValueError('cached decoding starts at a block boundary: prefill a multiple of bucket_size tokens')
-        kv_index, kv_gate = self.gather_blocks(state['blocks'], state['gate'], k.shape[-2], first_block=block, upto=0)
+            cache.blocks, _, cache.gate = self.choose(sq, cache.k_summary, cache.k_count, first_block=block)
+            cache.block = block
+        self.check_block(cache, block)
+        kv_index, kv_gate = self.gather_blocks(cache.blocks, cache.gate, k.shape[-2], first_block=block, upto=0)
         return RoutePlan(q_index=None, kv_index=kv_index, kv_gate=kv_gate, q_offset=pos)
 
     def extra_repr(self):

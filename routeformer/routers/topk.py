@@ -222,7 +222,8 @@ class TopKRouter(Router):
         with torch.autocast(t.device.type, enabled=False):
             return torch.einsum('b h n e, h e -> b h n', t.float(), router.routing_token.float())
 
-    def forward(self, q, k, *, causal, mask=None, cached=None):
+    def route(self, inp):
+        q, k, mask, causal, cached = inp.q, inp.k, inp.mask, inp.causal, inp.cached
         if causal:
             raise ValueError('TopKRouter routes over the whole sequence, which is not causal; for a decoder use '
                              'ConditionalRoutedAutoregressiveAttention')

@@ -102,7 +102,8 @@ def assert_rows_close(out, expected, rows, atol):
 class MaskedFullRouter(FullRouter):
     """Full attention plus a fixed random router mask (b|1, h|1, 1, n, n)."""
 
-    def forward(self, q, k, *, causal, mask=None, cached=None):
+    def route(self, inp):
+        q, k = inp.q, inp.k
         g = torch.Generator().manual_seed(123)
         rmask = torch.rand(1, q.shape[1], 1, q.shape[-2], k.shape[-2], generator=g) < 0.6
         return RoutePlan(q_index=None, kv_index=None, mask=rmask)

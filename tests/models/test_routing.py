@@ -16,8 +16,8 @@ from routeformer.attention import RoutedAttention
 from routeformer.helpers import l2norm
 from routeformer.layers.relative_position import RelativePositionLogits
 from routeformer.models.routing_presets import PRESETS, paper_hparams_to_kwargs, preset_kwargs
-from routeformer.routers import LocalRouter
-from routeformer.routers.kmeans import groups_by_cluster
+from routeformer.routers import LocalRouter, RouteInput
+from routeformer.routers.kmeans import ClusterCache, groups_by_cluster
 
 from probes import assert_causal
 
@@ -151,10 +151,11 @@ def test_shared_qk_routes_by_the_query_and_separate_qk_routes_queries_and_keys_a
     shared = KMeansRouter(heads=2, dim_head=8, num_clusters=4, window_size=4, shared_qk=True).double().eval()
     plan = shared(q, l2norm(q), causal=True)
     assert torch.equal(plan.router_state['clusters'], nearest(l2norm(q), shared.means)) and 'key_clusters' not in plan.router_state
-    assert not shared.needs_routing_keys
+    assert shared.prefill(RouteInput(q=q, k=l2norm(q), causal=True), plan).key_clusters is None
     router = KMeansRouter(heads=2, dim_head=8, num_clusters=4, window_size=4).double().eval()
     plan = router(q, k, causal=True)
-    assert router.needs_routing_keys
+    assert torch.equal(router.prefill(RouteInput(q=q, k=k, causal=True), plan).key_clusters,
+                       plan.router_state['key_clusters'])
     assert torch.equal(plan.router_state['clusters'], nearest(l2norm(q), router.means))
     assert torch.equal(plan.router_state['key_clusters'], nearest(l2norm(k), router.means))
 
@@ -530,8 +531,8 @@ def test_cached_step_logits_equal_the_full_forward():
         steps += [model(x[:, i:i + 1], cache=cache)[0] for i in range(16, 40)]
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
     # the router kept the cluster of every position, and a step attends at most window_size keys
-    state = next(v for key, v in cache.items() if hasattr(v, 'routers') and 1 in v.routers).routers[1]
-    assert state['clusters'].shape == (2, 3, 40)
+    state = next(c for v in cache.values() for c in getattr(v, 'routers', ()) if isinstance(c, ClusterCache))
+    assert state.clusters.shape == (2, 3, 40)
 
 
 def test_encoder_decoder_cached_generation_equals_uncached():

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from routeformer import (Autopadder, AutoregressiveWrapper, Recorder, SinkhornRouter, SinkhornTransformer,
                          SinkhornTransformerEncDec, SinkhornTransformerLM)
 from routeformer.attention import RoutedAttention
+from routeformer.routers import RouteInput
 from routeformer.routers.sinkhorn import masked_softmax, sinkhorn
 
 B, H, D, W = 2, 2, 8, 4
@@ -244,10 +245,12 @@ def test_causal_router_decoding_equals_the_forward_pass():
     for kwargs in CAUSAL_ROUTERS.values():
         r = router(causal=True, **kwargs)
         full, _ = attend(q, k, v, r(q, k, causal=True, mask=key_mask), causal=True, key_mask=key_mask)
-        state = dict(prefill=r(q[..., :8, :], k[..., :8, :], causal=True, mask=key_mask[:, :8]))
+        prefix = RouteInput(q=q[..., :8, :], k=k[..., :8, :], causal=True, mask=key_mask[:, :8])
+        cache = r.prefill(prefix, r.route(prefix))
         for pos in range(8, 32):
-            plan = r.decode(pos, q=q[..., pos:pos + 1, :], k=k[..., :pos + 1, :], state=state,
-                            mask=key_mask[:, :pos + 1])
+            step = RouteInput(q=q[..., pos:pos + 1, :], k=k[..., pos:pos + 1, :], causal=True,
+                              mask=key_mask[:, pos:pos + 1], offset=pos)
+            plan = r.decode_step(step, cache)
             out, _ = attend(q[..., pos:pos + 1, :], k[..., :pos + 1, :], v[..., :pos + 1, :], plan, causal=True,
                             key_mask=key_mask[:, :pos + 1])
             assert torch.allclose(out[..., 0, :], full[..., pos, :], atol=1e-12), (kwargs, pos)

@@ -9,6 +9,7 @@ import torch
 from routeformer import AutoregressiveWrapper, MoSARouter, MoSATransformerLM, discard_statistics
 from routeformer.context import LayerContext
 from routeformer.layers.attention import Attention
+from routeformer.routers.mosa import SelectionCache
 
 NUM_TOKENS = 32
 
@@ -218,8 +219,8 @@ def test_cached_step_logits_equal_the_full_forward():
         steps += [model(x[:, i:i + 1], input_mask=mask[:, :i + 1], cache=cache)[0] for i in range(10, 32)]
     assert torch.allclose(torch.cat(steps, dim=1)[mask], full[mask], atol=1e-5)
     # a head's set holds what passed its threshold, at most its capacity
-    state = next(v for v in cache.values() if hasattr(v, 'routers') and 0 in v.routers).routers[0]
-    assert state['selected'].shape[:2] == (2, 2) and int(state['count'].max()) <= routers_of(model)[0].capacity
+    state = next(c for v in cache.values() for c in getattr(v, 'routers', ()) if isinstance(c, SelectionCache))
+    assert state.selected.shape[:2] == (2, 2) and int(state.count.max()) <= routers_of(model)[0].capacity
 
 
 # ---------------------------------------------------------------- bad input
