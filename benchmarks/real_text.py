@@ -39,6 +39,8 @@ TRAIN = dict(steps=200, lr=2e-3, warmup=40, eval_every=50, eval_batches=16, save
 SEED_DEFAULTS: dict[str, dict] = {
     'routing': dict(n_local_attn_heads=0, shared_qk=None),
     'sinkhorn': dict(pos_emb='axial'),
+    'mosa': dict(n_local_attn_heads=0),
+    'reformer': dict(n_local_attn_heads=0, local_qkv=False),
 }
 TINY = dict(model=dict(dim=32, depth=1, heads=2, window=16), lengths={64: dict(batch_size=4)},
             train=dict(steps=10, eval_every=5, eval_batches=2, save_every=10, warmup=2))

@@ -183,6 +183,7 @@ CAUSAL_CONFIGS += [
     ('reformer_2hashes', reformer_lm(n_hashes=2)),
     ('reformer_4hashes', reformer_lm(n_hashes=4)),
     ('reformer_local_heads', reformer_lm(n_local_attn_heads=1)),
+    ('reformer_local_heads_own_qkv_mem_kv', reformer_lm(n_local_attn_heads=1, local_qkv=True, num_mem_kv=2)),
     ('reformer_mem_kv', reformer_lm(num_mem_kv=3)),
     ('reformer_not_reversible', reformer_lm(reversible=False)),
     ('reformer_attn_chunks', reformer_lm(attn_chunks=3, n_hashes=4)),

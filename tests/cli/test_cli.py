@@ -109,6 +109,18 @@ def test_local_heads_flag_mixes_local_and_full_heads():
     assert attn.head_slices == [(0, 1), (1, 4)] and isinstance(attn.routers[0], LocalRouter)
 
 
+@pytest.mark.parametrize('family, router', [('routing', 'KMeansRouter'), ('mosa', 'MoSARouter'),
+                                            ('reformer', 'LSHRouter')])
+def test_routed_families_give_text_half_the_heads_local_by_default(family, router):
+    from routeformer.cli.config import ModelConfig
+    from routeformer.cli.families import build_model
+    for flag, local in ((None, 2), (0, 0)):
+        model = build_model(ModelConfig(family=family, dim=16, depth=1, heads=4, window=8, seq_len=32, num_tokens=8,
+                                        local_heads=flag))
+        attn = model.transformer.blocks[0].mixers[0].fn
+        assert attn.head_slices[-1] == (local, 4) and type(attn.routers[-1]).__name__ == router
+
+
 def test_compare_two_families(tmp_path, capsys):
     # one family trains, the other fails to build: the failure is one row, not the end of the comparison
     out, _ = cli(capsys, 'compare', '--families', 'full,local', *DUP, '--steps', '3', '--out', tmp_path / 'cmp',
