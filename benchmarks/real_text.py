@@ -14,7 +14,7 @@ shortest run's training time), and tokens per second.
 
 Per length, variant and seed it runs `routeformer compare` (one subprocess per family) into
 OUT/<length>/<variant>/seed<k>/<family>, then writes OUT/real_text.md and OUT/real_text.json.
-`--resume` reuses finished runs.
+`--resume` reuses finished runs; `--table-only` trains nothing and tabulates the stored ones.
 """
 
 from __future__ import annotations
@@ -74,6 +74,18 @@ def spread(values: list[float]) -> str:
     return f' ±{(max(values) - min(values)) / 2:.3f}' if len(values) > 1 else ''
 
 
+def stored_results(folder: Path, families: list[str]) -> dict[str, dict]:
+    """What `run_compare` returns, from the runs stored in folder/<family> (missing: not run)."""
+    results = {}
+    for family in families:
+        path = folder / family / 'summary.json'
+        summary = json.loads(path.read_text()) if path.is_file() else None
+        ok = bool(summary and summary.get('complete'))
+        results[family] = dict(status='ok' if ok else 'missing', summary=summary if ok else None,
+                               message='stored' if ok else f'no finished run in {folder / family}')
+    return results
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--families', default=FAMILIES)
@@ -86,6 +98,8 @@ def main(argv=None) -> int:
     parser.add_argument('--resume', action='store_true')
     parser.add_argument('--timeout', type=float, help='seconds per run')
     parser.add_argument('--quiet', action='store_true')
+    parser.add_argument('--table-only', action='store_true',
+                        help='train nothing: the table of the finished runs stored under --out')
     args = parser.parse_args(argv)
 
     families = [f for f in args.families.split(',') if f]
@@ -104,9 +118,12 @@ def main(argv=None) -> int:
             for seed in seeds:
                 folder = out / str(length) / variant / f'seed{seed}'
                 family_args = SEED_DEFAULTS if variant == 'seed' else {}
-                results = run_compare(config(length, args.tiny, args.steps, seed), names, folder,
-                                      family_args=family_args, resume=args.resume, quiet=args.quiet,
-                                      timeout=args.timeout, config_name='real_text_config.json')
+                if args.table_only:
+                    results = stored_results(folder, names)
+                else:
+                    results = run_compare(config(length, args.tiny, args.steps, seed), names, folder,
+                                          family_args=family_args, resume=args.resume, quiet=args.quiet,
+                                          timeout=args.timeout, config_name='real_text_config.json')
                 if results is None:
                     return 2
                 for family in names:

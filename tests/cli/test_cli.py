@@ -479,6 +479,26 @@ def test_real_text_reads_a_curve_at_a_time():
     assert bpb_at(curve, 5.) is None and bpb_at(curve, 41.) is None  # outside the curve: unknown
 
 
+def test_real_text_tabulates_stored_runs_without_training(tmp_path):
+    def store(variant, family, bpb, complete=True):
+        run = tmp_path / '64' / variant / 'seed0' / family
+        run.mkdir(parents=True)
+        summary = dict(complete=complete, val=dict(bpb=bpb), train_time=20., tok_per_s=100.)
+        (run / 'summary.json').write_text(json.dumps(summary))
+        (run / 'metrics.jsonl').write_text(''.join(json.dumps(dict(split='val', train_time=t, bpb=b)) + '\n'
+                                                   for t, b in ((10., bpb + 1), (20., bpb))))
+    store('recommended', 'full', 3.)
+    store('recommended', 'local', 2.5)
+    store('seed', 'sinkhorn', 4., complete=False)  # a run that did not finish
+    store('recommended', 'sinkhorn', 2.)
+    code = real_text_module().main(['--families', 'full,local,sinkhorn', '--lengths', '64', '--table-only',
+                                    '--out', str(tmp_path)])
+    rows = json.loads((tmp_path / 'real_text.json').read_text())['rows']
+    assert code == 1 and [r['status'] for r in rows] == ['ok', 'ok', 'missing', 'ok']
+    assert rows[3]['bpb'] == 2. and rows[3]['vs_full'] == pytest.approx(-1 / 3) and rows[3]['vs_local'] == -0.5
+    assert rows[3]['bpb_at_budget'] == 2.  # every curve read at the shortest run's time
+
+
 @pytest.mark.slow
 def test_real_text_script_tiny(tmp_path):
     run_benchmark_tiny('real_text.py', 'full,local,sinkhorn', tmp_path)
