@@ -156,7 +156,8 @@ class NSAAttention(Attention):
         outs.append(self.gated(x, out_cmp, out_slc, out_win))
 
         if exists(ctx.cache):
-            ctx.cache[key] = NSACache(**vars(self.prefill(inp, plans, k, v)), k_route=k_route, ck=ck, cv=cv, cmask=cmask)
+            ctx.cache[key] = NSACache(**vars(self.prefill(inp, plans, k, v)), k_route=k_route, ck=ck, cv=cv,
+                                      cmask=cmask)
         return self.merge_heads(cat_heads(outs)), x.new_zeros(())
 
     def compress(self, k: Tensor, v: Tensor, key_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:

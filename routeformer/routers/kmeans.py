@@ -534,6 +534,7 @@ class KMeansRouter(Router):
         pos, separate = step.offset, exists(cache.key_clusters)
         means = self.means.to(step.q.dtype)
         real = rearrange(step.key_mask(), 'b 1 -> b 1 1')
+
         def cluster_of(t, bias):  # (b, h, 1)
             return nearest_cluster(unit(t), means, bias).masked_fill(~real, -1)
 
