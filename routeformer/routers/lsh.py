@@ -212,9 +212,12 @@ class LSHRouter(Router):
         if self.uses_full_attention(n):
             return RoutePlan(q_index=None, kv_index=None)
         self.check_length(n)
-        n_buckets = self.buckets_for(n)
-        buckets = self.with_padding_bucket(self.hash(k, n_buckets, seed=seed), mask, n_buckets)
+        buckets = self.hash_keys(k, mask, self.buckets_for(n), seed=seed)
         return self.plan(buckets, causal=inp.causal, dtype=k.dtype)
+
+    def hash_keys(self, k: Tensor, mask: Tensor | None, n_buckets: int, *, seed: int | None) -> Tensor:
+        """Bucket ids (b, h, r, n) of the keys k (b, h, n, d), padding in a bucket of its own."""
+        return self.with_padding_bucket(self.hash(k, n_buckets, seed=seed), mask, n_buckets)
 
     @staticmethod
     def with_padding_bucket(buckets: Tensor, mask: Tensor | None, n_buckets: int) -> Tensor:
@@ -287,15 +290,16 @@ class LSHRouter(Router):
         if inp.k.shape[-2] == 0:
             return LSHCache(buckets=torch.zeros(*inp.k.shape[:2], self.n_hashes, 0, dtype=torch.long,
                                                 device=inp.k.device))
-        return LSHCache(buckets=self.with_padding_bucket(self.hash(inp.k, self.n_buckets, seed=None), inp.mask,
-                                                         self.n_buckets))
+        if exists(plan) and 'buckets' in plan.router_state and not self.training:
+            return LSHCache(buckets=plan.router_state['buckets'])  # hashed as decoding hashes: eval rotations
+        return LSHCache(buckets=self.hash_keys(inp.k, inp.mask, self.n_buckets, seed=None))
 
     def decode_step(self, step, cache):
         """The token at `pos` attends, in every round, to the last `bucket_size` tokens of its
         bucket (itself included): exactly the keys the causal plan admits."""
         pos = step.offset
         if exists(cache.buckets):
-            new = self.with_padding_bucket(self.hash(step.k, self.n_buckets, seed=None), step.mask, self.n_buckets)
+            new = self.hash_keys(step.k, step.mask, self.n_buckets, seed=None)
             cache.buckets = torch.cat((cache.buckets, new), dim=-1)
         # as the forward pass over the tokens so far would; so past full_attn_thres a cache built
         # below it differs from a fresh forward pass (keep full_attn_thres 0 for exact decoding)
