@@ -312,14 +312,17 @@ class Flex(Backend):
         if call.decoding:
             reasons.append('a decoding step is one query against a cache whose length changes every step, '
                            'for which the compiled kernel would be compiled again each time')
+        # selected blocks run as one call over the sequence (flex.runs_whole), with nothing to merge:
+        # the log-sum-exp is for the groups per key block of the other backends
+        need_lse = call.need_lse and call.layout != 'SelectedBlocks'
         if call.device == 'cpu':
-            if not flex.compiled_on(torch.device('cpu'), call.dtype, call.need_lse) and call.pairs > FLEX_CPU_PAIRS:
+            if not flex.compiled_on(torch.device('cpu'), call.dtype, need_lse) and call.pairs > FLEX_CPU_PAIRS:
                 reasons.append(f'uncompiled FlexAttention (the CPU path for the log-sum-exp and float64) scores all '
                                f'{call.pairs:,} pairs, over the {FLEX_CPU_PAIRS:,} it is allowed')
             if call.grad:
                 reasons.append('FlexAttention has no backward pass on the CPU (torch 2.13): train there with '
                                'backend="auto"')
-            if call.compiling and (call.need_lse or call.dtype == torch.float64):
+            if call.compiling and (need_lse or call.dtype == torch.float64):
                 reasons.append('compiled FlexAttention on the CPU returns no log-sum-exp and takes no float64')
         elif call.device != 'cuda':
             reasons.append(f'FlexAttention runs on CPU and CUDA, not {call.device}')

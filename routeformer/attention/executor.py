@@ -122,11 +122,18 @@ def masked_positions(plan: RoutePlan, *, q_len: int, kv_len: int, causal: bool, 
     return mask
 
 
-def admit_memory(mask: Tensor | None, bias: Tensor | None, n_mem: int) -> tuple[Tensor | None, Tensor | None]:
-    """Memory key/values come first on the key axis: every query may attend them, with no bias."""
+def admit_memory(mask: Tensor | None, bias: Tensor | None, n_mem: int, n_keys: int,
+                 mem_bias: Tensor | None = None, dtype=None) -> tuple[Tensor | None, Tensor | None]:
+    """Memory key/values come first on the key axis, before `n_keys` gathered keys: every query may
+    attend them, with no bias but the plan's `mem_bias` (b|1, h|1, g, i), in `dtype`, where it has one."""
     if exists(mask):
         mask = F.pad(mask, (n_mem, 0), value=True)
-    if exists(bias):
+    if exists(mem_bias):
+        keys = rearrange(mem_bias.to(dtype), '... i -> ... i 1')
+        bias = keys.new_zeros(()).expand(*keys.shape[:-1], n_keys) if bias is None else bias
+        shape = torch.broadcast_shapes(keys.shape[:-1], bias.shape[:-1])
+        bias = torch.cat((keys.expand(*shape, n_mem), bias.expand(*shape, bias.shape[-1])), dim=-1)
+    elif exists(bias):
         bias = F.pad(bias, (n_mem, 0), value=0.)
     return mask, bias
 
@@ -146,7 +153,7 @@ def slice_groups(plan: RoutePlan, start: int, stop: int) -> RoutePlan:
         return t[:, :, start:stop] if isinstance(t, Tensor) and t.ndim >= 3 and t.shape[2] > 1 else t
     return replace(plan, q_index=cut(plan.q_index), kv_index=cut(plan.kv_index), mask=cut(plan.mask),
                    span=cut(plan.span), bias=cut(plan.bias), k_gate=cut(plan.k_gate), kv_gate=cut(plan.kv_gate),
-                   q_gate=cut(plan.q_gate))
+                   q_gate=cut(plan.q_gate), mem_bias=cut(plan.mem_bias))
 
 
 def piece_bounds(plan: RoutePlan, q: Tensor) -> list[tuple[int, int]]:
@@ -210,7 +217,7 @@ class GatheredPieces:
         if self.n_mem:
             mk, mv = (repeat(t, 'h m d -> (b h) g m d', b=b, g=g) for t in mem)
             kg, vg = torch.cat((mk, kg), dim=-2), torch.cat((mv, vg), dim=-2)
-            mask, bias = admit_memory(mask, bias, self.n_mem)
+            mask, bias = admit_memory(mask, bias, self.n_mem, kg.shape[-2] - self.n_mem, plan.mem_bias, q.dtype)
         attn_mask = backends.additive_mask(mask, bias, q.dtype, (b, h, g, self.i, kg.shape[-2]))
         return qg, kg, vg, attn_mask, backends.fold_mask(empty, b, h)
 
@@ -344,14 +351,13 @@ class RoutedAttention(nn.Module):
                                  key_mask=key_mask, exclude_self=exclude_self, has_memory=exists(mem_kv), device=device)
 
         if exists(mem_kv):
-            b, h, g = kg.shape[:3]
+            (b, h, g), n_keys = kg.shape[:3], kg.shape[-2]
             mk, mv = (repeat(t, 'h m d -> b h g m d', b=b, g=g).to(kg.dtype) for t in mem_kv)
             kg, vg = torch.cat((mk, kg), dim=-2), torch.cat((mv, vg), dim=-2)
             if kernel_causal:
-                i, j = qg.shape[-2], kg.shape[-2] - mk.shape[-2]
-                mask = torch.ones(1, 1, 1, i, j, dtype=torch.bool, device=device).tril()
+                mask = torch.ones(1, 1, 1, qg.shape[-2], n_keys, dtype=torch.bool, device=device).tril()
                 kernel_causal = False
-            mask, bias = admit_memory(mask, bias, mk.shape[-2])
+            mask, bias = admit_memory(mask, bias, mk.shape[-2], n_keys, plan.mem_bias, qg.dtype)
 
         out, lse, weights = kernel(qg, kg, vg, mask, scale=qg.shape[-1] ** -0.5, bias=bias,
                                    dropout_p=self.dropout if self.training else 0.,

@@ -90,6 +90,9 @@ class RoutePlan:
     k_gate: Tensor | None = None    # (b|1, h|1, g, j) scales gathered keys (CoLT5 multiply_keys_by_score)
     kv_gate: Tensor | None = None   # (b|1, h|1, g, j) scales gathered values: how routers with scores get gradients
     q_gate: Tensor | None = None    # (b|1, h|1, g, i) scales each group's output before it is scattered back
+    # (b|1, h|1, g, i) added to the logits of the memory key/values, which every group holds: in a
+    # 'logsumexp' merge of a query's r groups, -log r counts them once (MoBA's groups per key block)
+    mem_bias: Tensor | None = None
     merge: Merge = 'overwrite'      # how a position that is the query of several groups is combined
     q_offset: int = 0               # absolute position of query 0 (one new token against a cache)
     aux_loss: Tensor | None = None  # router's auxiliary loss (k-means commitment), 0-dim

@@ -41,6 +41,7 @@ from ..context import LayerContext
 from ..helpers import check_positive, exists, topk_first
 from ..routers import LocalRouter
 from ..routers.base import RouteInput
+from ..routers.selection import block_slots, blocks_plan
 from .attention import Attention, KVCache, cat_heads
 
 
@@ -56,8 +57,7 @@ class NSACache(KVCache):
 
 
 # sequences up to this many times the selected keys of a query attend the selected blocks through a
-# mask over all keys (n logits a query) instead of gathering every query's keys (a copy of k and v
-# per query, and its scatter-add in the backward pass), which at such lengths is several times slower
+# mask over all keys (n logits a query) instead of a group per key block and run of its queries
 DENSE_SELECTION = 2
 
 
@@ -190,7 +190,7 @@ class NSAAttention(Attention):
         return out, probs[:, :, 0, :, probs.shape[-1] - c:]
 
     def selected_plan(self, probs: Tensor, positions: Tensor, length: int) -> RoutePlan:
-        """The per-query plan of the selected blocks: `num_selected_blocks` blocks not after the
+        """The plan of the selected blocks: `num_selected_blocks` blocks not after the
         query, ranked by the compressed probabilities (b, h, n, c) of the blocks overlapping them,
         the query's own block and the first block first. Queries at `positions` (n,); a single query
         gives a decoding plan, a short sequence (DENSE_SELECTION) a mask over all its keys."""
@@ -205,19 +205,17 @@ class NSAAttention(Attention):
         values, chosen = topk_first(scores, min(self.num_selected_blocks, len(blocks)))
         if len(positions) > 1 and length <= DENSE_SELECTION * self.num_selected_blocks * size:
             # the selected keys of a query are much of a short sequence: a mask over all keys costs
-            # less than gathering each query's keys
+            # less than a group per key block
             empty = len(blocks)  # a slot with no admissible block marks this extra column
             member = torch.zeros(*chosen.shape[:-1], empty + 1, dtype=torch.bool, device=probs.device)
             member.scatter_(-1, chosen.masked_fill(values == float('-inf'), empty), True)
             mask = repeat(member[..., :empty], 'b h n s -> b h 1 n (s l)', l=size)[..., :length]
             return RoutePlan(q_index=None, kv_index=None, mask=mask)
-        kv = rearrange(chosen, '... k -> ... k 1') * size + torch.arange(size, device=probs.device)
-        admitted = rearrange(values > float('-inf'), '... k -> ... k 1') & (kv <= rearrange(positions, 'n -> n 1 1'))
-        kv_index = rearrange(kv.masked_fill(~admitted, -1), 'b h n k l -> b h n (k l)')
-        if len(positions) == 1:
-            return RoutePlan(q_index=None, kv_index=kv_index, q_offset=int(positions[0]))
-        q_index = rearrange(positions, 'n -> 1 1 n 1')
-        return RoutePlan(q_index=q_index, kv_index=kv_index)
+        chosen = chosen.masked_fill(values == float('-inf'), -1)
+        if len(positions) > 1:  # causal inside the own block by the executor's causal mask
+            return blocks_plan(chosen, size, length)
+        kv_index = block_slots(chosen, size, int(positions[0]) + 1)  # a decoding step: the keys so far
+        return RoutePlan(q_index=None, kv_index=kv_index, q_offset=int(positions[0]))
 
     def sliding(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> Tensor:
         """The sliding-window branch of the NSA heads: the local router's windows of w queries over

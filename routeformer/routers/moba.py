@@ -2,8 +2,9 @@
 
 The keys are cut into blocks of `block_size`; a query scores every block by the dot product of
 its query with the mean of the block's keys and attends to its `top_k` best blocks plus its own
-block (causal inside it). The gate has no parameters; attending the union of the selected blocks
-in one softmax is the log-sum-exp merge of the per-block attentions that the reference computes.
+block (causal inside it). The gate has no parameters. As in the reference, every key block is
+attended by the queries that chose it, and a query's per-block attentions are merged by their
+log-sum-exp, which is one softmax over the union of its blocks (selection.key_block_plan).
 
 What we changed: in causal mode only blocks that end before the query's block compete, so a
 block's mean never includes a later token (the reference does the same); padding keys count in no
@@ -21,13 +22,13 @@ from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange, repeat
+from einops import rearrange
 from torch import Tensor
 
 from ..attention.plan import RoutePlan, SelectedBlocks
-from ..helpers import check_positive, compiling, exists, precise
+from ..helpers import check_positive, exists, precise
 from .base import KeyHistory, Router
-from .selection import block_slots, per_query_plan, select_top
+from .selection import block_slots, blocks_plan, select_top
 
 # query rows scored against the block means at once: bounds the (b, h, rows, c) scores
 SCORE_ROWS = 4096
@@ -46,45 +47,6 @@ def block_means(k: Tensor, mask: Tensor | None, block_size: int) -> tuple[Tensor
     sums = torch.where(valid > 0, keys, 0.).sum(dim=-2)
     counts = valid.sum(dim=-2)
     return sums / counts.clamp(min=1.), rearrange(counts > 0, 'b 1 c 1 -> b 1 c')
-
-
-def block_union_plan(blocks: Tensor, block_size: int) -> RoutePlan | None:
-    """The blocks (b, h, n, k) each query attends (-1: none) as one group per query block, whose
-    keys are the union of the blocks its queries attend, each query masked to its own; None where
-    the unions are so wide that one group per query costs less.
-
-    Queries of a block mostly pick the same key blocks, and every key such a group gathers serves
-    all of its queries, where a group per query gathers its k blocks for that query alone. When
-    the picks of a block's queries scatter (an untrained model on a long sequence), the unions
-    approach every earlier block: groups per query win once the widest union holds more than
-    UNION_RATIO times k blocks."""
-    if compiling():  # the unions' width is data; a compiled graph takes the per-query groups, of static shape
-        return None
-    b, h, n, k = blocks.shape
-    c = math.ceil(n / block_size)
-    # which blocks each query attends, one-hot (b, h, n, c); slot c takes the empty picks
-    attends = torch.zeros(b, h, n, c + 1, dtype=torch.bool, device=blocks.device)
-    attends = attends.scatter_(-1, blocks.masked_fill(blocks < 0, c), True)[..., :c]
-    rows = rearrange(F.pad(attends, (0, 0, 0, c * block_size - n)), 'b h (c w) s -> b h c w s', w=block_size)
-    union = rows.any(-2)
-    count = union.sum(dim=-1)                                                     # (b, h, c)
-    u = max(int(count.max()), 1)  # a data-dependent group width (one sync, as k-means' groups)
-    if u > UNION_RATIO * k:
-        return None
-    order = (~union).to(torch.uint8).argsort(dim=-1, stable=True)[..., :u]       # its blocks first, in order
-    key_blocks = torch.where(torch.arange(u, device=blocks.device) < count[..., None], order, -1)   # (b, h, c, u)
-    kv_index = block_slots(key_blocks, block_size, n)                              # (b, h, c, u * w)
-    # query i of block g may see key block u if it attends it
-    sees = rows.gather(-1, repeat(key_blocks.clamp(min=0), 'b h c u -> b h c w u', w=block_size))
-    mask = repeat(sees, 'b h c w u -> b h c w (u v)', v=block_size)
-    q_index = block_slots(torch.arange(c, device=blocks.device)[:, None], block_size, n).view(1, 1, c, block_size)
-    return RoutePlan(q_index=q_index, kv_index=kv_index, mask=mask)
-
-
-# see block_union_plan: a union group computes the logits of all its queries per gathered key, a
-# per-query group one query's, so unions may be several times wider than a query's own blocks and
-# still be cheaper (a heuristic bound, not a measured optimum)
-UNION_RATIO = 4
 
 
 class MoBARouter(Router):
@@ -121,9 +83,7 @@ class MoBARouter(Router):
             chosen = self.select(q, means, filled, own, causal)
             own_block = own.view(1, 1, n, 1).expand(*chosen.shape[:-1], 1)
             blocks = torch.cat((own_block, chosen), dim=-1)
-            plan = block_union_plan(blocks, self.block_size)
-            if plan is None:
-                plan = per_query_plan(block_slots(blocks, self.block_size, m))
+            plan = blocks_plan(blocks, self.block_size, m)
         plan.router_state['blocks'] = chosen
         return replace(plan, layout=SelectedBlocks(self.block_size, blocks))
 

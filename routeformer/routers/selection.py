@@ -4,18 +4,23 @@ A selection is a plan of one group per query: query t is group t, and its key sl
 positions it selected (-1 for an empty slot). The executor masks causality and padding from the
 original positions, so a router only has to select among candidates that are allowed.
 
+Selected blocks (MoBA, NSA) also have a plan of one group per key block (`key_block_plan`).
+
 Axes: b batch, h heads, n queries, c candidates (blocks or tokens), k selected, w block length,
-j key slots.
+j key slots, p (query, block) pairs, g groups, i queries per group.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
-from einops import rearrange
+import torch.nn.functional as F
+from einops import rearrange, repeat
 from torch import Tensor
 
 from ..attention.plan import RoutePlan
-from ..helpers import topk_first
+from ..helpers import compiling, topk_first
 
 
 def per_query_plan(kv_index: Tensor, **info) -> RoutePlan:
@@ -64,3 +69,49 @@ def block_slots(blocks: Tensor, block_size: int, length: int) -> Tensor:
     pos = blocks * block_size + torch.arange(block_size, device=blocks.device)
     pos = pos.masked_fill((blocks < 0) | (pos >= length), -1)
     return rearrange(pos, '... k w -> ... (k w)')
+
+
+def key_block_plan(blocks: Tensor, block_size: int, length: int) -> RoutePlan:
+    """blocks (b, h, n, k) the key blocks each query attends (-1: none; distinct per query) -> the
+    plan with one group per key block and run of `block_size` queries that attend it, merged by
+    log-sum-exp: each query's groups together are attention over the union of its blocks.
+
+    The transpose of a group per query, as the reference computes MoBA: a group gathers its one
+    block of keys for up to `block_size` queries and scores them in one product, where a group per
+    query gathers k blocks of keys for that query alone (k * block_size copied rows per query, and
+    one matrix-vector product each). The groups of a block are as many as its queries need: their
+    number is data (one sync), so a compiled graph takes the per-query plan."""
+    b, h, n, k = blocks.shape
+    c, device = math.ceil(length / block_size), blocks.device
+    picks = rearrange(blocks, 'b h n k -> b h (n k)').masked_fill(blocks.flatten(2) < 0, c)  # slot c: no block
+    query = repeat(torch.arange(n, device=device), 'n -> (n k)', k=k)
+    counts = torch.zeros(b, h, c + 1, dtype=torch.long, device=device).scatter_add_(-1, picks, torch.ones_like(picks))
+    groups = F.pad(-(-counts[..., :c] // block_size), (0, 1))          # groups per block; none for slot c
+    first_group = groups.cumsum(-1) - groups
+    first_pair = counts.cumsum(-1) - counts
+    order = picks.argsort(dim=-1, stable=True)                        # pairs by block, queries in order within
+    block = picks.gather(-1, order)
+    rank = torch.arange(block.shape[-1], device=device) - first_pair.gather(-1, block)
+    group = first_group.gather(-1, block) + rank // block_size
+    g = max(int(groups.sum(-1).max()), 1)
+    real = block < c
+    # the pairs of slot c land in one spare group past the last, cut off below
+    slot = torch.where(real, group * block_size + rank % block_size, g * block_size)
+    q_index = torch.full((b, h, g * block_size + 1), -1, dtype=torch.long, device=device)
+    q_index = q_index.scatter_(-1, slot, query.expand(b, h, -1).gather(-1, order))[..., :-1]
+    group_block = torch.full((b, h, g + 1), -1, dtype=torch.long, device=device)
+    group_block = group_block.scatter_(-1, torch.where(real, group, g), block.masked_fill(~real, -1))[..., :-1]
+    q_index = rearrange(q_index, 'b h (g i) -> b h g i', i=block_size)
+    # memory key/values are in each of a query's groups: a share of 1 / (its groups) in each
+    shares = (blocks >= 0).sum(-1).clamp(min=1).gather(-1, q_index.clamp(min=0).flatten(2)).view_as(q_index)
+    return RoutePlan(q_index=q_index, kv_index=block_slots(rearrange(group_block, 'b h g -> b h g 1'), block_size, length),
+                     merge='logsumexp', mem_bias=-shares.double().log())  # cast to the logits' dtype
+
+
+def blocks_plan(blocks: Tensor, block_size: int, length: int) -> RoutePlan:
+    """The plan of the blocks (b, h, n, k) each query attends: a group per key block and run of
+    its queries (`key_block_plan`), or inside a compiled graph, whose shapes are static, a group
+    per query."""
+    if compiling():
+        return per_query_plan(block_slots(blocks, block_size, length))
+    return key_block_plan(blocks, block_size, length)

@@ -51,13 +51,13 @@ def moba_reference(q, k, block_size, top_k, causal, mask=None):
 
 @pytest.fixture(params=['compact', 'per_query'])
 def layout(request, monkeypatch):
-    """Both plans of each selector: the compact one for these short sequences (MoBA: a group per
-    query block over the union of its queries' blocks; DSA: one dense group masked to the
-    selections) and a group per query, which long sequences take (forced by ratios of 0)."""
-    import routeformer.routers.moba as moba
+    """Both plans of each selector: the compact one (MoBA: a group per key block and run of the
+    queries that chose it, merged by log-sum-exp; DSA at these short lengths: one dense group masked
+    to the selections) and a group per query (MoBA: what a compiled graph takes; DSA: what long
+    sequences take; forced here)."""
     import routeformer.routers.selection as selection
     if request.param == 'per_query':
-        monkeypatch.setattr(moba, 'UNION_RATIO', 0)
+        monkeypatch.setattr(selection, 'compiling', lambda: True)
         monkeypatch.setattr(selection, 'DENSE_RATIO', 0)
     return request.param
 
@@ -86,6 +86,47 @@ def test_moba_gradcheck(layout):
     plan = MoBARouter(block_size=3, top_k=1)(q, k, causal=True)
     executor = RoutedAttention()
     assert torch.autograd.gradcheck(lambda q, k, v: executor(q, k, v, plan, causal=True)[0], (q, k, v))
+
+
+@pytest.mark.parametrize('causal', [True, False])
+@pytest.mark.parametrize('backend', ['reference', 'auto'])
+@pytest.mark.parametrize('memory', [False, True])
+def test_groups_per_key_block_equal_groups_per_query(causal, backend, memory):
+    """The two plans of selected blocks give the same output and gradients, with padded keys,
+    queries without any block, popular blocks (more queries than a group holds) and memory
+    key/values, which each of a query's groups holds and the merge counts once. Every query has a
+    block (its own, as in MoBA and NSA)."""
+    from routeformer.routers.selection import block_slots, key_block_plan, per_query_plan
+    q, k, v = (t.requires_grad_() for t in qkv(n=23))
+    g = torch.Generator().manual_seed(1)
+    size, n = 4, 23
+    scores = torch.rand(2, 2, n, 6, generator=g)
+    scores[..., 0] += 1.  # block 0 is chosen by most queries: several groups
+    blocks = scores.topk(3, dim=-1).indices
+    own = torch.arange(n).view(1, 1, n, 1) // size
+    blocks = torch.cat((own.expand(2, 2, n, 1), blocks.masked_fill(blocks == own, -1)), dim=-1)
+    mask = torch.ones(2, n, dtype=torch.bool)
+    mask[1, :6] = False
+    mem = tuple(torch.randn(2, 3, 8, generator=g, dtype=torch.float64).requires_grad_() for _ in range(2)) if memory else None
+    executor = RoutedAttention(backend=backend)
+    results = []
+    for plan in (per_query_plan(block_slots(blocks, size, n)), key_block_plan(blocks, size, n)):
+        out, _ = executor(q, k, v, plan, causal=causal, key_mask=mask, mem_kv=mem)
+        leaves = (q, k, v, *(mem or ()))
+        results.append((out, torch.autograd.grad(out.square().sum(), leaves)))
+    (out_a, grads_a), (out_b, grads_b) = results
+    assert torch.allclose(out_a, out_b, atol=1e-10)
+    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(grads_a, grads_b))
+
+
+def test_groups_per_key_block_gradcheck():
+    from routeformer.routers.selection import key_block_plan
+    q, k, v = (t[:1, :1, :9].requires_grad_() for t in qkv())
+    mem = tuple(torch.randn(1, 2, 8, dtype=torch.float64).requires_grad_() for _ in range(2))
+    blocks = torch.tensor([[0, -1], [0, -1], [0, -1], [1, 0], [1, 0], [1, 0], [2, 0], [2, 1], [2, -1]]).view(1, 1, 9, 2)
+    plan = key_block_plan(blocks, 3, 9)
+    executor = RoutedAttention()
+    assert torch.autograd.gradcheck(lambda *t: executor(*t[:3], plan, causal=True, mem_kv=t[3:])[0], (q, k, v, *mem))
 
 
 def moba_lm(**kwargs):
