@@ -332,16 +332,12 @@ class Flex(Backend):
 BACKENDS = {b.name: b for b in (Reference(), SDPA(), FlashCPU(), Flex())}
 
 # 'auto' takes the first of these that supports the call. On the CPU the flash kernel (lean path)
-# wins at training and at inference but for one layout (below); FlexAttention serves CPU inference
-# only, and measured no faster there for the others (benchmarks/flex_cpu.py). On a GPU one FlexAttention call per plan replaces the
+# wins at training and at inference; FlexAttention serves CPU inference only, and measured no
+# faster there (benchmarks/flex_cpu.py; MoBA's groups per key block through the flash kernel: 1.7x
+# flex at 4,096 tokens, 3.4x at 16,384). On a GPU one FlexAttention call per plan replaces the
 # gathered groups; dense attention keeps flash SDPA.
 AUTO_ORDER = dict(cpu=('flash_lse', 'sdpa', 'reference'), cuda=('flex', 'sdpa', 'reference'))
 AUTO_ORDER_DENSE = dict(cuda=('sdpa', 'flex', 'reference'))
-# ... except MoBA's selected blocks at inference on long sequences, where one FlexAttention call
-# over the sequence beats a group per query: 2.6x at 4,096 tokens, 1.4x at 16,384 (flex_cpu.py);
-# shorter sequences are not worth a compilation
-AUTO_ORDER_SELECTED_BLOCKS = dict(cpu=('flex', 'flash_lse', 'sdpa', 'reference'))
-FLEX_CPU_MIN_LENGTH = 4096
 
 
 @dataclass
@@ -383,8 +379,6 @@ def choose(name: str, call: Call) -> Choice:
     order = AUTO_ORDER.get(call.device, ('sdpa', 'reference'))
     if call.layout == 'Dense':
         order = AUTO_ORDER_DENSE.get(call.device, order)
-    if call.layout == 'SelectedBlocks' and call.length >= FLEX_CPU_MIN_LENGTH:
-        order = AUTO_ORDER_SELECTED_BLOCKS.get(call.device, order)
     rejected = {}
     for candidate in order:
         reasons = BACKENDS[candidate].refusals(call)
