@@ -351,7 +351,7 @@ class RoutedAttention(nn.Module):
                                  key_mask=key_mask, exclude_self=exclude_self, has_memory=exists(mem_kv), device=device)
 
         if exists(mem_kv):
-            (b, h, g), n_keys = kg.shape[:3], kg.shape[-2]
+            b, g, n_keys = kg.shape[0], kg.shape[2], kg.shape[-2]
             mk, mv = (repeat(t, 'h m d -> b h g m d', b=b, g=g).to(kg.dtype) for t in mem_kv)
             kg, vg = torch.cat((mk, kg), dim=-2), torch.cat((mv, vg), dim=-2)
             if kernel_causal:
