@@ -35,7 +35,6 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
-from ..attention.executor import RoutedAttention
 from ..attention.plan import RoutePlan
 from ..context import LayerContext
 from ..helpers import check_positive, exists, topk_first
@@ -56,6 +55,8 @@ class NSACache(KVCache):
     cmask: Tensor | None = None
 
 
+# queries whose compressed probabilities are computed at once: bounds the (b, h, rows, c) logits
+SCORE_ROWS = 4096
 # sequences up to this many times the selected keys of a query attend the selected blocks through a
 # mask over all keys (n logits a query) instead of a group per key block and run of its queries
 DENSE_SELECTION = 2
@@ -118,9 +119,6 @@ class NSAAttention(Attention):
         self.window = LocalRouter(sliding_window_size)
         # one gate per branch, token and NSA head
         self.to_gates = nn.Linear(dim, 3 * (heads - self.nsa_heads[0]))
-        # the importance of the selection needs the compressed branch's weights, which only the
-        # reference kernel returns (the compressed sequence is short: n / compress_stride keys)
-        self.compressed_executor = RoutedAttention(dropout=self.executor.dropout, backend='reference')
 
     def forward(self, x: Tensor, ctx: LayerContext) -> tuple[Tensor, Tensor]:
         key = ctx.key(self)
@@ -143,10 +141,10 @@ class NSAAttention(Attention):
         start, end = self.nsa_heads
         ck, cv, cmask = self.compress(k_route[:, start:end], v[:, start:end], key_mask)
         positions = torch.arange(n, device=x.device)
-        out_cmp, probs = self.compressed(q_route[:, start:end], ck, cv, cmask, positions)
+        out_cmp, scores = self.compressed(q_route[:, start:end], ck, cv, cmask, positions, n)
         # a reversible recompute replays the selection of the forward pass
         cached = ctx.plans.get((*key, 'selected')) if ctx.recompute else None
-        selected = cached if exists(cached) else self.selected_plan(probs, positions, n)
+        selected = cached if exists(cached) else self.selected_plan(scores, positions, n)
         if not ctx.recompute:
             ctx.plans[(*key, 'selected')] = selected
         out_slc, weights = self.attend_heads(selected, q, k, v, start, end, key_mask=key_mask, need_weights=record)
@@ -173,32 +171,52 @@ class NSAAttention(Attention):
             return empty, empty, key_mask[:, :0]
         return self.compress_k(k), self.compress_v(v), self.compress_k.block_mask(key_mask)
 
-    def compressed(self, q: Tensor, ck: Tensor, cv: Tensor, cmask: Tensor,
-                   positions: Tensor) -> tuple[Tensor, Tensor]:
-        """Queries q (b, h, n, d) at `positions` (n,) attend the compressed blocks that end at or
-        before them: (out (b, h, n, d), probabilities (b, h, n, c))."""
+    def compressed(self, q: Tensor, ck: Tensor, cv: Tensor, cmask: Tensor, positions: Tensor,
+                   length: int) -> tuple[Tensor, Tensor]:
+        """Queries q (b, h, n, d) at `positions` (n,) of a sequence of `length` attend the compressed
+        blocks that end at or before them: (out (b, h, n, d), the importance of every selection
+        block (b, h, n, s))."""
         c = ck.shape[-2]
         if c == 0:  # no block is complete yet: one stand-in block nobody sees (memory stays visible)
             ck, cv = (t.new_zeros(*t.shape[:2], 1, t.shape[-1]) for t in (ck, cv))
             cmask = cmask.new_zeros(cmask.shape[0], 1)
         ends = torch.arange(ck.shape[-2], device=q.device) * self.compress_k.stride + self.compress_k.block_size - 1
-        visible = rearrange(ends <= rearrange(positions, 'n -> n 1'), 'n c -> 1 1 1 n c')
-        start, end = self.nsa_heads
-        out, weights = self.compressed_executor(q, ck, cv, RoutePlan(q_index=None, kv_index=None, mask=visible),
-                                                key_mask=cmask, mem_kv=self.mem_slice(start, end), need_weights=True)
-        probs = weights.probs  # one group per query: no merge shares
-        return out, probs[:, :, 0, :, probs.shape[-1] - c:]
+        visible = ends <= rearrange(positions, 'n -> n 1')                               # (n, c)
+        mem = self.mem_slice(*self.nsa_heads)
+        plan = RoutePlan(q_index=None, kv_index=None, mask=rearrange(visible, 'n c -> 1 1 1 n c'))
+        out, _ = self.executor(q, ck, cv, plan, key_mask=cmask, mem_kv=mem)
+        return out, self.importance(q, ck, visible, cmask, mem, length)
 
-    def selected_plan(self, probs: Tensor, positions: Tensor, length: int) -> RoutePlan:
+    @torch.no_grad()
+    def importance(self, q: Tensor, ck: Tensor, visible: Tensor, cmask: Tensor, mem, length: int) -> Tensor:
+        """(b, h, n, s): for each query and block of `select_block_size` keys of a sequence of
+        `length`, the sum of the compressed branch's attention probabilities (memory included in
+        the softmax) over the compressed blocks that overlap it. Computed SCORE_ROWS queries at a
+        time, without gradients: only the ranking needs them, so no (n, c) probabilities are kept."""
+        size, stride, l = self.select_block_size, self.compress_k.stride, self.compress_k.block_size
+        blocks = torch.arange(math.ceil(length / size), device=q.device)
+        starts = rearrange(torch.arange(ck.shape[-2], device=q.device) * stride, 'c -> c 1')
+        overlap = ((starts < (blocks + 1) * size) & (starts + l > blocks * size)).to(q.dtype)   # (c, s)
+        scale, scores = q.shape[-1] ** -0.5, []
+        for start in range(0, q.shape[-2], SCORE_ROWS):
+            rows = q[:, :, start:start + SCORE_ROWS]
+            logits = torch.einsum('b h n d, b h c d -> b h n c', rows, ck) * scale
+            seen = visible[start:start + SCORE_ROWS] & rearrange(cmask, 'b c -> b 1 1 c')
+            logits = logits.masked_fill(~seen, float('-inf'))
+            if exists(mem):
+                logits = torch.cat((torch.einsum('b h n d, h m d -> b h n m', rows, mem[0]) * scale, logits), dim=-1)
+            # a query that sees nothing has no probabilities (all zero), as the branch gives it no output
+            probs = logits.softmax(dim=-1).nan_to_num(0.)[..., logits.shape[-1] - ck.shape[-2]:]
+            scores.append(probs @ overlap)
+        return torch.cat(scores, dim=-2)
+
+    def selected_plan(self, scores: Tensor, positions: Tensor, length: int) -> RoutePlan:
         """The plan of the selected blocks: `num_selected_blocks` blocks not after the
-        query, ranked by the compressed probabilities (b, h, n, c) of the blocks overlapping them,
+        query, ranked by their importance (b, h, n, s) (`importance`),
         the query's own block and the first block first. Queries at `positions` (n,); a single query
         gives a decoding plan, a short sequence (DENSE_SELECTION) a mask over all its keys."""
-        size, stride, l = self.select_block_size, self.compress_k.stride, self.compress_k.block_size
-        blocks = torch.arange(math.ceil(length / size), device=probs.device)
-        starts = rearrange(torch.arange(probs.shape[-1], device=probs.device) * stride, 'c -> c 1')
-        overlap = (starts < (blocks + 1) * size) & (starts + l > blocks * size)
-        scores = probs.detach() @ overlap.to(probs.dtype)
+        size = self.select_block_size
+        blocks = torch.arange(math.ceil(length / size), device=scores.device)
         own = rearrange(positions // size, 'n -> n 1')
         scores = scores.masked_fill((blocks == own) | (blocks == 0), float('inf'))
         scores = scores.masked_fill(blocks > own, float('-inf'))
@@ -207,7 +225,7 @@ class NSAAttention(Attention):
             # the selected keys of a query are much of a short sequence: a mask over all keys costs
             # less than a group per key block
             empty = len(blocks)  # a slot with no admissible block marks this extra column
-            member = torch.zeros(*chosen.shape[:-1], empty + 1, dtype=torch.bool, device=probs.device)
+            member = torch.zeros(*chosen.shape[:-1], empty + 1, dtype=torch.bool, device=scores.device)
             member.scatter_(-1, chosen.masked_fill(values == float('-inf'), empty), True)
             mask = repeat(member[..., :empty], 'b h n s -> b h 1 n (s l)', l=size)[..., :length]
             return RoutePlan(q_index=None, kv_index=None, mask=mask)
@@ -256,8 +274,8 @@ class NSAAttention(Attention):
             entry.ck, entry.cv = torch.cat((entry.ck, ck), dim=-2), torch.cat((entry.cv, cv), dim=-2)
             entry.cmask = torch.cat((entry.cmask, cmask), dim=-1)
         positions = torch.tensor([pos], device=q.device)
-        out_cmp, probs = self.compressed(q_route[:, start:end], entry.ck, entry.cv, entry.cmask, positions)
-        out_slc = self.attend_heads(self.selected_plan(probs, positions, pos + 1), q, k, v, start, end,
+        out_cmp, scores = self.compressed(q_route[:, start:end], entry.ck, entry.cv, entry.cmask, positions, pos + 1)
+        out_slc = self.attend_heads(self.selected_plan(scores, positions, pos + 1), q, k, v, start, end,
                                     key_mask=key_mask)[0]
         window = torch.arange(max(0, pos + 1 - self.window.window_size), pos + 1, device=q.device)
         out_win = self.attend_heads(RoutePlan(q_index=None, kv_index=window.view(1, 1, 1, -1), q_offset=pos),
