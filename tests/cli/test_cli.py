@@ -506,3 +506,15 @@ def test_real_text_script_tiny(tmp_path):
     assert [(r['family'], r['variant']) for r in rows] == [('full', '-'), ('local', '-'), ('sinkhorn', 'seed defaults'),
                                                           ('sinkhorn', 'recommended')]
     assert all(r['bpb'] > 0 for r in rows) and rows[0]['vs_full'] == 0
+
+
+def test_recall_probe_reads_a_trained_recall_run(tmp_path):
+    import subprocess
+    import sys
+    out = tmp_path / 'recall'
+    assert main(['train', '--family', 'moba', '--task', 'recall', '--vocab', '16', '--recall-pairs', '4', *TINY,
+                 '--steps', '2', '--out', str(out)]) == 0
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / 'recall_probe.py'), str(out), '--batch', '4',
+                           '--block-size', '8'], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith('accuracy ') and 'layer 0, per head: value token attendable' in proc.stdout
