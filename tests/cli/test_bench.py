@@ -119,10 +119,10 @@ def test_flex_cpu_benchmark_writes_its_table(tmp_path):
     assert '| routeformer-local | 256 |' in (out / 'results.md').read_text()
 
 
-def test_selected_blocks_benchmark_prints_its_table():
-    script = Path(__file__).resolve().parents[2] / 'benchmarks' / 'selected_blocks.py'
+def test_selection_plans_benchmark_prints_its_tables():
+    script = Path(__file__).resolve().parents[2] / 'benchmarks' / 'selection_plans.py'
     proc = subprocess.run([sys.executable, str(script), '--length', '64', '--block-size', '8', '--top-k', '2',
-                           '--heads', '2', '--dim-head', '8'], capture_output=True, text=True, timeout=300)
+                           '--tokens', '8', '--heads', '2', '--dim-head', '8'], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = [line for line in proc.stdout.splitlines() if line.startswith('| random') or line.startswith('| of a block')]
-    assert len(rows) == 2 and all(line.rstrip().endswith('x |') for line in rows)
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(('| random', '| of a block'))]
+    assert len(rows) == 3 and all(line.rstrip().endswith('x |') for line in rows)
