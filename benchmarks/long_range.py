@@ -10,6 +10,7 @@ reach at least 90% of full attention's accuracy.
 
     python benchmarks/long_range.py                                  # the measurement (idle CPU, ~10 min/model/task)
     python benchmarks/long_range.py --families full,local --tiny     # a smoke run of the script (a minute)
+    python benchmarks/long_range.py --tasks recall --seeds 0,1,2,3   # how many seeds learn, per family
 
 Per task it runs `routeformer compare` (one subprocess per family, into OUT/<task>/<family>),
 then writes OUT/long_range.md and OUT/long_range.json. `--resume` reuses finished families.
@@ -131,12 +132,33 @@ def first_step_at(metrics: Path, accuracy: float) -> int | None:
     return next((r['step'] for r in val_rows(metrics) if (r.get('accuracy') or 0) >= accuracy), None)
 
 
+def seed_table(rows: list[dict]) -> str:
+    """Per task and family over its seeds: how many reached 95% accuracy, the median accuracy, and
+    that median against full attention's median (a family's seeds that did not finish are left out)."""
+    def median(values):
+        values = sorted(values)
+        return None if not values else (values[(len(values) - 1) // 2] + values[len(values) // 2]) / 2
+    lines = ['| task | model | seeds at 95% | median accuracy | vs full (medians) |', '|---|---|---|---|---|']
+    groups: dict[tuple, list] = {}
+    for r in rows:
+        groups.setdefault((r['task'], r['family']), []).append(r['accuracy'])
+    for (task, family), accs in groups.items():
+        done = [a for a in accs if a is not None]
+        mid, full = median(done), median([a for a in groups.get((task, 'full'), []) if a is not None])
+        vs = f'{mid / full:.0%}' if mid is not None and full else '-'
+        lines.append(f'| {task} | {family} | {sum(a >= 0.95 for a in done)} of {len(accs)} | '
+                     f'{"-" if mid is None else f"{mid:.1%}"} | {vs} |')
+    return '\n'.join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--families', default=FAMILIES)
     parser.add_argument('--tasks', default=','.join(TASKS))
     parser.add_argument('--steps', type=int, help='override the step budget of every task')
     parser.add_argument('--seed', type=int, default=0, help='seed of the initial weights and the data order')
+    parser.add_argument('--seeds', help='several seeds, comma-separated (OUT/<task>/seed<k>/<family>): adds a table of '
+                                        'how many seeds learn each task and their median accuracy')
     parser.add_argument('--tiny', action='store_true', help='tiny sizes: check that the script works')
     parser.add_argument('--out', default='benchmarks/results/long_range')
     parser.add_argument('--resume', action='store_true')
@@ -149,36 +171,42 @@ def main(argv=None) -> int:
     families = [f for f in args.families.split(',') if f]
     tasks = [t for t in args.tasks.split(',') if t]
     out = Path(args.out)
+    seeds = [int(k) for k in args.seeds.split(',')] if args.seeds else [args.seed]
     rows = []
     for task in tasks:
-        cfg = task_config(task, args.tiny, args.steps, args.seed)
-        folder = out / task
-        results = run_compare(cfg, families, folder, family_args=family_args(families, cfg),
-                              family_flags=args.family_arg, resume=args.resume, quiet=args.quiet, timeout=args.timeout,
-                              config_name='long_range_config.json')
-        if results is None:  # a bad flag or setting: the command said what to change
-            return 2
-        full = (results.get('full', {}).get('summary') or {}).get('val', {}).get('accuracy')
-        for family in families:
-            r = results[family]
-            summary = r['summary'] or {}
-            acc = summary['val']['accuracy'] if summary else None
-            rows.append(dict(task=task, family=family, accuracy=acc, vs_full=acc / full if acc is not None and full else None,
-                             chance=chance(cfg['data']), reached_95=first_step_at(folder / family / 'metrics.jsonl', 0.95),
-                             steps=summary.get('step'), train_time=summary.get('train_time'), wall=r['wall'],
-                             status=r['status'], message=r['message'], seq_len=cfg['model']['seq_len'],
-                             window=cfg['model']['window']))
+        for seed in seeds:
+            cfg = task_config(task, args.tiny, args.steps, seed)
+            # one seed keeps the folders of a single run, OUT/<task>/<family>
+            folder = out / task / (f'seed{seed}' if len(seeds) > 1 else '')
+            results = run_compare(cfg, families, folder, family_args=family_args(families, cfg),
+                                  family_flags=args.family_arg, resume=args.resume, quiet=args.quiet,
+                                  timeout=args.timeout, config_name='long_range_config.json')
+            if results is None:  # a bad flag or setting: the command said what to change
+                return 2
+            full = (results.get('full', {}).get('summary') or {}).get('val', {}).get('accuracy')
+            for family in families:
+                r = results[family]
+                summary = r['summary'] or {}
+                acc = summary['val']['accuracy'] if summary else None
+                rows.append(dict(task=task, family=family, seed=seed, accuracy=acc,
+                                 vs_full=acc / full if acc is not None and full else None, chance=chance(cfg['data']),
+                                 reached_95=first_step_at(folder / family / 'metrics.jsonl', 0.95),
+                                 steps=summary.get('step'), train_time=summary.get('train_time'), wall=r['wall'],
+                                 status=r['status'], message=r['message'], seq_len=cfg['model']['seq_len'],
+                                 window=cfg['model']['window']))
 
-    lines = ['| task | model | accuracy | vs full | chance | 95% at step | steps | wall time | status |',
-             '|---|---|---|---|---|---|---|---|---|']
+    several = len(seeds) > 1
+    lines = [f'| task | model |{" seed |" if several else ""} accuracy | vs full | chance | 95% at step | steps | '
+             f'wall time | status |', '|---|---|' + ('---|' if several else '') + '---|---|---|---|---|---|---|']
     for r in rows:
         acc = f'{r["accuracy"]:.1%}' if r['accuracy'] is not None else '-'
         vs = f'{r["vs_full"]:.0%}' if r['vs_full'] is not None else '-'
         wall = fmt_seconds(r['train_time']) if r['train_time'] is not None else '-'
         status = r['status'] + (f': {r["message"]}' if r['status'] != 'ok' and r['message'] else '')
-        lines.append(f'| {r["task"]} | {r["family"]} | {acc} | {vs} | {r["chance"]:.1%} | {r["reached_95"] or "-"} | '
-                     f'{r["steps"] or "-"} | {wall} | {status} |')
-    table = '\n'.join(lines)
+        seed = f' {r["seed"]} |' if several else ''
+        lines.append(f'| {r["task"]} | {r["family"]} |{seed} {acc} | {vs} | {r["chance"]:.1%} | '
+                     f'{r["reached_95"] or "-"} | {r["steps"] or "-"} | {wall} | {status} |')
+    table = '\n'.join(lines) + ('\n\n' + seed_table(rows) if several else '')
     out.mkdir(parents=True, exist_ok=True)
     (out / 'long_range.md').write_text(table + '\n')
     (out / 'long_range.json').write_text(json.dumps(rows, indent=1))

@@ -462,6 +462,36 @@ def test_long_range_script_tiny(tmp_path):
     assert all(0 <= r['accuracy'] <= 1 for r in rows)
 
 
+def long_range_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('long_range', BENCHMARKS / 'long_range.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_long_range_seed_table_counts_the_seeds_that_learn():
+    rows = ([dict(task='recall', family='full', accuracy=a) for a in (1.0, 0.07, 0.99)]
+            + [dict(task='recall', family='moba', accuracy=a) for a in (0.5, None, 0.96)])
+    table = long_range_module().seed_table(rows)
+    assert '| recall | full | 2 of 3 | 99.0% | 100% |' in table
+    assert '| recall | moba | 1 of 3 | 73.0% | 74% |' in table  # the unfinished seed counts as not learned
+
+
+@pytest.mark.slow
+def test_long_range_script_several_seeds_tiny(tmp_path):
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / 'long_range.py'), '--families', 'full,local', '--tasks',
+                           'recall', '--seeds', '0,1', '--tiny', '--quiet', '--out', str(tmp_path)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((tmp_path / 'long_range.json').read_text())
+    assert {(r['family'], r['seed']) for r in rows} == {(f, s) for f in ('full', 'local') for s in (0, 1)}
+    assert (tmp_path / 'recall' / 'seed1' / 'full' / 'metrics.jsonl').exists()
+    assert '| recall | local |' in (tmp_path / 'long_range.md').read_text().split('seeds at 95%')[1]
+
+
 def real_text_module():
     import importlib.util
     spec = importlib.util.spec_from_file_location('real_text', BENCHMARKS / 'real_text.py')
