@@ -41,6 +41,7 @@ SEED_DEFAULTS: dict[str, dict] = {
     'sinkhorn': dict(pos_emb='axial'),
     'mosa': dict(n_local_attn_heads=0),
     'reformer': dict(n_local_attn_heads=0, local_qkv=False),
+    'moba': dict(n_local_attn_heads=0),
 }
 TINY = dict(model=dict(dim=32, depth=1, heads=2, window=16), lengths={64: dict(batch_size=4)},
             train=dict(steps=10, eval_every=5, eval_batches=2, save_every=10, warmup=2))
