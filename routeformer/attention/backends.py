@@ -333,8 +333,8 @@ BACKENDS = {b.name: b for b in (Reference(), SDPA(), FlashCPU(), Flex())}
 
 # 'auto' takes the first of these that supports the call. On the CPU the flash kernel (lean path)
 # wins at training and at inference; FlexAttention serves CPU inference only, and measured no
-# faster there (benchmarks/flex_cpu.py; MoBA's groups per key block through the flash kernel: 1.7x
-# flex at 4,096 tokens, 3.4x at 16,384). On a GPU one FlexAttention call per plan replaces the
+# faster there (benchmarks/flex_cpu.py; MoBA's groups per key block through the flash kernel: 1.6x
+# flex at 4,096 tokens, 3.6x at 16,384). On a GPU one FlexAttention call per plan replaces the
 # gathered groups; dense attention keeps flash SDPA.
 AUTO_ORDER = dict(cpu=('flash_lse', 'sdpa', 'reference'), cuda=('flex', 'sdpa', 'reference'))
 AUTO_ORDER_DENSE = dict(cuda=('sdpa', 'flex', 'reference'))
