@@ -462,9 +462,10 @@ def test_long_range_script_tiny(tmp_path):
     assert all(0 <= r['accuracy'] <= 1 for r in rows)
 
 
-def long_range_module():
+def benchmark_module(name: str):
+    """benchmarks/<name>.py imported as a module (the folder is not a package)."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location('long_range', BENCHMARKS / 'long_range.py')
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f'{name}.py')
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -473,7 +474,7 @@ def long_range_module():
 def test_long_range_seed_table_counts_the_seeds_that_learn():
     rows = ([dict(task='recall', family='full', accuracy=a) for a in (1.0, 0.07, 0.99)]
             + [dict(task='recall', family='moba', accuracy=a) for a in (0.5, None, 0.96)])
-    table = long_range_module().seed_table(rows)
+    table = benchmark_module('long_range').seed_table(rows)
     assert '| recall | full | 2 of 3 | 99.0% | 100% |' in table
     assert '| recall | moba | 1 of 3 | 73.0% | 74% |' in table  # the unfinished seed counts as not learned
 
@@ -493,11 +494,7 @@ def test_long_range_script_several_seeds_tiny(tmp_path):
 
 
 def real_text_module():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location('real_text', BENCHMARKS / 'real_text.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module('real_text')
 
 
 def test_real_text_reads_a_curve_at_a_time():
