@@ -83,7 +83,8 @@ FAMILY_ARGS = {
     # which at first covers only the indexer's own random picks: a dense warm-up (the paper's
     # first stage) shows it the whole sequence before selection starts.
     # every head a MoBA head, the setting these tasks were measured with
-    'moba': lambda cfg: dict(n_local_attn_heads=0, **(dict(pos_emb='absolute') if cfg.data.task == 'duplication' else {})),
+    'moba': lambda cfg: dict(n_local_attn_heads=0,
+                             **(dict(pos_emb='absolute') if cfg.data.task == 'duplication' else {})),
     'dsa': lambda cfg: dict(dense_warmup_steps=200, **(dict(pos_emb='absolute') if cfg.data.task == 'duplication' else {})),
 }
 # MoSA: a head must hold a query and the token it needs in its own selection. At --window 32 a head

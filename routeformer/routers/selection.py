@@ -16,7 +16,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange, repeat
+from einops import rearrange
 from torch import Tensor
 
 from ..attention.plan import RoutePlan
@@ -88,7 +88,6 @@ def key_block_plan(blocks: Tensor, block_size: int, length: int) -> RoutePlan:
     b, h, n, k = blocks.shape
     c, device = math.ceil(length / block_size), blocks.device
     picks = rearrange(blocks, 'b h n k -> b h (n k)').masked_fill(blocks.flatten(2) < 0, c)  # slot c: no block
-    query = repeat(torch.arange(n, device=device), 'n -> (n k)', k=k)
     counts = torch.zeros(b, h, c + 1, dtype=torch.long, device=device).scatter_add_(-1, picks, torch.ones_like(picks))
     groups = F.pad(-(-counts[..., :c] // block_size), (0, 1))          # groups per block; none for slot c
     first_group = groups.cumsum(-1) - groups
@@ -102,14 +101,15 @@ def key_block_plan(blocks: Tensor, block_size: int, length: int) -> RoutePlan:
     # the pairs of slot c land in one spare group past the last, cut off below
     slot = torch.where(real, group * block_size + rank % block_size, g * block_size)
     q_index = torch.full((b, h, g * block_size + 1), -1, dtype=torch.long, device=device)
-    q_index = q_index.scatter_(-1, slot, query.expand(b, h, -1).gather(-1, order))[..., :-1]
+    q_index = q_index.scatter_(-1, slot, order // k)[..., :-1]       # pair p is query p // k's
     group_block = torch.full((b, h, g + 1), -1, dtype=torch.long, device=device)
     group_block = group_block.scatter_(-1, torch.where(real, group, g), block.masked_fill(~real, -1))[..., :-1]
     q_index = rearrange(q_index, 'b h (g i) -> b h g i', i=block_size)
     # memory key/values are in each of a query's groups: a share of 1 / (its groups) in each
     shares = (blocks >= 0).sum(-1).clamp(min=1).gather(-1, q_index.clamp(min=0).flatten(2)).view_as(q_index)
-    return RoutePlan(q_index=q_index, kv_index=block_slots(rearrange(group_block, 'b h g -> b h g 1'), block_size, length),
-                     merge='logsumexp', mem_bias=-shares.double().log())  # cast to the logits' dtype
+    kv_index = block_slots(rearrange(group_block, 'b h g -> b h g 1'), block_size, length)
+    return RoutePlan(q_index=q_index, kv_index=kv_index, merge='logsumexp',
+                     mem_bias=-shares.double().log())  # the executor casts it to the logits' dtype
 
 
 def blocks_plan(blocks: Tensor, block_size: int, length: int) -> RoutePlan:
