@@ -10,7 +10,7 @@ reach at least 90% of full attention's accuracy.
 
     python benchmarks/long_range.py                                  # the measurement (idle CPU, ~10 min/model/task)
     python benchmarks/long_range.py --families full,local --tiny     # a smoke run of the script (a minute)
-    python benchmarks/long_range.py --tasks recall --seeds 0,1,2,3   # how many seeds learn, per family
+    python benchmarks/long_range.py --tasks recall --seeds 0,1,2,3 --batch-size 64   # how many seeds learn
 
 Per task it runs `routeformer compare` (one subprocess per family, into OUT/<task>/<family>),
 then writes OUT/long_range.md and OUT/long_range.json. `--resume` reuses finished families.
@@ -104,14 +104,19 @@ TINY_TASKS = {'duplication': dict(data=dict(task='duplication', vocab=8)),
               'recall': dict(data=dict(task='recall', vocab=16, recall_pairs=4, recall_queries=2))}
 
 
-def task_config(task: str, tiny: bool, steps: int | None, seed: int = 0) -> dict:
-    """The `routeformer` config file of one task: {'model': ..., 'data': ..., 'train': ...}."""
+def task_config(task: str, tiny: bool, steps: int | None, seed: int = 0, batch_size: int | None = None) -> dict:
+    """The `routeformer` config file of one task: {'model': ..., 'data': ..., 'train': ...}.
+    `batch_size` replaces the task's, with as many validation sequences as before."""
     cfg = dict(model=dict(MODEL), data=dict(TASKS[task]['data']), train={**TRAIN, **TASKS[task]['train']})
     if tiny:
         for section, values in {**TINY, **TINY_TASKS[task]}.items():
             cfg[section].update(values)
     if steps:
         cfg['train']['steps'] = steps
+    if batch_size:
+        train = cfg['train']
+        train['eval_batches'] = max(1, round(train['eval_batches'] * train['batch_size'] / batch_size))
+        train['batch_size'] = batch_size
     cfg['train']['seed'] = seed
     return cfg
 
@@ -161,6 +166,8 @@ def main(argv=None) -> int:
     parser.add_argument('--seed', type=int, default=0, help='seed of the initial weights and the data order')
     parser.add_argument('--seeds', help='several seeds, comma-separated (OUT/<task>/seed<k>/<family>): adds a table of '
                                         'how many seeds learn each task and their median accuracy')
+    parser.add_argument('--batch-size', type=int, help='override the batch size of every task (validation keeps as '
+                                                         'many sequences)')
     parser.add_argument('--tiny', action='store_true', help='tiny sizes: check that the script works')
     parser.add_argument('--out', default='benchmarks/results/long_range')
     parser.add_argument('--resume', action='store_true')
@@ -177,7 +184,7 @@ def main(argv=None) -> int:
     rows = []
     for task in tasks:
         for seed in seeds:
-            cfg = task_config(task, args.tiny, args.steps, seed)
+            cfg = task_config(task, args.tiny, args.steps, seed, args.batch_size)
             # one seed keeps the folders of a single run, OUT/<task>/<family>
             folder = out / task / (f'seed{seed}' if len(seeds) > 1 else '')
             results = run_compare(cfg, families, folder, family_args=family_args(families, cfg),

@@ -479,6 +479,12 @@ def test_long_range_seed_table_counts_the_seeds_that_learn():
     assert '| recall | moba | 1 of 3 | 73.0% | 74% |' in table  # the unfinished seed counts as not learned
 
 
+def test_long_range_batch_size_keeps_the_validation_set():
+    cfg = benchmark_module('long_range').task_config('recall', tiny=False, steps=None, seed=2, batch_size=64)
+    assert cfg['train']['batch_size'] * cfg['train']['eval_batches'] == 16 * 16
+    assert cfg['train']['seed'] == 2 and cfg['train']['steps'] == 3000
+
+
 @pytest.mark.slow
 def test_long_range_script_several_seeds_tiny(tmp_path):
     import subprocess
