@@ -26,14 +26,16 @@ class MoSAOptions(Options):
     n / sparsity tokens; 16 in the reference's example), `num_dense_heads` (full-attention heads
     beside the MoSA heads), `include_first` (every MoSA head also takes position 0),
     `capacity_factor` (causal mode: a head takes at most capacity_factor * max_seq_len / sparsity
-    tokens, the earliest when more pass its threshold) and `threshold_decay` (EMA decay of the
-    causal thresholds)."""
+    tokens, the earliest when more pass its threshold), `threshold_decay` (EMA decay of the
+    causal thresholds) and `threshold_gate` (causal mode: a chosen token's gate is its score
+    relative to the threshold, not the score; see `routeformer.routers.mosa`)."""
 
     sparsity: float = 16
     num_dense_heads: int = 0
     include_first: bool = False
     capacity_factor: float = 2.
     threshold_decay: float = 0.99
+    threshold_gate: bool = False
 
     def check(self, heads: int, local_heads: tuple) -> None:
         c, d = self.capacity_factor, self.num_dense_heads
@@ -54,7 +56,8 @@ class MoSAOptions(Options):
             if self.valid_sparsity() else None
         routed = heads - self.num_dense_heads
         mosa = MoSARouter(heads=routed, dim_head=dim_head, sparsity=self.sparsity, capacity=capacity,
-                          include_first=self.include_first, threshold_decay=self.threshold_decay) if routed else None
+                          include_first=self.include_first, threshold_decay=self.threshold_decay,
+                          threshold_gate=self.threshold_gate) if routed else None
         if not self.num_dense_heads:
             return mosa
         return [(FullRouter(), self.num_dense_heads)] + ([(mosa, routed)] if routed else [])
@@ -73,7 +76,7 @@ class MoSATransformerLM(TransformerLM):
 
     def __init__(self, *, depth: int, max_seq_len: int, heads: int = 8, dim_head: int = 64, sparsity: float = 16,
                  num_dense_heads: int = 0, include_first: bool = False, capacity_factor: float = 2.,
-                 threshold_decay: float = 0.99, **kwargs):
+                 threshold_decay: float = 0.99, threshold_gate: bool = False, **kwargs):
         options, trunk = MoSAOptions.split(call_arguments(locals()))
         options.check(heads, cast_tuple(kwargs.get('n_local_attn_heads', 0), depth))
         if options.valid_sparsity():

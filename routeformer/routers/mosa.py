@@ -19,6 +19,12 @@ What we changed:
   `discard_statistics`. Before any training forward `tau` is 0.5 (logit 0). A head takes at most
   `capacity` tokens; when more pass, the earliest ones are kept. So the set up to position t
   depends on nothing after t, and cached decoding admits the new token by its own score.
+- `threshold_gate` (off by default, the paper's gate): in causal mode a chosen token's gate is
+  its score relative to its head's threshold, sigmoid(logit(s) - logit(tau)), in [0.5, 1). The
+  threshold follows the scores, so a fall of all of a head's logits changes none of its
+  selections; with the score as the gate it shrinks all of the head's outputs instead. On
+  associative recall (benchmarks/README.md, "Long-range tasks: the runs") the score gate let a
+  layer's scores fall to about 1e-4, where the sigmoid passes almost no gradient.
 - the encoder (`causal=False`) form is the paper's expert-choice top-k: each head takes its
   max(2, n // sparsity) best tokens (padding never, unless fewer real tokens exist).
 - every head computes its queries, keys and values for all tokens (the executor gathers them);
@@ -74,11 +80,13 @@ class MoSARouter(Router):
     `heads`, `dim_head`: the routed heads this router serves. `sparsity`: a head takes about
     n / sparsity of n tokens. `capacity`: the most tokens a head takes in causal mode (None: no
     bound). `include_first`: every head also takes position 0 (the reference's option).
-    `threshold_decay`: EMA decay of the causal thresholds.
+    `threshold_decay`: EMA decay of the causal thresholds. `threshold_gate`: in causal mode, gate a
+    chosen token by its score relative to its head's threshold (False: by the score, as the
+    expert-choice form does).
     """
 
     def __init__(self, *, heads: int, dim_head: int, sparsity: float = 16, capacity: int | None = None,
-                 include_first: bool = False, threshold_decay: float = 0.99):
+                 include_first: bool = False, threshold_decay: float = 0.99, threshold_gate: bool = False):
         super().__init__()
         check_positive(heads=heads, dim_head=dim_head, **({} if capacity is None else dict(capacity=capacity)))
         if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not sparsity >= 1:
@@ -86,7 +94,7 @@ class MoSARouter(Router):
         if not 0. <= threshold_decay < 1.:
             raise ValueError(f'threshold_decay must be in [0, 1), got {threshold_decay}')
         self.sparsity, self.capacity, self.include_first = sparsity, capacity, include_first
-        self.threshold_decay = threshold_decay
+        self.threshold_decay, self.threshold_gate = threshold_decay, threshold_gate
         fan_in = heads * dim_head
         self.weight = nn.Parameter(torch.empty(heads, heads, dim_head).uniform_(-fan_in ** -0.5, fan_in ** -0.5))
         # bias-corrected EMA of the per-batch quantiles: tau = ema / weight (weight 0: none seen yet)
@@ -99,13 +107,24 @@ class MoSARouter(Router):
 
     # ------------------------------------------------------------------ scores and thresholds
 
-    def scores(self, q: Tensor) -> Tensor:
-        """q (b, h, n, d) -> sigmoid scores (b, e, n) in at least float32. Products in float64,
+    def logits(self, q: Tensor) -> Tensor:
+        """q (b, h, n, d) -> router logits (b, e, n) in at least float32. Products in float64,
         rounded to q's precision: a token gets the same score in a batch of n as alone while
         decoding, so its admission against the threshold is the same in both."""
         with torch.autocast(q.device.type, enabled=False):
             logits = torch.einsum('b h n d, e h d -> b e n', q.double(), self.weight.double())
-        return torch.sigmoid(logits.to(torch.promote_types(q.dtype, torch.float32)))
+        return logits.to(torch.promote_types(q.dtype, torch.float32))
+
+    def scores(self, q: Tensor) -> Tensor:
+        """q (b, h, n, d) -> sigmoid scores (b, e, n)."""
+        return torch.sigmoid(self.logits(q))
+
+    def gate_values(self, logits: Tensor, tau: Tensor | None) -> Tensor:
+        """The gates (b, e, n) of tokens with these logits, were they chosen: the score, or with a
+        threshold tau (e,) the score relative to it (tau 0: every gate 1)."""
+        if tau is None:
+            return torch.sigmoid(logits)
+        return torch.sigmoid(logits - rearrange(torch.logit(tau.to(logits.dtype)), 'e -> e 1'))
 
     def threshold(self) -> Tensor:
         """(h,) the causal admission thresholds."""
@@ -143,31 +162,36 @@ class MoSARouter(Router):
 
     def route(self, inp):
         q, mask, causal, cached = inp.q, inp.mask, inp.causal, inp.cached
-        s = self.scores(q)
+        logits = self.logits(q)
+        s = torch.sigmoid(logits)
         # the step bookkeeping of discard_statistics needs a hook, which a compiled graph cannot
         # register: compiled, a skipped step's threshold updates are undone by restoring the buffers
-        if self.training and s.requires_grad and not compiling():
-            s.register_hook(self._mark_backward)
-        if exists(cached):  # a reversible recompute: the same tokens, the gates recomputed
-            return replace(cached, q_gate=self.gates(s, cached.q_index[:, :, 0])[:, :, None])
+        if self.training and logits.requires_grad and not compiling():
+            logits.register_hook(self._mark_backward)
+        if exists(cached):  # a reversible recompute: the same tokens and thresholds, the gates recomputed
+            gate = self.gate_values(logits, cached.router_state['gate_threshold'])
+            return replace(cached, q_gate=self.gates(gate, cached.q_index[:, :, 0])[:, :, None])
         if self.training and self._backward_ran:  # a new step: the updates of the last one stay
             self._saved, self._backward_ran = None, False
         b, h, n = s.shape
         valid = torch.ones(b, 1, n, dtype=torch.bool, device=q.device) if mask is None else mask[:, None]
         ok = valid & torch.isfinite(s)
+        # the thresholds this forward admits by, before it moves them
+        tau = self.threshold() if causal and self.threshold_gate else None
         index = self.admit_causal(s, ok, valid) if causal else self.top_tokens(s, ok, valid)
         if self.training and causal:
             self.accumulate(s.detach(), ok.expand(b, h, n))
         slots = rearrange(index, 'b h j -> b h 1 j')
-        return RoutePlan(q_index=slots, kv_index=slots, q_gate=self.gates(s, index)[:, :, None],
-                         router_state=dict(selected=index))
+        gate = self.gates(self.gate_values(logits, tau), index)
+        return RoutePlan(q_index=slots, kv_index=slots, q_gate=gate[:, :, None],
+                         router_state=dict(selected=index, gate_threshold=tau))
 
     def _mark_backward(self, grad: Tensor) -> None:
         self._backward_ran = True
 
     @staticmethod
     def gates(s: Tensor, index: Tensor) -> Tensor:
-        """(b, h, j) the scores of the selected tokens, 0 in empty slots."""
+        """(b, h, j) the gates s (b, h, n) of the selected tokens, 0 in empty slots."""
         return torch.where(index >= 0, s.gather(-1, index.clamp(min=0)), 0.)
 
     def admit_causal(self, s: Tensor, ok: Tensor, valid: Tensor) -> Tensor:
@@ -206,9 +230,11 @@ class MoSARouter(Router):
         head is under capacity; it attends to its head's set, and gets nothing from a head it did
         not join."""
         pos, q = step.offset, step.q
-        s = self.scores(q)[..., 0]  # (b, h)
+        logits = self.logits(q)
+        s = torch.sigmoid(logits)[..., 0]  # (b, h)
+        tau = self.threshold()
         valid = step.key_mask()
-        joins = valid & torch.isfinite(s) & (s >= self.threshold())
+        joins = valid & torch.isfinite(s) & (s >= tau)
         if self.include_first and pos == 0:
             joins = valid.expand_as(joins)
         if exists(self.capacity):
@@ -220,10 +246,11 @@ class MoSARouter(Router):
         new = torch.where(joins, pos, selected.gather(-1, slot[..., None]).squeeze(-1))
         cache.selected = selected.scatter(-1, slot[..., None], new[..., None])
         cache.count = count + joins.long()
-        gate = torch.where(joins, s, 0.)
+        gate = torch.where(joins, self.gate_values(logits, tau if self.threshold_gate else None)[..., 0], 0.)
         return RoutePlan(q_index=None, kv_index=rearrange(cache.selected, 'b h j -> b h 1 j'), q_offset=pos,
                          q_gate=rearrange(gate, 'b h -> b h 1 1'), router_state=dict(joins=joins))
 
     def extra_repr(self):
         return (f'heads={self.weight.shape[0]}, sparsity={self.sparsity}, capacity={self.capacity}, '
-                f'include_first={self.include_first}, threshold_decay={self.threshold_decay}')
+                f'include_first={self.include_first}, threshold_decay={self.threshold_decay}, '
+                f'threshold_gate={self.threshold_gate}')

@@ -43,7 +43,9 @@ def attention_layer(causal, **router_kwargs):
 
 def reference(attn, x, causal, mask=None):
     """MoSA written densely: per head, the selected tokens as a 0/1 vector, attention among them
-    (causal by position), the output scaled by the score, zero where the head selected nothing."""
+    (causal by position), the output scaled by the gate, zero where the head selected nothing. The
+    gate is the score, or in causal mode with `threshold_gate` the score relative to the threshold,
+    sigmoid(logit(s) - logit(tau)) = s (1 - tau) / (s (1 - tau) + tau (1 - s))."""
     router = attn.routers[0]
     q, k, v = attn.project(x, x)
     b, h, n, d = q.shape
@@ -67,15 +69,20 @@ def reference(attn, x, causal, mask=None):
         allowed &= torch.ones(n, n, dtype=torch.bool).tril()
     logits = torch.einsum('bhid,bhjd->bhij', q, k) / math.sqrt(d)
     weights = logits.masked_fill(~allowed, float('-inf')).softmax(dim=-1).nan_to_num(0.)
-    out = torch.einsum('bhij,bhjd->bhid', weights, v) * (s * chosen)[..., None]
+    gate = s
+    if causal and router.threshold_gate:
+        tau = router.threshold()[:, None]
+        gate = s * (1 - tau) / (s * (1 - tau) + tau * (1 - s))
+    out = torch.einsum('bhij,bhjd->bhid', weights, v) * (gate * chosen)[..., None]
     return attn.to_out(out.transpose(1, 2).reshape(b, n, h * d))
 
 
-@pytest.mark.parametrize('causal', [True, False], ids=['causal', 'expert_choice'])
-def test_equals_a_dense_reference(causal):
-    attn = attention_layer(causal, sparsity=3, capacity=5)
+@pytest.mark.parametrize('causal, threshold_gate', [(True, True), (True, False), (False, True)],
+                         ids=['causal', 'causal_score_gate', 'expert_choice'])
+def test_equals_a_dense_reference(causal, threshold_gate):
+    attn = attention_layer(causal, sparsity=3, capacity=5, threshold_gate=threshold_gate)
     router = attn.routers[0]
-    router.threshold_ema.fill_(0.5)
+    router.threshold_ema.fill_(0.4)  # a threshold of 0.4, where the two gates differ
     router.threshold_weight.fill_(1.)
     x = torch.randn(2, 12, 8, dtype=torch.float64)
     mask = torch.ones(2, 12, dtype=torch.bool)
@@ -86,14 +93,17 @@ def test_equals_a_dense_reference(causal):
         rows = slice(None) if m is None else m  # padded positions' outputs are not defined
         assert torch.allclose(out[rows], expected[rows], atol=1e-12)
     if causal:  # more tokens passed the threshold than a head can take: the capacity cut was exercised
-        passed = router.scores(attn.project(x, x)[0]) >= 0.5
+        passed = router.scores(attn.project(x, x)[0]) >= 0.4
         assert int(passed.sum(dim=-1).max()) > router.capacity
 
 
-@pytest.mark.parametrize('causal', [True, False], ids=['causal', 'expert_choice'])
-def test_gradcheck(causal):
-    """Gradients reach the inputs and the router (through the scores that scale the outputs)."""
-    attn = attention_layer(causal, sparsity=2)
+@pytest.mark.parametrize('causal, threshold_gate', [(True, False), (True, True), (False, False)],
+                         ids=['causal', 'causal_threshold_gate', 'expert_choice'])
+def test_gradcheck(causal, threshold_gate):
+    """Gradients reach the inputs and the router (through the gates that scale the outputs)."""
+    attn = attention_layer(causal, sparsity=2, threshold_gate=threshold_gate)
+    attn.routers[0].threshold_ema.fill_(0.3)  # the causal gate is then not the score itself
+    attn.routers[0].threshold_weight.fill_(1.)
     x = torch.randn(1, 8, 8, dtype=torch.float64, requires_grad=True)
     w = attn.routers[0].weight.detach().clone().requires_grad_()
 
@@ -102,11 +112,13 @@ def test_gradcheck(causal):
     assert torch.autograd.gradcheck(fn, (x, w))
 
 
-def test_reversible_gradients_equal_the_plain_model():
-    """A reversible recompute replays the selection and recomputes the differentiable scores."""
+@pytest.mark.parametrize('threshold_gate', [False, True])
+def test_reversible_gradients_equal_the_plain_model(threshold_gate):
+    """A reversible recompute replays the selection and recomputes the differentiable gates, against
+    the thresholds the forward pass admitted by (the forward has moved them since)."""
     grads = []
     for recompute in (False, True):
-        model = lm(train_step=False, reversible=True).double()
+        model = lm(train_step=False, reversible=True, threshold_gate=threshold_gate).double()
         model.transformer.recompute_in_backward = recompute  # False: the same coupling, plain autograd
         logits, aux = model(tokens())
         logits.square().mean().backward()
@@ -117,6 +129,22 @@ def test_reversible_gradients_equal_the_plain_model():
 
 
 # ---------------------------------------------------------------- causal thresholds
+
+def test_causal_gates_ignore_a_shift_of_all_logits():
+    """Admission follows the scores' quantile, so a head whose logits all fall by c selects the same
+    tokens once its threshold follows; the causal gate, relative to the threshold, is unchanged
+    too and at least 0.5 for every admitted token (the score as the gate would shrink by ~e^-c)."""
+    router = MoSARouter(heads=2, dim_head=4).double()
+    logits = torch.randn(1, 2, 16, dtype=torch.float64)
+    tau = torch.tensor([0.4, 0.6], dtype=torch.float64)
+    shift = 6.
+    shifted_tau = torch.sigmoid(torch.logit(tau) - shift)
+    gates = router.gate_values(logits, tau)
+    assert torch.allclose(router.gate_values(logits - shift, shifted_tau), gates, atol=1e-12)
+    admitted = torch.sigmoid(logits) >= tau[:, None]
+    assert admitted.any() and (gates[admitted] >= 0.5).all()
+    assert torch.equal(router.gate_values(logits, None), torch.sigmoid(logits))
+
 
 def test_thresholds_come_from_training_forwards_and_keep_one_in_sparsity():
     """Thresholds move only in training forwards; after a few on one batch about n / sparsity
@@ -197,6 +225,7 @@ DECODE_CONFIGS = {  # (prompt length, model keywords); a prompt of one token dec
     'capacity_overflow_include_first': (9, dict(capacity_factor=1, sparsity=8, include_first=True)),
     'local_dense_memkv_reversible_shift': (9, dict(heads=4, n_local_attn_heads=1, num_dense_heads=1, num_mem_kv=2,
                                                    reversible=True, shift_tokens=True)),
+    'threshold_gate': (9, dict(threshold_gate=True)),
 }
 
 
@@ -207,8 +236,9 @@ def test_cached_generation_equals_uncached(n, kwargs):
     assert torch.equal(wrapper.generate(x, 12, temperature=0), wrapper.generate(x, 12, temperature=0, use_cache=False))
 
 
-def test_cached_step_logits_equal_the_full_forward():
-    model = lm(num_mem_kv=1).eval()
+@pytest.mark.parametrize('threshold_gate', [False, True])
+def test_cached_step_logits_equal_the_full_forward(threshold_gate):
+    model = lm(num_mem_kv=1, threshold_gate=threshold_gate).eval()
     x = tokens()
     mask = torch.ones_like(x, dtype=torch.bool)
     mask[0, :3] = False
