@@ -252,6 +252,7 @@ CAUSAL_CONFIGS += [
     ('mosa_dense_heads_memkv', mosa_lm(heads=3, num_dense_heads=1, num_mem_kv=2)),
     ('mosa_reversible_local_memkv', mosa_lm(heads=3, reversible=True, n_local_attn_heads=1, num_mem_kv=1)),
     ('mosa_weight_tie_shared_qk', mosa_lm(weight_tie=True, shared_qk=True)),
+    ('mosa_threshold_and_value_gates', mosa_lm(threshold_gate=True, value_gate=True)),
 ]
 
 

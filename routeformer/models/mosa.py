@@ -28,7 +28,8 @@ class MoSAOptions(Options):
     `capacity_factor` (causal mode: a head takes at most capacity_factor * max_seq_len / sparsity
     tokens, the earliest when more pass its threshold), `threshold_decay` (EMA decay of the
     causal thresholds) and `threshold_gate` (causal mode: a chosen token's gate is its score
-    relative to the threshold, not the score; see `routeformer.routers.mosa`)."""
+    relative to the threshold, not the score) and `value_gate` (a chosen token's value is scaled
+    by its gate too); see `routeformer.routers.mosa`."""
 
     sparsity: float = 16
     num_dense_heads: int = 0
@@ -36,6 +37,7 @@ class MoSAOptions(Options):
     capacity_factor: float = 2.
     threshold_decay: float = 0.99
     threshold_gate: bool = False
+    value_gate: bool = False
 
     def check(self, heads: int, local_heads: tuple) -> None:
         c, d = self.capacity_factor, self.num_dense_heads
@@ -57,7 +59,7 @@ class MoSAOptions(Options):
         routed = heads - self.num_dense_heads
         mosa = MoSARouter(heads=routed, dim_head=dim_head, sparsity=self.sparsity, capacity=capacity,
                           include_first=self.include_first, threshold_decay=self.threshold_decay,
-                          threshold_gate=self.threshold_gate) if routed else None
+                          threshold_gate=self.threshold_gate, value_gate=self.value_gate) if routed else None
         if not self.num_dense_heads:
             return mosa
         return [(FullRouter(), self.num_dense_heads)] + ([(mosa, routed)] if routed else [])
@@ -76,7 +78,8 @@ class MoSATransformerLM(TransformerLM):
 
     def __init__(self, *, depth: int, max_seq_len: int, heads: int = 8, dim_head: int = 64, sparsity: float = 16,
                  num_dense_heads: int = 0, include_first: bool = False, capacity_factor: float = 2.,
-                 threshold_decay: float = 0.99, threshold_gate: bool = False, **kwargs):
+                 threshold_decay: float = 0.99, threshold_gate: bool = False,
+                 value_gate: bool = False, **kwargs):
         options, trunk = MoSAOptions.split(call_arguments(locals()))
         options.check(heads, cast_tuple(kwargs.get('n_local_attn_heads', 0), depth))
         if options.valid_sparsity():

@@ -25,6 +25,12 @@ What we changed:
   selections; with the score as the gate it shrinks all of the head's outputs instead. On
   associative recall (benchmarks/README.md, "Long-range tasks: the runs") the score gate let a
   layer's scores fall to about 1e-4, where the sigmoid passes almost no gradient.
+- `value_gate` (off by default): a chosen token's value is scaled by its gate too. The paper
+  gates a head's outputs only, so a token's score learns from what its own query output does
+  for the loss and never from the queries that read it: on associative recall, where only the
+  answers are scored, nothing keeps the key-value pairs in the heads' sets, and accuracy fell
+  from 81% to 41% as training went on. With the values gated as well, every query that reads a
+  token pulls its score toward what it is worth to them (99% from step 300).
 - the encoder (`causal=False`) form is the paper's expert-choice top-k: each head takes its
   max(2, n // sparsity) best tokens (padding never, unless fewer real tokens exist).
 - every head computes its queries, keys and values for all tokens (the executor gathers them);
@@ -69,8 +75,10 @@ def pack_positions(chosen: Tensor, most: int | None = None) -> Tensor:
 
 @dataclass
 class SelectionCache(RouterCache):
-    """Every head's selected positions (b, h, j) (-1: empty slot) and how many it holds (b, h)."""
+    """Every head's selected positions (b, h, j) (-1: empty slot), their gates (b, h, j) and how
+    many it holds (b, h)."""
     selected: Tensor
+    gates: Tensor
     count: Tensor
 
 
@@ -82,11 +90,12 @@ class MoSARouter(Router):
     bound). `include_first`: every head also takes position 0 (the reference's option).
     `threshold_decay`: EMA decay of the causal thresholds. `threshold_gate`: in causal mode, gate a
     chosen token by its score relative to its head's threshold (False: by the score, as the
-    expert-choice form does).
+    expert-choice form does). `value_gate`: scale a chosen token's value by its gate too.
     """
 
     def __init__(self, *, heads: int, dim_head: int, sparsity: float = 16, capacity: int | None = None,
-                 include_first: bool = False, threshold_decay: float = 0.99, threshold_gate: bool = False):
+                 include_first: bool = False, threshold_decay: float = 0.99, threshold_gate: bool = False,
+                 value_gate: bool = False):
         super().__init__()
         check_positive(heads=heads, dim_head=dim_head, **({} if capacity is None else dict(capacity=capacity)))
         if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not sparsity >= 1:
@@ -94,7 +103,7 @@ class MoSARouter(Router):
         if not 0. <= threshold_decay < 1.:
             raise ValueError(f'threshold_decay must be in [0, 1), got {threshold_decay}')
         self.sparsity, self.capacity, self.include_first = sparsity, capacity, include_first
-        self.threshold_decay, self.threshold_gate = threshold_decay, threshold_gate
+        self.threshold_decay, self.threshold_gate, self.value_gate = threshold_decay, threshold_gate, value_gate
         fan_in = heads * dim_head
         self.weight = nn.Parameter(torch.empty(heads, heads, dim_head).uniform_(-fan_in ** -0.5, fan_in ** -0.5))
         # bias-corrected EMA of the per-batch quantiles: tau = ema / weight (weight 0: none seen yet)
@@ -169,8 +178,8 @@ class MoSARouter(Router):
         if self.training and logits.requires_grad and not compiling():
             logits.register_hook(self._mark_backward)
         if exists(cached):  # a reversible recompute: the same tokens and thresholds, the gates recomputed
-            gate = self.gate_values(logits, cached.router_state['gate_threshold'])
-            return replace(cached, q_gate=self.gates(gate, cached.q_index[:, :, 0])[:, :, None])
+            gate = self.gates(self.gate_values(logits, cached.router_state['gate_threshold']), cached.q_index[:, :, 0])
+            return replace(cached, **self.gate_fields(gate[:, :, None]))
         if self.training and self._backward_ran:  # a new step: the updates of the last one stay
             self._saved, self._backward_ran = None, False
         b, h, n = s.shape
@@ -183,8 +192,13 @@ class MoSARouter(Router):
             self.accumulate(s.detach(), ok.expand(b, h, n))
         slots = rearrange(index, 'b h j -> b h 1 j')
         gate = self.gates(self.gate_values(logits, tau), index)
-        return RoutePlan(q_index=slots, kv_index=slots, q_gate=gate[:, :, None],
+        return RoutePlan(q_index=slots, kv_index=slots, **self.gate_fields(gate[:, :, None]),
                          router_state=dict(selected=index, gate_threshold=tau))
+
+    def gate_fields(self, gate: Tensor) -> dict:
+        """The plan's gates from the chosen tokens' gates (b, h, 1, j): their outputs', and with
+        `value_gate` their values' too."""
+        return dict(q_gate=gate, kv_gate=gate if self.value_gate else None)
 
     def _mark_backward(self, grad: Tensor) -> None:
         self._backward_ran = True
@@ -220,15 +234,17 @@ class MoSARouter(Router):
 
     def prefill(self, inp, plan):
         if exists(plan):
-            selected = plan.router_state['selected']
+            selected, gates = plan.router_state['selected'], plan.q_gate[:, :, 0]
         else:
             selected = torch.full((*inp.q.shape[:2], 1), -1, dtype=torch.long, device=inp.q.device)
-        return SelectionCache(selected=selected, count=(selected >= 0).sum(dim=-1))
+            gates = torch.zeros(selected.shape, dtype=torch.promote_types(inp.q.dtype, torch.float32),
+                                device=inp.q.device)
+        return SelectionCache(selected=selected, gates=gates, count=(selected >= 0).sum(dim=-1))
 
     def decode_step(self, step, cache):
         """The new token joins its heads' sets when its own score reaches the threshold and the
         head is under capacity; it attends to its head's set, and gets nothing from a head it did
-        not join."""
+        not join. With `value_gate` the set's values are scaled by the gates they joined with."""
         pos, q = step.offset, step.q
         logits = self.logits(q)
         s = torch.sigmoid(logits)[..., 0]  # (b, h)
@@ -239,18 +255,23 @@ class MoSARouter(Router):
             joins = valid.expand_as(joins)
         if exists(self.capacity):
             joins = joins & (cache.count < self.capacity)
-        selected, count = cache.selected, cache.count
+        gate = torch.where(joins, self.gate_values(logits, tau if self.threshold_gate else None)[..., 0], 0.)
+        selected, gates, count = cache.selected, cache.gates, cache.count
         if int((count + joins.long()).max()) > selected.shape[-1]:
             selected = torch.cat((selected, selected.new_full((*selected.shape[:-1], 1), -1)), dim=-1)
-        slot = torch.where(joins, count, selected.shape[-1] - 1)
-        new = torch.where(joins, pos, selected.gather(-1, slot[..., None]).squeeze(-1))
-        cache.selected = selected.scatter(-1, slot[..., None], new[..., None])
+            gates = torch.cat((gates, gates.new_zeros((*gates.shape[:-1], 1))), dim=-1)
+        slot = torch.where(joins, count, selected.shape[-1] - 1)[..., None]
+        # a head the token did not join rewrites its last slot with what that slot holds
+        cache.selected = selected.scatter(-1, slot, torch.where(joins[..., None], pos, selected.gather(-1, slot)))
+        cache.gates = gates.scatter(-1, slot, torch.where(joins[..., None], gate[..., None].to(gates.dtype),
+                                                          gates.gather(-1, slot)))
         cache.count = count + joins.long()
-        gate = torch.where(joins, self.gate_values(logits, tau if self.threshold_gate else None)[..., 0], 0.)
         return RoutePlan(q_index=None, kv_index=rearrange(cache.selected, 'b h j -> b h 1 j'), q_offset=pos,
-                         q_gate=rearrange(gate, 'b h -> b h 1 1'), router_state=dict(joins=joins))
+                         q_gate=rearrange(gate, 'b h -> b h 1 1'),
+                         kv_gate=rearrange(cache.gates, 'b h j -> b h 1 j') if self.value_gate else None,
+                         router_state=dict(joins=joins))
 
     def extra_repr(self):
         return (f'heads={self.weight.shape[0]}, sparsity={self.sparsity}, capacity={self.capacity}, '
                 f'include_first={self.include_first}, threshold_decay={self.threshold_decay}, '
-                f'threshold_gate={self.threshold_gate}')
+                f'threshold_gate={self.threshold_gate}, value_gate={self.value_gate}')

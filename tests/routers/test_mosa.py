@@ -43,8 +43,9 @@ def attention_layer(causal, **router_kwargs):
 
 def reference(attn, x, causal, mask=None):
     """MoSA written densely: per head, the selected tokens as a 0/1 vector, attention among them
-    (causal by position), the output scaled by the gate, zero where the head selected nothing. The
-    gate is the score, or in causal mode with `threshold_gate` the score relative to the threshold,
+    (causal by position), the output scaled by the gate, zero where the head selected nothing;
+    with `value_gate` the values scaled by it too. The gate is the score, or in causal mode with
+    `threshold_gate` the score relative to the threshold,
     sigmoid(logit(s) - logit(tau)) = s (1 - tau) / (s (1 - tau) + tau (1 - s))."""
     router = attn.routers[0]
     q, k, v = attn.project(x, x)
@@ -73,14 +74,20 @@ def reference(attn, x, causal, mask=None):
     if causal and router.threshold_gate:
         tau = router.threshold()[:, None]
         gate = s * (1 - tau) / (s * (1 - tau) + tau * (1 - s))
+    if router.value_gate:
+        v = v * (gate * chosen)[..., None]
     out = torch.einsum('bhij,bhjd->bhid', weights, v) * (gate * chosen)[..., None]
     return attn.to_out(out.transpose(1, 2).reshape(b, n, h * d))
 
 
-@pytest.mark.parametrize('causal, threshold_gate', [(True, True), (True, False), (False, True)],
-                         ids=['causal', 'causal_score_gate', 'expert_choice'])
-def test_equals_a_dense_reference(causal, threshold_gate):
-    attn = attention_layer(causal, sparsity=3, capacity=5, threshold_gate=threshold_gate)
+GATES = {'score_gate': dict(), 'threshold_gate': dict(threshold_gate=True),
+         'value_gate': dict(value_gate=True), 'both_gates': dict(threshold_gate=True, value_gate=True)}
+
+
+@pytest.mark.parametrize('causal', [True, False], ids=['causal', 'expert_choice'])
+@pytest.mark.parametrize('gates', GATES.values(), ids=GATES.keys())
+def test_equals_a_dense_reference(causal, gates):
+    attn = attention_layer(causal, sparsity=3, capacity=5, **gates)
     router = attn.routers[0]
     router.threshold_ema.fill_(0.4)  # a threshold of 0.4, where the two gates differ
     router.threshold_weight.fill_(1.)
@@ -97,11 +104,12 @@ def test_equals_a_dense_reference(causal, threshold_gate):
         assert int(passed.sum(dim=-1).max()) > router.capacity
 
 
-@pytest.mark.parametrize('causal, threshold_gate', [(True, False), (True, True), (False, False)],
-                         ids=['causal', 'causal_threshold_gate', 'expert_choice'])
-def test_gradcheck(causal, threshold_gate):
-    """Gradients reach the inputs and the router (through the gates that scale the outputs)."""
-    attn = attention_layer(causal, sparsity=2, threshold_gate=threshold_gate)
+@pytest.mark.parametrize('causal', [True, False], ids=['causal', 'expert_choice'])
+@pytest.mark.parametrize('gates', GATES.values(), ids=GATES.keys())
+def test_gradcheck(causal, gates):
+    """Gradients reach the inputs and the router (through the gates that scale the outputs, and
+    with `value_gate` the values)."""
+    attn = attention_layer(causal, sparsity=2, **gates)
     attn.routers[0].threshold_ema.fill_(0.3)  # the causal gate is then not the score itself
     attn.routers[0].threshold_weight.fill_(1.)
     x = torch.randn(1, 8, 8, dtype=torch.float64, requires_grad=True)
@@ -112,13 +120,13 @@ def test_gradcheck(causal, threshold_gate):
     assert torch.autograd.gradcheck(fn, (x, w))
 
 
-@pytest.mark.parametrize('threshold_gate', [False, True])
-def test_reversible_gradients_equal_the_plain_model(threshold_gate):
+@pytest.mark.parametrize('gates', GATES.values(), ids=GATES.keys())
+def test_reversible_gradients_equal_the_plain_model(gates):
     """A reversible recompute replays the selection and recomputes the differentiable gates, against
     the thresholds the forward pass admitted by (the forward has moved them since)."""
     grads = []
     for recompute in (False, True):
-        model = lm(train_step=False, reversible=True, threshold_gate=threshold_gate).double()
+        model = lm(train_step=False, reversible=True, **gates).double()
         model.transformer.recompute_in_backward = recompute  # False: the same coupling, plain autograd
         logits, aux = model(tokens())
         logits.square().mean().backward()
@@ -225,7 +233,8 @@ DECODE_CONFIGS = {  # (prompt length, model keywords); a prompt of one token dec
     'capacity_overflow_include_first': (9, dict(capacity_factor=1, sparsity=8, include_first=True)),
     'local_dense_memkv_reversible_shift': (9, dict(heads=4, n_local_attn_heads=1, num_dense_heads=1, num_mem_kv=2,
                                                    reversible=True, shift_tokens=True)),
-    'threshold_gate': (9, dict(threshold_gate=True)),
+    'both_gates': (9, dict(threshold_gate=True, value_gate=True)),
+    'value_gate_capacity_overflow': (9, dict(capacity_factor=1, sparsity=8, value_gate=True)),
 }
 
 
@@ -236,9 +245,9 @@ def test_cached_generation_equals_uncached(n, kwargs):
     assert torch.equal(wrapper.generate(x, 12, temperature=0), wrapper.generate(x, 12, temperature=0, use_cache=False))
 
 
-@pytest.mark.parametrize('threshold_gate', [False, True])
-def test_cached_step_logits_equal_the_full_forward(threshold_gate):
-    model = lm(num_mem_kv=1, threshold_gate=threshold_gate).eval()
+@pytest.mark.parametrize('gates', GATES.values(), ids=GATES.keys())
+def test_cached_step_logits_equal_the_full_forward(gates):
+    model = lm(num_mem_kv=1, **gates).eval()
     x = tokens()
     mask = torch.ones_like(x, dtype=torch.bool)
     mask[0, :3] = False
