@@ -27,7 +27,7 @@ class MoSAOptions(Options):
     beside the MoSA heads), `include_first` (every MoSA head also takes position 0),
     `capacity_factor` (causal mode: a head takes at most capacity_factor * max_seq_len / sparsity
     tokens, the earliest when more pass its threshold), `threshold_decay` (EMA decay of the
-    causal thresholds) and `threshold_gate` (causal mode: a chosen token's gate is its score
+    causal thresholds), `threshold_gate` (causal mode: a chosen token's gate is its score
     relative to the threshold, not the score) and `value_gate` (a chosen token's value is scaled
     by its gate too); see `routeformer.routers.mosa`."""
 
