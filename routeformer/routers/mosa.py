@@ -129,11 +129,12 @@ class MoSARouter(Router):
         """q (b, h, n, d) -> sigmoid scores (b, e, n)."""
         return torch.sigmoid(self.logits(q))
 
-    def gate_values(self, logits: Tensor, tau: Tensor | None) -> Tensor:
-        """The gates (b, e, n) of tokens with these logits, were they chosen: the score, or with a
-        threshold tau (e,) the score relative to it (tau 0: every gate 1)."""
+    def gate_values(self, logits: Tensor, tau: Tensor | None, s: Tensor | None = None) -> Tensor:
+        """The gates (b, e, n) of tokens with these logits, were they chosen: the score (`s` when
+        the caller has it), or with a threshold tau (e,) the score relative to it (tau 0: every
+        gate 1)."""
         if tau is None:
-            return torch.sigmoid(logits)
+            return torch.sigmoid(logits) if s is None else s
         return torch.sigmoid(logits - rearrange(torch.logit(tau.to(logits.dtype)), 'e -> e 1'))
 
     def threshold(self) -> Tensor:
@@ -179,7 +180,8 @@ class MoSARouter(Router):
         if self.training and logits.requires_grad and not compiling():
             logits.register_hook(self._mark_backward)
         if exists(cached):  # a reversible recompute: the same tokens and thresholds, the gates recomputed
-            gate = self.gates(self.gate_values(logits, cached.router_state['gate_threshold']), cached.q_index[:, :, 0])
+            tau = cached.router_state['gate_threshold']
+            gate = self.gates(self.gate_values(logits, tau, s), cached.q_index[:, :, 0])
             return replace(cached, **self.gate_fields(gate[:, :, None]))
         if self.training and self._backward_ran:  # a new step: the updates of the last one stay
             self._saved, self._backward_ran = None, False
@@ -192,7 +194,7 @@ class MoSARouter(Router):
         if self.training and causal:
             self.accumulate(s.detach(), ok.expand(b, h, n))
         slots = rearrange(index, 'b h j -> b h 1 j')
-        gate = self.gates(self.gate_values(logits, tau), index)
+        gate = self.gates(self.gate_values(logits, tau, s), index)
         return RoutePlan(q_index=slots, kv_index=slots, **self.gate_fields(gate[:, :, None]),
                          router_state=dict(selected=index, gate_threshold=tau))
 
@@ -248,7 +250,8 @@ class MoSARouter(Router):
         not join. With `value_gate` the set's values are scaled by the gates they joined with."""
         pos, q = step.offset, step.q
         logits = self.logits(q)
-        s = torch.sigmoid(logits)[..., 0]  # (b, h)
+        scores = torch.sigmoid(logits)
+        s = scores[..., 0]  # (b, h)
         tau = self.threshold()
         valid = step.key_mask()
         joins = valid & torch.isfinite(s) & (s >= tau)
@@ -256,7 +259,7 @@ class MoSARouter(Router):
             joins = valid.expand_as(joins)
         if exists(self.capacity):
             joins = joins & (cache.count < self.capacity)
-        gate = torch.where(joins, self.gate_values(logits, tau if self.threshold_gate else None)[..., 0], 0.)
+        gate = torch.where(joins, self.gate_values(logits, tau if self.threshold_gate else None, scores)[..., 0], 0.)
         selected, gates, count = cache.selected, cache.gates, cache.count
         if int((count + joins.long()).max()) > selected.shape[-1]:
             selected = torch.cat((selected, selected.new_full((*selected.shape[:-1], 1), -1)), dim=-1)
